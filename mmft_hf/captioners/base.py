@@ -1,0 +1,57 @@
+"""The captioner protocol: requests of (image, prompt) in, caption results out, in completion order.
+
+A captioner knows nothing of CLIP or datasets. `caption_dataset` (captioning.py) owns the cache, resume and
+provenance; a backend owns transport, batching, concurrency and retries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from PIL import Image
+
+
+@dataclass
+class CaptionRequest:
+    """One caption to write: an image and the full prompt text."""
+
+    image: Image.Image
+    prompt: str
+
+
+@dataclass
+class CaptionResult:
+    """The outcome of one request.
+
+    Args:
+        text (`str`, *optional*): the caption, or `None` when the request failed after its retries.
+        error (`str`, *optional*): why it failed (never set together with `text`).
+        retries (`int`, defaults to 0): extra attempts made for this request.
+        usage (`dict`, *optional*): token counts reported by the backend (e.g. `prompt_tokens`).
+    """
+
+    text: str | None
+    error: str | None = None
+    retries: int = 0
+    usage: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class Captioner(Protocol):
+    """What `caption_dataset` needs from a backend."""
+
+    def cache_identity(self) -> dict:
+        """JSON-serialisable identity: backend, model and every generation setting that changes the output.
+
+        It is part of the cache key, so two captioners with the same identity share cached captions. It must
+        never contain secrets such as API keys.
+        """
+
+    def caption(self, requests: Sequence[CaptionRequest]) -> Iterator[tuple[int, CaptionResult]]:
+        """Captions `requests`, yielding `(index into requests, result)` as each finishes (any order).
+
+        Yielding as soon as a caption is ready lets the caller persist it at once, so an interrupted run loses
+        nothing that finished.
+        """

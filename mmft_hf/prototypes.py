@@ -1,0 +1,248 @@
+"""Class prototypes: class-averaged, L2-normalised text embeddings used as the classifier.
+
+`w_c = normalize(mean_j normalize(f_T(t_j)))` over the texts `t_j` of class `c` (method.md §4). Prototypes are
+stored next to a checkpoint as `class_prototypes.safetensors` (a `[num_classes, dim]` float32 tensor plus the label
+names as JSON metadata), so a classifier loads without captions, a trainer or pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+
+PROTOTYPES_FILENAME = "class_prototypes.safetensors"
+PROTOTYPES_TENSOR = "class_prototypes"
+
+# OpenAI CLIP's 80 ImageNet prompt templates (from the CLIP repository's zero-shot notebook, MIT licence).
+OPENAI_IMAGENET_TEMPLATES = (
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a sculpture of a {}.",
+    "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.",
+    "a rendering of a {}.",
+    "graffiti of a {}.",
+    "a bad photo of the {}.",
+    "a cropped photo of the {}.",
+    "a tattoo of a {}.",
+    "the embroidered {}.",
+    "a photo of a hard to see {}.",
+    "a bright photo of a {}.",
+    "a photo of a clean {}.",
+    "a photo of a dirty {}.",
+    "a dark photo of the {}.",
+    "a drawing of a {}.",
+    "a photo of my {}.",
+    "the plastic {}.",
+    "a photo of the cool {}.",
+    "a close-up photo of a {}.",
+    "a black and white photo of the {}.",
+    "a painting of the {}.",
+    "a painting of a {}.",
+    "a pixelated photo of the {}.",
+    "a sculpture of the {}.",
+    "a bright photo of the {}.",
+    "a cropped photo of a {}.",
+    "a plastic {}.",
+    "a photo of the dirty {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.",
+    "a photo of the {}.",
+    "a good photo of the {}.",
+    "a rendering of the {}.",
+    "a {} in a video game.",
+    "a photo of one {}.",
+    "a doodle of a {}.",
+    "a close-up photo of the {}.",
+    "a photo of a {}.",
+    "the origami {}.",
+    "the {} in a video game.",
+    "a sketch of a {}.",
+    "a doodle of the {}.",
+    "a origami {}.",
+    "a low resolution photo of a {}.",
+    "the toy {}.",
+    "a rendition of the {}.",
+    "a photo of the clean {}.",
+    "a photo of a large {}.",
+    "a rendition of a {}.",
+    "a photo of a nice {}.",
+    "a photo of a weird {}.",
+    "a blurry photo of a {}.",
+    "a cartoon {}.",
+    "art of a {}.",
+    "a sketch of the {}.",
+    "a embroidered {}.",
+    "a pixelated photo of a {}.",
+    "itap of the {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.",
+    "a plushie {}.",
+    "a photo of the nice {}.",
+    "a photo of the small {}.",
+    "a photo of the weird {}.",
+    "the cartoon {}.",
+    "art of the {}.",
+    "a drawing of the {}.",
+    "a photo of the large {}.",
+    "a black and white photo of a {}.",
+    "the plushie {}.",
+    "a dark photo of a {}.",
+    "itap of a {}.",
+    "graffiti of the {}.",
+    "a toy {}.",
+    "itap of my {}.",
+    "a photo of a cool {}.",
+    "a photo of a small {}.",
+    "a tattoo of the {}.",
+)
+SINGLE_TEMPLATE = ("a photo of a {}",)
+
+
+def _pooled(features) -> torch.Tensor:
+    """`get_*_features` returns a tensor in transformers v4 and a `BaseModelOutputWithPooling` in v5."""
+    return features if isinstance(features, torch.Tensor) else features.pooler_output
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _max_text_length(model: torch.nn.Module, tokenizer) -> int:
+    config = getattr(model.config, "text_config", model.config)
+    limits = [tokenizer.model_max_length, getattr(config, "max_position_embeddings", None)]
+    return min(limit for limit in limits if isinstance(limit, int) and limit > 0)
+
+
+@torch.no_grad()
+def encode_texts(model: torch.nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """Encodes `texts` with the text tower of `model` in batches and L2-normalises each embedding.
+
+    Args:
+        model (`torch.nn.Module`): a dual encoder with `get_text_features` (e.g. `CLIPModel`).
+        tokenizer: the model's tokenizer; texts are truncated to the model's context length, keeping the EOS.
+        texts (`Sequence[str]`): the texts.
+        batch_size (`int`, defaults to 256): texts encoded per forward pass (bounds memory).
+
+    Returns:
+        `torch.Tensor` of shape `[len(texts), dim]`, float32, on the model's device.
+    """
+    device, max_length = _model_device(model), _max_text_length(model, tokenizer)
+    chunks = []
+    for start in range(0, len(texts), batch_size):
+        tokens = tokenizer(
+            list(texts[start : start + batch_size]),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        ).to(device)
+        embeddings = _pooled(model.get_text_features(**tokens)).float()
+        chunks.append(torch.nn.functional.normalize(embeddings, dim=-1))
+    return torch.cat(chunks) if chunks else torch.empty(0, 0, device=device)
+
+
+@torch.no_grad()
+def build_class_prototypes(
+    model: torch.nn.Module,
+    tokenizer,
+    class_texts: Sequence[Sequence[str]],
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Averages the normalised text embeddings of each class and normalises the mean.
+
+    Texts of all classes are encoded together in batches of `batch_size`, and each batch is added into running
+    per-class sums, so memory is bounded by one batch whatever the number of captions.
+
+    Args:
+        model (`torch.nn.Module`): a dual encoder with `get_text_features`.
+        tokenizer: the model's tokenizer.
+        class_texts (`Sequence[Sequence[str]]`): for each class index, its texts (at least one each).
+        batch_size (`int`, defaults to 256): texts per forward pass.
+
+    Returns:
+        `torch.Tensor` of shape `[num_classes, dim]`, float32, rows of unit norm.
+    """
+    empty = [index for index, texts in enumerate(class_texts) if len(texts) == 0]
+    if empty:
+        raise ValueError(f"Classes {empty} have no texts; give each class at least one text (e.g. a template).")
+    flat_texts = [text for texts in class_texts for text in texts]
+    owners = torch.tensor([index for index, texts in enumerate(class_texts) for _ in texts])
+    sums = None
+    for start in range(0, len(flat_texts), batch_size):
+        embeddings = encode_texts(model, tokenizer, flat_texts[start : start + batch_size], batch_size)
+        if sums is None:
+            sums = torch.zeros(len(class_texts), embeddings.shape[-1], device=embeddings.device)
+        sums.index_add_(0, owners[start : start + batch_size].to(embeddings.device), embeddings)
+    return torch.nn.functional.normalize(sums, dim=-1)
+
+
+def zero_shot_prototypes(
+    model: torch.nn.Module,
+    tokenizer,
+    class_names: Sequence[str],
+    templates: Sequence[str] = SINGLE_TEMPLATE,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Zero-shot CLIP classifier: prototypes from `templates` filled with each class name.
+
+    Use `SINGLE_TEMPLATE` (`"a photo of a {}"`) or `OPENAI_IMAGENET_TEMPLATES` (the 80-template ensemble).
+    """
+    return build_class_prototypes(
+        model, tokenizer, [[template.format(name) for template in templates] for name in class_names], batch_size
+    )
+
+
+def save_class_prototypes(
+    prototypes: torch.Tensor, labels: Sequence[str], save_directory: str, metadata: dict | None = None
+) -> str:
+    """Writes `prototypes` and their `labels` to `save_directory/class_prototypes.safetensors`.
+
+    Args:
+        prototypes (`torch.Tensor`): `[num_classes, dim]` class embeddings.
+        labels (`Sequence[str]`): the class names, in row order.
+        save_directory (`str`): the checkpoint directory (created if missing).
+        metadata (`dict`, *optional*): JSON-serialisable facts about how the prototypes were built.
+
+    Returns:
+        `str`: the path of the written file.
+    """
+    if prototypes.ndim != 2 or prototypes.shape[0] != len(labels):
+        raise ValueError(
+            f"Prototypes of shape {tuple(prototypes.shape)} do not match {len(labels)} labels; "
+            "expected [num_labels, dim]."
+        )
+    os.makedirs(save_directory, exist_ok=True)
+    path = os.path.join(save_directory, PROTOTYPES_FILENAME)
+    header = {"labels": json.dumps(list(labels)), "metadata": json.dumps(metadata or {})}
+    save_file({PROTOTYPES_TENSOR: prototypes.detach().float().cpu().contiguous()}, path, metadata=header)
+    return path
+
+
+def load_class_prototypes(directory: str) -> tuple[torch.Tensor, list[str], dict]:
+    """Reads what `save_class_prototypes` wrote: `(prototypes, labels, metadata)`.
+
+    Raises:
+        `FileNotFoundError`: the directory has no prototypes file, with how to build one.
+        `ValueError`: the stored labels do not match the number of prototype rows.
+    """
+    path = os.path.join(directory, PROTOTYPES_FILENAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"No {PROTOTYPES_FILENAME} in {directory!r}. Train with MMFTTrainer (it saves prototypes with every "
+            "checkpoint), or build them with `build_class_prototypes`/`zero_shot_prototypes` and save them with "
+            "`save_class_prototypes(prototypes, labels, directory)`."
+        )
+    with safe_open(path, framework="pt") as handle:
+        header = handle.metadata() or {}
+    prototypes = load_file(path)[PROTOTYPES_TENSOR]
+    labels = json.loads(header.get("labels", "[]"))
+    if prototypes.ndim != 2 or prototypes.shape[0] != len(labels):
+        raise ValueError(
+            f"{path} holds {prototypes.shape[0]} prototypes but {len(labels)} labels; rebuild the prototypes."
+        )
+    return prototypes, labels, json.loads(header.get("metadata", "{}"))

@@ -1,0 +1,76 @@
+"""Shared offline fixtures: a tiny CLIP built from configs and tiny labelled image datasets on real files."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read once at `import huggingface_hub`: set before any HF import
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import datasets  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from mmft_hf.synthetic import (  # noqa: E402
+    build_clip,
+    build_word_tokenizer,
+    caption_vocabulary,
+    make_synthetic_dataset,
+)
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset() -> datasets.DatasetDict:
+    """4 classes of drawn shapes: 8 train, 4 validation and 4 test images per class, 3 captions each."""
+    return make_synthetic_dataset(num_classes=4, train_per_class=8, eval_per_class=4, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(synthetic_dataset):
+    return build_word_tokenizer(caption_vocabulary(synthetic_dataset["train"], extra_text="a photo of a"))
+
+
+@pytest.fixture
+def tiny_clip(tiny_tokenizer):
+    """A fresh random `CLIPModel` (~70k parameters) and its `CLIPProcessor`; EOS id 1 in tokenizer and config."""
+    torch.manual_seed(0)
+    return build_clip(tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory, tiny_tokenizer):
+    """The tiny CLIP saved with `save_pretrained`, as a stand-in for a Hub checkpoint."""
+    torch.manual_seed(0)
+    model, processor = build_clip(tiny_tokenizer)
+    path = tmp_path_factory.mktemp("tiny-clip")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def image_files_dataset(tmp_path_factory) -> datasets.Dataset:
+    """A labelled dataset backed by real PNG and JPEG files (RGB, grayscale, RGBA), with captions."""
+    root = tmp_path_factory.mktemp("images")
+    colors = {"banded": (200, 30, 30), "dotted": (30, 200, 30), "striped": (30, 30, 200)}
+    rows = {"image": [], "label": [], "captions": []}
+    for index in range(12):
+        name = list(colors)[index % 3]
+        mode, suffix = [("RGB", "png"), ("L", "jpg"), ("RGBA", "png")][index % 3]
+        image = Image.new("RGB", (24 + index, 20 + 2 * index), colors[name]).convert(mode)
+        path = root / f"{index:02d}_{name}.{suffix}"
+        image.save(path)
+        rows["image"].append(str(path))
+        rows["label"].append(name)
+        rows["captions"].append([f"a {name} texture number {index}", f"the {name} pattern repeats"])
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=list(colors)),
+            "captions": datasets.List(datasets.Value("string")),
+        }
+    )
+    return datasets.Dataset.from_dict(rows, features=features)

@@ -1,0 +1,75 @@
+"""A chat-completions server on 127.0.0.1 for captioner tests: scripted failures, latency, request log.
+
+`start_fake_api(delay, plan)` starts it on a free port in a daemon thread. `plan` is a list of
+`(status, headers)` (or `(status, headers, body_override)`) consumed one per request; once empty, every request
+succeeds and echoes the prompt text back as the caption. Stop it with `server.shutdown(); server.server_close()`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class FakeChatHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, like a real API
+    disable_nagle_algorithm = True  # otherwise each response waits ~40 ms
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        server = self.server
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with server.lock:
+            server.requests.append((time.monotonic(), dict(self.headers), body))
+            step = server.plan.pop(0) if server.plan else (200, {})
+            server.in_flight += 1
+            server.max_in_flight = max(server.max_in_flight, server.in_flight)
+        status, headers, override = (*step, None)[:3]
+        time.sleep(float(headers.pop("X-Delay", server.delay)) if isinstance(headers, dict) else server.delay)
+        content = body["messages"][-1]["content"]
+        text = content if isinstance(content, str) else " ".join(part.get("text", "") for part in content)
+        if override is not None:
+            data = override if isinstance(override, bytes) else json.dumps(override).encode()
+        elif status != 200:
+            data = json.dumps({"error": {"message": f"HTTP {status}"}}).encode()
+        else:
+            data = json.dumps(
+                {
+                    "id": "chatcmpl-test",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": body.get("model", "fake"),
+                    "choices": [
+                        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
+                    ],
+                    "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+                }
+            ).encode()
+        with server.lock:
+            server.in_flight -= 1
+        self.send_response(status)
+        for key, value in {"Content-Type": "application/json", "Content-Length": str(len(data)), **headers}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        try:
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
+            pass
+
+
+class FakeChatServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # the default 5 refuses bursts of concurrent connections
+
+
+def start_fake_api(delay: float = 0.0, plan=()) -> FakeChatServer:
+    server = FakeChatServer(("127.0.0.1", 0), FakeChatHandler)
+    server.lock, server.requests, server.plan, server.delay = threading.Lock(), [], list(plan), delay
+    server.in_flight = server.max_in_flight = 0
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server.base_url = f"http://127.0.0.1:{server.server_port}/v1"
+    return server
