@@ -1,0 +1,273 @@
+"""Batch assembly for MMFT: one random caption per sample, the class template, 77-token truncation, augmentation.
+
+`MMFTDataCollator` turns rows of a captioned `datasets.Dataset` (image, label, captions) into the tensors a
+CLIP-style model and the MMFT loss need: `pixel_values`, `input_ids`, `attention_mask` and `labels`.
+
+Where a bad image surfaces. `datasets.Image()` decodes a file when its row is read (`dataset[i]`), so with the
+default feature a corrupt file fails inside the DataLoader, before this collator, with PIL's message and no row
+number. Two ways to get a message that names the row:
+
+- check once up front: `validate_captioned_dataset(dataset, check_images=True)` lists every bad row;
+- or let the collator decode: `dataset.cast_column("image", datasets.Image(decode=False))` hands it the raw
+  bytes/path, and a failure raises a `ValueError` naming the row (its `index_column` value when set, e.g. after
+  `dataset = dataset.add_column("row_index", range(len(dataset)))`, otherwise its position in the batch), the
+  column, the file path when known, and the fix.
+"""
+
+from __future__ import annotations
+
+import operator
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import get_worker_info
+from transformers.utils import logging
+
+from .data import IMAGE_DECODE_ERRORS, describe_image_source, load_image, random_resized_crop, to_rgb
+
+logger = logging.get_logger(__name__)
+
+CLIP_CONTEXT_LENGTH = 77
+
+
+def _crop_size(image_processor) -> tuple[int, int]:
+    """(height, width) the processor's output has: `crop_size` for CLIP, `size` for processors without a crop."""
+    for attribute in ("crop_size", "size"):
+        size = getattr(image_processor, attribute, None)
+        if size is None:
+            continue
+        height, width = _get(size, "height"), _get(size, "width")
+        if height and width:
+            return int(height), int(width)
+        if _get(size, "shortest_edge"):
+            edge = int(_get(size, "shortest_edge"))
+            return edge, edge
+    raise ValueError(
+        f"Cannot read an output size from {type(image_processor).__name__}: it has neither crop_size nor size with "
+        "height/width or shortest_edge."
+    )
+
+
+def _get(size, key):
+    try:
+        return size[key]
+    except (KeyError, TypeError):
+        return getattr(size, key, None)
+
+
+@dataclass
+class MMFTDataCollator:
+    """Collates rows of a captioned dataset into a CLIP batch for MMFT training and evaluation.
+
+    Text (method.md §3-4): in training each call draws **one caption per row uniformly at random** and prefixes the
+    class template, `"a photo of a {class_name}. {caption}"`. A row with an empty caption list gets the template
+    alone (`"a photo of a {class_name}."`). Texts longer than `max_length` tokens are truncated by the tokenizer,
+    which keeps the end-of-text token CLIP pools at; `num_texts` and `num_truncated` count them, and the first
+    truncation logs one warning.
+
+    Images: converted to RGB (transparency composited on white, as the processor does), then in training a random
+    resized crop (`crop_scale`, bicubic) to the processor's crop size, then the processor (resize, centre crop,
+    normalise). With `train=False` the processor alone, and the first caption: the output is deterministic.
+
+    Randomness: captions and crops come from two `random.Random` streams seeded by `seed`. In DataLoader worker
+    processes the streams are reseeded from `seed` and the worker's torch seed (`get_worker_info().seed`, which
+    differs per worker and per epoch and follows the Trainer's seed), so workers do not repeat each other and
+    epochs do not repeat. Counters such as `num_truncated` are per process: with `dataloader_num_workers > 0`
+    they accumulate in the workers' copies.
+
+    Args:
+        processor (`CLIPProcessor`-like): has `.tokenizer` and `.image_processor`.
+        class_names (`list[str]`): class names by label id, used as given (subclass and override `build_text`
+            to normalise them).
+        class_template (`str` or `None`, defaults to `"a photo of a {}."`): prefix with one `{}` for the class
+            name; `None` trains on the caption alone.
+        image_column (`str`, defaults to `"image"`): PIL images, paths, or `Image(decode=False)` dicts.
+        label_column (`str`, defaults to `"label"`): integer labels in `[0, len(class_names))`.
+        caption_column (`str` or `None`, defaults to `"captions"`): lists of captions; `None` trains on the class
+            template alone (FLYP-style).
+        train (`bool`, defaults to `True`): random caption and random crop; `False` gives deterministic output.
+        crop_scale (`tuple[float, float]`, defaults to `(0.9, 1.0)`): area range of the training crop.
+        seed (`int`, defaults to 0): seeds the caption and crop draws.
+        max_length (`int`, *optional*): token limit; defaults to `min(tokenizer.model_max_length, 77)`.
+        index_column (`str`, *optional*): a column identifying rows in error messages (otherwise the batch
+            position is given).
+    """
+
+    processor: Any
+    class_names: list[str]
+    class_template: str | None = "a photo of a {}."
+    image_column: str = "image"
+    label_column: str = "label"
+    caption_column: str | None = "captions"
+    train: bool = True
+    crop_scale: tuple[float, float] = (0.9, 1.0)
+    seed: int = 0
+    max_length: int | None = None
+    index_column: str | None = None
+    num_texts: int = field(default=0, init=False)
+    num_truncated: int = field(default=0, init=False)
+    _warned_truncation: bool = field(default=False, init=False, repr=False)
+    _rng_key: Any = field(default=None, init=False, repr=False)
+    _caption_rng: random.Random | None = field(default=None, init=False, repr=False)
+    _crop_rng: random.Random | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        if isinstance(self.class_names, str) or not isinstance(self.class_names, Sequence) or not self.class_names:
+            raise ValueError(f"class_names must be a non-empty list of strings, got {self.class_names!r:.100}.")
+        self.class_names = list(self.class_names)
+        if self.class_template is not None:
+            if self.class_template.count("{}") != 1:
+                raise ValueError(
+                    f"class_template must contain exactly one '{{}}' for the class name, got {self.class_template!r}."
+                )
+            try:  # fail early on other braces, e.g. "{name}"
+                self.class_template.format("x")
+            except (IndexError, KeyError, ValueError) as error:
+                raise ValueError(
+                    f"class_template {self.class_template!r} cannot be formatted ({error!r}); escape literal "
+                    "braces as '{{' and '}}'."
+                ) from error
+        if self.class_template is None and self.caption_column is None:
+            raise ValueError("class_template and caption_column are both None: there would be no text to train on.")
+        tokenizer = self.processor.tokenizer
+        if self.max_length is None:
+            model_max_length = getattr(tokenizer, "model_max_length", None) or CLIP_CONTEXT_LENGTH
+            self.max_length = min(int(model_max_length), CLIP_CONTEXT_LENGTH)
+        if self.max_length < 2:
+            raise ValueError(f"max_length must leave room for the start and end tokens, got {self.max_length}.")
+        self.crop_height, self.crop_width = _crop_size(self.processor.image_processor)
+
+    # ------------------------------------------------------------------------------------------------- text
+    def build_text(self, class_name: str, caption: str | None) -> str:
+        """The training text of one row; override to normalise class names or change the format.
+
+        Args:
+            class_name (`str`): the row's class name, as given in `class_names`.
+            caption (`str` or `None`): the drawn caption, `None` when the row has none.
+        """
+        if self.class_template is None:
+            return caption
+        prefix = self.class_template.format(class_name)
+        return prefix if caption is None else f"{prefix} {caption}"
+
+    def _generators(self) -> tuple[random.Random, random.Random]:
+        worker = get_worker_info()
+        key = None if worker is None else (worker.id, worker.seed)
+        if self._caption_rng is None or key != self._rng_key:
+            # String seeds are hashed with SHA-512 by `random`: reproducible across runs and processes.
+            base = f"{self.seed}" if worker is None else f"{self.seed}:worker-seed-{worker.seed}"
+            self._caption_rng = random.Random(f"mmft-captions:{base}")
+            self._crop_rng = random.Random(f"mmft-crops:{base}")
+            self._rng_key = key
+        return self._caption_rng, self._crop_rng
+
+    def _row_name(self, row: dict, position: int) -> str:
+        if self.index_column is not None and self.index_column in row:
+            return f"Row {row[self.index_column]!r} ({self.index_column!r})"
+        return f"Row at batch position {position}"
+
+    def _missing(self, row: dict, position: int, column: str, argument: str) -> ValueError:
+        return ValueError(
+            f"{self._row_name(row, position)} has no column {column!r}; it has {sorted(row)}. Pass the right name "
+            f"with `{argument}=`; with transformers.Trainer also set `remove_unused_columns=False`, or the Trainer "
+            "drops the columns the model does not take."
+        )
+
+    def _text(self, row: dict, position: int, label: int, caption_rng: random.Random) -> str:
+        caption = None
+        if self.caption_column is not None:
+            if self.caption_column not in row:
+                raise self._missing(row, position, self.caption_column, "caption_column")
+            captions = row[self.caption_column]
+            if captions is None or isinstance(captions, str) or not isinstance(captions, Sequence):
+                raise ValueError(
+                    f"{self._row_name(row, position)}: {self.caption_column!r} is {type(captions).__name__}, not a "
+                    "list of strings. Use [] for no caption and [text] for one; `validate_captioned_dataset` checks "
+                    "every row."
+                )
+            if len(captions):
+                index = caption_rng.randrange(len(captions)) if self.train else 0
+                caption = captions[index]
+                if not isinstance(caption, str):
+                    raise ValueError(
+                        f"{self._row_name(row, position)}: {self.caption_column!r}[{index}] is "
+                        f"{type(caption).__name__} {caption!r:.80}, not a string."
+                    )
+            elif self.class_template is None:
+                raise ValueError(
+                    f"{self._row_name(row, position)} has an empty {self.caption_column!r} list and class_template "
+                    "is None, so it has no text. Set a class_template (empty lists then use it alone) or caption "
+                    "the row."
+                )
+        return self.build_text(self.class_names[label], caption)
+
+    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        tokenizer = self.processor.tokenizer
+        # Measure without truncation (verbose=False: no "sequence longer than" warning for this probe).
+        lengths = [len(ids) for ids in tokenizer(texts, verbose=False)["input_ids"]]
+        truncated = sum(length > self.max_length for length in lengths)
+        self.num_texts += len(texts)
+        self.num_truncated += truncated
+        if truncated and not self._warned_truncation:
+            self._warned_truncation = True
+            logger.warning(
+                f"{truncated} of {len(texts)} texts in this batch ({truncated / len(texts):.1%}) exceed "
+                f"max_length={self.max_length} tokens (longest: {max(lengths)}) and were truncated; the end-of-text "
+                "token is kept, but the tail of the caption is lost. Ask the captioner for fewer words, or shorten "
+                "the class template. Running totals: `collator.num_truncated` / `collator.num_texts`. "
+                "This warning is shown once."
+            )
+        encoding = tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
+
+    # ----------------------------------------------------------------------------------------------- images
+    def _image(self, row: dict, position: int, crop_rng: random.Random):
+        value = row[self.image_column]
+        try:
+            image = to_rgb(load_image(value))
+            if self.train:
+                size = (self.crop_height, self.crop_width)
+                image = random_resized_crop(image, size, scale=self.crop_scale, rng=crop_rng)
+        except IMAGE_DECODE_ERRORS as error:
+            raise ValueError(
+                f"{self._row_name(row, position)}: the image in column {self.image_column!r}"
+                f"{describe_image_source(value)} cannot be read ({type(error).__name__}: {error}). Find every bad "
+                "row with `validate_captioned_dataset(dataset, check_images=True)`, then replace the file or "
+                "remove the row."
+            ) from error
+        return image
+
+    # ---------------------------------------------------------------------------------------------- collate
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """Collates `rows` (dicts from a `datasets.Dataset`) into `pixel_values`, `input_ids`, `attention_mask`
+        and `labels` tensors."""
+        if not rows:
+            raise ValueError("Cannot collate an empty batch.")
+        caption_rng, crop_rng = self._generators()
+        labels, texts, images = [], [], []
+        for position, row in enumerate(rows):
+            for column, argument in ((self.image_column, "image_column"), (self.label_column, "label_column")):
+                if column not in row:
+                    raise self._missing(row, position, column, argument)
+            raw_label = row[self.label_column]
+            try:  # plain, numpy and 0-d tensor integers; bools, floats and strings are refused
+                label = None if isinstance(raw_label, bool) else operator.index(raw_label)
+            except TypeError:
+                label = None
+            if label is None or not 0 <= label < len(self.class_names):
+                raise ValueError(
+                    f"{self._row_name(row, position)}: {self.label_column!r} is {raw_label!r}, not a label id in "
+                    f"[0, {len(self.class_names) - 1}] for the {len(self.class_names)} class_names."
+                )
+            labels.append(label)
+            texts.append(self._text(row, position, label, caption_rng))
+            images.append(self._image(row, position, crop_rng))
+        pixel_values = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return {
+            "pixel_values": pixel_values,
+            **self._tokenize(texts),
+            "labels": torch.tensor(labels, dtype=torch.long),
+        }

@@ -1,0 +1,229 @@
+"""Model cards for MMFT classifiers: metadata (model-index accuracy, base model, dataset, tags) plus prose.
+
+The trainer fills an `MMFTModelCardData` at the end of a run and calls `create_model_card(card_data, output_dir)`,
+which renders `templates/model_card.md` (the documented copy lives in the repository's `model_cards/`) with
+`huggingface_hub.ModelCard.from_template` and writes `output_dir/README.md`, offline. With matplotlib installed
+(extra `plot`) it also draws `per_class_accuracy.png` and shows it in the card.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
+PLOT_FILENAME = "per_class_accuracy.png"
+PIPELINE_TAG = "zero-shot-image-classification"  # a CLIPModel; the Hub widget for CLIP checkpoints works with it
+DEFAULT_MODEL_ID = "path/to/this/model"
+
+
+@dataclass
+class MMFTModelCardData:
+    """What a training run knows about the model it produced. Every field is optional.
+
+    Args:
+        model_id (`str`, *optional*): the Hub repository id (used in usage snippets).
+        model_name (`str`, *optional*): display name and `model-index` name; defaults to `model_id`.
+        base_model (`str`, *optional*): the checkpoint fine-tuned (e.g. `"openai/clip-vit-base-patch32"`).
+        dataset_id (`str`, *optional*): the captioned dataset (Hub id or path).
+        dataset_name (`str`, *optional*): its display name; defaults to `dataset_id`.
+        domain (`str`, *optional*): the caption prompt's domain word (e.g. `"textures"`).
+        captioner (`str`, *optional*): the MLLM that wrote the captions.
+        caption_prompt (`str`, *optional*): the caption prompt template.
+        caption_types (`list[str]`): e.g. `["visual", "shape", "texture"]`.
+        supcon_weight (`float`, *optional*): `w` in `w·L_sup + (1−w)·L_clip`.
+        num_shots (`int`, *optional*): images per class (`None`: full data).
+        seed (`int`, *optional*): the run seed.
+        hyperparameters (`dict`): name -> value, shown as a table.
+        eval_accuracy (`float`, *optional*): top-1 accuracy as a fraction in [0, 1].
+        eval_split (`str`, defaults to `"test"`): the split `eval_accuracy` was measured on.
+        per_class_accuracy (`dict[str, float]`): class name -> accuracy fraction.
+        labels (`list[str]`): class names, in prototype order (orders the per-class table).
+        lora (`dict`, *optional*): LoRA facts, e.g. `{"r": 4, "lora_alpha": 8, "target_modules": [...],
+            "merged": True}`; `None` for full fine-tuning.
+        remote_code (`bool`, defaults to `True`): whether the repository carries `remote_pipeline.py`.
+        license (`str`, *optional*): the licence id (follow the base model's).
+        tags (`list[str]`): extra tags.
+    """
+
+    model_id: str | None = None
+    model_name: str | None = None
+    base_model: str | None = None
+    dataset_id: str | None = None
+    dataset_name: str | None = None
+    domain: str | None = None
+    captioner: str | None = None
+    caption_prompt: str | None = None
+    caption_types: list[str] = field(default_factory=list)
+    supcon_weight: float | None = None
+    num_shots: int | None = None
+    seed: int | None = None
+    hyperparameters: dict = field(default_factory=dict)
+    eval_accuracy: float | None = None
+    eval_split: str = "test"
+    per_class_accuracy: dict[str, float] = field(default_factory=dict)
+    labels: list[str] = field(default_factory=list)
+    lora: dict | None = None
+    remote_code: bool = True
+    license: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        values = {"eval_accuracy": self.eval_accuracy, **{f"per_class_accuracy[{k!r}]": v for k, v in self.per_class_accuracy.items()}}
+        for name, value in values.items():
+            if value is not None and not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"{name} = {value} is not a fraction in [0, 1] (pass 0.8765, not 87.65).")
+
+    @property
+    def resolved_model_name(self) -> str:
+        return self.model_name or self.model_id or "mmft-clip-classifier"
+
+    def per_class_rows(self) -> list[tuple[str, float]]:
+        """(class, accuracy) in label order, then any classes not in `labels`."""
+        ordered = [label for label in self.labels if label in self.per_class_accuracy]
+        ordered += [label for label in self.per_class_accuracy if label not in set(ordered)]
+        return [(label, float(self.per_class_accuracy[label])) for label in ordered]
+
+    def to_hub_card_data(self) -> ModelCardData:
+        """The YAML metadata: `model-index` accuracy, base model, dataset, tags, licence and pipeline tag."""
+        tags = ["mmft", "clip", "image-classification", "synthetic-captions"]
+        if self.num_shots is not None:
+            tags.append("few-shot")
+        if self.lora is not None:
+            tags.append("lora")
+        tags += [tag for tag in self.tags if tag not in tags]
+        eval_results = None
+        if self.eval_accuracy is not None:
+            dataset = self.dataset_id or "custom"
+            eval_results = [
+                EvalResult(
+                    task_type="image-classification",
+                    task_name="Image Classification",
+                    dataset_type=dataset,
+                    dataset_name=self.dataset_name or dataset,
+                    dataset_split=self.eval_split,
+                    metric_type="accuracy",
+                    metric_name="Top-1 accuracy",
+                    metric_value=float(self.eval_accuracy),
+                )
+            ]
+        return ModelCardData(
+            model_name=self.resolved_model_name,
+            base_model=self.base_model,
+            datasets=[self.dataset_id] if self.dataset_id else None,
+            eval_results=eval_results,
+            license=self.license,
+            library_name="transformers",
+            pipeline_tag=PIPELINE_TAG,
+            tags=tags,
+        )
+
+
+def _hub_url(identifier: str | None, datasets: bool = False) -> str | None:
+    if not identifier:
+        return None
+    if os.path.exists(identifier) or identifier.startswith((".", "/")):
+        return identifier  # a local path: link it as is
+    return f"https://huggingface.co/{'datasets/' if datasets else ''}{identifier}"
+
+
+def _versions() -> dict[str, str]:
+    versions = {}
+    for package in ("mmft-hf", "transformers", "torch", "peft", "huggingface_hub"):
+        try:
+            versions[package] = importlib_metadata.version(package)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _lora_summary(lora: dict | None) -> str:
+    if lora is None:
+        return "no (full fine-tuning)"
+    facts = ", ".join(f"{key}={value}" for key, value in lora.items())
+    return f"yes ({facts})" if facts else "yes"
+
+
+def plot_per_class_accuracy(per_class: list[tuple[str, float]], path: str | os.PathLike) -> str | None:
+    """Draws a horizontal bar chart of per-class accuracy to `path`; returns `None` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.info("matplotlib is not installed (extra `plot`): the model card has no per-class accuracy chart.")
+        return None
+    names = [name for name, _ in per_class]
+    values = [100 * value for _, value in per_class]
+    height = min(2 + 0.25 * len(names), 60)  # readable bars, bounded for 1,000 classes
+    figure, axis = plt.subplots(figsize=(7, height))
+    try:
+        positions = list(range(len(names)))
+        axis.barh(positions, values, color="#4C72B0")
+        axis.set_yticks(positions, labels=names, fontsize=8 if len(names) <= 60 else 4)
+        axis.invert_yaxis()  # first class on top, as in the table
+        axis.set_xlim(0, 100)
+        axis.set_xlabel("Top-1 accuracy (%)")
+        axis.set_title("Per-class accuracy")
+        figure.tight_layout()
+        figure.savefig(path, dpi=100)
+    finally:
+        plt.close(figure)
+    return os.fspath(path)
+
+
+def create_model_card(
+    card_data: MMFTModelCardData, output_dir: str | os.PathLike, template_path: str | os.PathLike | None = None
+) -> ModelCard:
+    """Renders the MMFT model card and saves it as `output_dir/README.md` (no Hub access).
+
+    Args:
+        card_data (`MMFTModelCardData`): what the training run knows.
+        output_dir (`str` or `os.PathLike`): the model directory (created if missing).
+        template_path (`str`, *optional*): a Jinja template to use instead of the packaged one.
+
+    Returns:
+        `huggingface_hub.ModelCard`: the saved card.
+    """
+    output_dir = os.fspath(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    rows = card_data.per_class_rows()
+    plot_path = None
+    if rows and plot_per_class_accuracy(rows, os.path.join(output_dir, PLOT_FILENAME)) is not None:
+        plot_path = PLOT_FILENAME
+    num_labels = len(card_data.labels) or len(rows) or "unknown"
+    card = ModelCard.from_template(
+        card_data.to_hub_card_data(),
+        template_path=os.fspath(template_path or TEMPLATE_PATH),
+        title=card_data.resolved_model_name,
+        model_id=card_data.model_id or DEFAULT_MODEL_ID,
+        base_model_url=_hub_url(card_data.base_model),
+        dataset_id=card_data.dataset_id,
+        dataset_url=_hub_url(card_data.dataset_id, datasets=True),
+        domain=card_data.domain,
+        captioner=card_data.captioner,
+        caption_prompt=card_data.caption_prompt,
+        caption_types=list(card_data.caption_types),
+        supcon_weight=card_data.supcon_weight,
+        num_shots=card_data.num_shots,
+        seed=card_data.seed,
+        num_labels=num_labels,
+        lora_summary=_lora_summary(card_data.lora),
+        eval_accuracy=card_data.eval_accuracy,
+        eval_split=card_data.eval_split,
+        per_class_rows=rows,
+        plot_path=plot_path,
+        remote_code=card_data.remote_code,
+        hyperparameters=dict(card_data.hyperparameters),
+        versions=_versions(),
+    )
+    card.save(os.path.join(output_dir, "README.md"))
+    return card

@@ -1,0 +1,325 @@
+"""Self-contained MMFT classification pipeline: the file published next to a model for `trust_remote_code=True`.
+
+An image is classified by the cosine similarity of its CLIP image embedding to stored class prototypes
+(`class_prototypes.safetensors`): `softmax(exp(logit_scale) * cos(image, prototype_c))` over the classes.
+No captions, trainer or dataset are needed at inference, and the prototypes are loaded once, at construction.
+
+This module must import only what every `transformers` user has (torch, transformers, PIL, numpy, safetensors):
+`Pipeline.save_pretrained`/`push_to_hub` copy it into the model repository, where `mmft_hf` may not be installed.
+`mmft_hf.pipeline.MMFTClassificationPipeline` subclasses it (adding zero-shot prototypes from class names).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import Pipeline
+from transformers.image_utils import load_image
+from transformers.utils import cached_file, logging
+
+logger = logging.get_logger(__name__)
+
+TASK = "mmft-classification"
+PROTOTYPES_FILENAME = "class_prototypes.safetensors"
+PROTOTYPES_TENSOR = "class_prototypes"
+REMOTE_MODULE_FILENAME = "remote_pipeline.py"
+REMOTE_CLASS_NAME = "MMFTClassificationPipeline"
+_BASE64 = re.compile(r"^[A-Za-z0-9+/=\s]{64,}$")
+_IGNORED_CALL_KWARGS = {"local_files_only"}  # `pipeline()` forwards it to every pipeline class
+
+
+def read_prototypes_file(path: str) -> tuple[torch.Tensor, list[str], dict]:
+    """Reads a `class_prototypes.safetensors` file: `(prototypes [num_classes, dim], labels, metadata)`.
+
+    The format (one float32 tensor, label names and build facts as JSON metadata) is the one
+    `mmft_hf.prototypes.save_class_prototypes` writes; it is re-implemented here so this file stays self-contained.
+    """
+    with safe_open(path, framework="pt") as handle:
+        header = handle.metadata() or {}
+    tensors = load_file(path)
+    if PROTOTYPES_TENSOR not in tensors:
+        raise ValueError(f"{path} has no {PROTOTYPES_TENSOR!r} tensor (found {sorted(tensors)}); rebuild the file.")
+    return tensors[PROTOTYPES_TENSOR], json.loads(header.get("labels", "[]")), json.loads(header.get("metadata", "{}"))
+
+
+def write_prototypes_file(
+    prototypes: torch.Tensor, labels: Sequence[str], save_directory: str, metadata: dict | None = None
+) -> str:
+    """Writes `prototypes` and `labels` to `save_directory/class_prototypes.safetensors` and returns the path."""
+    os.makedirs(save_directory, exist_ok=True)
+    path = os.path.join(save_directory, PROTOTYPES_FILENAME)
+    header = {"labels": json.dumps(list(labels)), "metadata": json.dumps(metadata or {})}
+    save_file({PROTOTYPES_TENSOR: prototypes.detach().float().cpu().contiguous()}, path, metadata=header)
+    return path
+
+
+def _describe(image) -> str:
+    text = repr(image)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _array_to_pil(array: np.ndarray) -> Image.Image:
+    """HxW, HxWxC or CxHxW (C in 1, 3, 4) arrays; uint8 in [0, 255] or floats in [0, 1] (or [0, 255])."""
+    if array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # channels first -> channels last
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)) or array.size == 0:
+        raise ValueError(
+            f"Cannot read a numpy array of shape {array.shape} as an image; expected HxW, HxWxC or CxHxW with "
+            "C in (1, 3, 4)."
+        )
+    if array.dtype != np.uint8:
+        values = array.astype(np.float32)
+        if not np.isfinite(values).all():
+            raise ValueError(f"The image array of shape {array.shape} contains NaN or infinite values.")
+        scale = 255.0 if values.max() <= 1.0 else 1.0
+        array = np.clip(values * scale, 0, 255).round().astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def load_image_input(image, timeout: float | None = None) -> Image.Image:
+    """Turns one pipeline input into an RGB PIL image, with an error that names the input when it cannot.
+
+    Args:
+        image: a PIL image, a local file path (`str` or `os.PathLike`), an http(s) URL, a base64 string or data URL,
+            a numpy array or a torch tensor (HxW, HxWxC or CxHxW).
+        timeout (`float`, *optional*): seconds to wait for a URL.
+
+    Returns:
+        `PIL.Image.Image` in RGB mode, EXIF orientation applied.
+    """
+    if isinstance(image, Image.Image):
+        return load_image(image)
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if isinstance(image, np.ndarray):
+        return _array_to_pil(image).convert("RGB")
+    if isinstance(image, os.PathLike):
+        image = os.fspath(image)
+    if not isinstance(image, str):
+        raise TypeError(
+            f"Unsupported image input of type {type(image).__name__}: {_describe(image)}. Pass a PIL image, a local "
+            "file path, a URL, a base64 string, a numpy array, or a list of these."
+        )
+    if image.startswith(("http://", "https://", "data:image/")):
+        return load_image(image, timeout=timeout)
+    if os.path.isfile(image):
+        try:
+            with Image.open(image) as opened:
+                opened.load()  # decode now: a truncated file fails here, with its name, not later in the batch
+                return ImageOps.exif_transpose(opened).convert("RGB")
+        except (UnidentifiedImageError, OSError, ValueError) as error:
+            raise ValueError(f"Cannot read image file {image!r}: {error}") from error
+    if _BASE64.match(image):
+        try:
+            with Image.open(io.BytesIO(base64.b64decode(image, validate=False))) as opened:
+                opened.load()
+                return ImageOps.exif_transpose(opened).convert("RGB")
+        except (UnidentifiedImageError, OSError, ValueError):
+            pass  # not base64 after all: report the missing file below
+    raise FileNotFoundError(
+        f"Image file {_describe(image)} does not exist (and is neither a URL nor a base64-encoded image)."
+    )
+
+
+class MMFTClassificationPipeline(Pipeline):
+    """Classifies images with a CLIP-style dual encoder and stored class prototypes (task `"mmft-classification"`).
+
+    Output matches `zero-shot-image-classification`: for one image a list of `{"label": str, "score": float}`
+    sorted by score, for a list of images one such list per image.
+
+    Args:
+        model: a dual encoder with `get_image_features` and `logit_scale` (e.g. `CLIPModel`).
+        image_processor: the model's image processor.
+        class_prototypes (`torch.Tensor`, *optional*): `[num_classes, dim]` class embeddings. Without it, the
+            prototypes are read from `class_prototypes.safetensors` in the model's directory or Hub repository.
+        labels (`Sequence[str]`, *optional*): the class names, in prototype row order (required with
+            `class_prototypes`).
+        top_k (`int`, *optional*, defaults to 5): labels returned per image (clamped to the number of classes).
+        dtype / torch_dtype (`torch.dtype` or `str`, *optional*): cast the model to this dtype (`"auto"` keeps it).
+        device, batch_size: as for every pipeline.
+    """
+
+    _load_processor = False
+    _load_image_processor = None  # optional here so `processor=` (a CLIPProcessor) also works; checked in __init__
+    _load_feature_extractor = False
+    _load_tokenizer = None  # optional: only zero-shot prototypes need it, and it is republished with the model
+
+    def __init__(self, *args, class_prototypes: torch.Tensor | None = None, labels: Sequence[str] | None = None, **kwargs):
+        dtype = kwargs.pop("dtype", None)
+        torch_dtype = kwargs.pop("torch_dtype", None)
+        requested = dtype if dtype not in (None, "auto") else torch_dtype
+        super().__init__(*args, **kwargs)
+        if self.image_processor is None:
+            raise ValueError(
+                "MMFTClassificationPipeline needs an image processor: pass `image_processor=` or `processor=`, or "
+                "load from a directory that has `preprocessor_config.json`/`processor_config.json`."
+            )
+        if requested not in (None, "auto"):
+            if isinstance(requested, str):
+                requested = getattr(torch, requested)
+            self.model.to(dtype=requested)
+        self.model.eval()
+        prototypes, labels, metadata = self._resolve_prototypes(class_prototypes, labels)
+        self._set_prototypes(prototypes, labels, metadata)
+
+    # ----------------------------------------------------------------------------------------------- prototypes
+    def _resolve_prototypes(
+        self, class_prototypes: torch.Tensor | None, labels: Sequence[str] | None
+    ) -> tuple[torch.Tensor, list[str], dict]:
+        """Where the classifier comes from: explicit tensors, else the prototypes file of the model's checkpoint."""
+        if class_prototypes is not None:
+            if labels is None:
+                raise ValueError("`class_prototypes` was given without `labels`; pass one label name per row.")
+            return class_prototypes, list(labels), {}
+        if labels is not None:
+            raise ValueError(
+                "`labels` was given without `class_prototypes`; pass both, or neither to read the checkpoint's "
+                f"{PROTOTYPES_FILENAME}."
+            )
+        source = getattr(self.model, "name_or_path", None) or getattr(self.model.config, "_name_or_path", "")
+        how = (
+            "Build them with `mmft_hf.prototypes.zero_shot_prototypes` (or `prototypes_from_captioned_dataset`) and "
+            "save them with `mmft_hf.prototypes.save_class_prototypes(prototypes, labels, directory)`, pass "
+            "`class_prototypes=` and `labels=`, or (with mmft_hf) `class_names=[...]` for zero-shot CLIP."
+        )
+        if not source:
+            raise ValueError(f"The model was not loaded from a directory, so there are no class prototypes. {how}")
+        try:
+            path = cached_file(
+                source,
+                PROTOTYPES_FILENAME,
+                revision=getattr(self.model.config, "_commit_hash", None),
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+            )
+        except OSError as error:
+            raise FileNotFoundError(f"Could not fetch {PROTOTYPES_FILENAME} for {source!r}: {error}. {how}") from error
+        if path is None:
+            raise FileNotFoundError(f"No {PROTOTYPES_FILENAME} in {source!r}. {how}")
+        return read_prototypes_file(path)
+
+    def _embedding_dim(self) -> int | None:
+        return getattr(self.model.config, "projection_dim", None)
+
+    def _set_prototypes(self, prototypes: torch.Tensor, labels: list[str], metadata: dict) -> None:
+        if not isinstance(prototypes, torch.Tensor) or prototypes.ndim != 2:
+            shape = tuple(prototypes.shape) if isinstance(prototypes, torch.Tensor) else type(prototypes).__name__
+            raise ValueError(f"Class prototypes must be a [num_classes, dim] tensor, got {shape}.")
+        if prototypes.shape[0] != len(labels):
+            raise ValueError(
+                f"{prototypes.shape[0]} class prototypes but {len(labels)} labels; pass one label per prototype row."
+            )
+        if len(labels) == 0:
+            raise ValueError("There are no classes: the prototypes and labels are empty.")
+        duplicates = sorted({label for label in labels if labels.count(label) > 1})
+        if duplicates:
+            raise ValueError(f"Duplicate labels {duplicates}; each class needs a distinct name.")
+        dim = self._embedding_dim()
+        if dim is not None and prototypes.shape[1] != dim:
+            raise ValueError(
+                f"The class prototypes have dimension {prototypes.shape[1]} but the model's embeddings have "
+                f"dimension {dim}: they were built with another model. Rebuild them with this model."
+            )
+        id2label = getattr(self.model.config, "id2label", None) or {}
+        configured = [id2label.get(i, id2label.get(str(i))) for i in range(len(id2label))]
+        if configured and configured != list(labels) and not all(f"LABEL_{i}" == c for i, c in enumerate(configured)):
+            logger.warning(
+                f"config.id2label {configured} differs from the labels stored with the prototypes {list(labels)}; "
+                "the prototype labels are used."
+            )
+        # Unit rows make the score a cosine even when the caller passes unnormalised class embeddings.
+        self.class_prototypes = torch.nn.functional.normalize(prototypes.detach().float(), dim=-1).to(self.device)
+        self.labels = [str(label) for label in labels]
+        self.prototype_metadata = dict(metadata)
+
+    # ------------------------------------------------------------------------------------------------ pipeline
+    def _sanitize_parameters(self, top_k: int | None = None, timeout: float | None = None, **kwargs):
+        unknown = sorted(set(kwargs) - _IGNORED_CALL_KWARGS)
+        if unknown:
+            raise TypeError(f"Unknown arguments {unknown} for {TASK!r}; accepted: top_k, timeout, batch_size.")
+        postprocess_params = {}
+        if top_k is not None:
+            if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+                raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
+            postprocess_params["top_k"] = top_k
+        return ({"timeout": timeout} if timeout is not None else {}), {}, postprocess_params
+
+    def preprocess(self, image, timeout: float | None = None) -> dict[str, torch.Tensor]:
+        pixels = self.image_processor(images=[load_image_input(image, timeout=timeout)], return_tensors="pt")
+        return {"pixel_values": pixels["pixel_values"]}
+
+    def _forward(self, model_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        pixel_values = model_inputs["pixel_values"].to(self.model.dtype)
+        features = self.model.get_image_features(pixel_values=pixel_values)
+        features = features if isinstance(features, torch.Tensor) else features.pooler_output  # v4 / v5
+        if features.shape[-1] != self.class_prototypes.shape[-1]:
+            raise ValueError(
+                f"The model's image embeddings have dimension {features.shape[-1]} but the class prototypes have "
+                f"{self.class_prototypes.shape[-1]}: rebuild the prototypes with this model."
+            )
+        # fp32 for the similarity: low-precision models would otherwise round scores near 1 together
+        features = torch.nn.functional.normalize(features.float(), dim=-1)
+        scale = self.model.logit_scale.detach().float().exp() if hasattr(self.model, "logit_scale") else 1.0
+        return {"logits": scale * features @ self.class_prototypes.T}
+
+    def postprocess(self, model_outputs: dict[str, torch.Tensor], top_k: int = 5) -> list[dict]:
+        probabilities = model_outputs["logits"][0].float().softmax(dim=-1)
+        scores, indices = probabilities.topk(min(top_k, len(self.labels)))
+        return [{"label": self.labels[i], "score": s} for s, i in zip(scores.tolist(), indices.tolist())]
+
+    # ------------------------------------------------------------------------------------------------- saving
+    def save_pretrained(self, save_directory: str | os.PathLike, remote_code: bool = True, **kwargs) -> None:
+        """Saves the model, its processor, the class prototypes and (by default) this pipeline's code.
+
+        Args:
+            save_directory (`str` or `os.PathLike`): the output directory (created if missing).
+            remote_code (`bool`, defaults to `True`): also write `remote_pipeline.py` and `config.custom_pipelines`,
+                so `pipeline(model=save_directory, trust_remote_code=True)` works without mmft_hf. With `False` the
+                directory is a plain checkpoint for `import mmft_hf; pipeline("mmft-classification", model=...)`.
+                Note that `custom_pipelines` in a config makes transformers require `trust_remote_code=True` (or
+                `pipeline_class=`) even where mmft_hf is installed.
+            kwargs: passed to `model.save_pretrained` (e.g. `max_shard_size`).
+        """
+        save_directory = os.fspath(save_directory)
+        if os.path.isfile(save_directory):
+            raise ValueError(f"{save_directory!r} is a file; pass a directory.")
+        os.makedirs(save_directory, exist_ok=True)
+        config = self.model.config
+        had_custom, previous = hasattr(config, "custom_pipelines"), getattr(config, "custom_pipelines", None)
+        config.id2label = dict(enumerate(self.labels))
+        config.label2id = {label: index for index, label in enumerate(self.labels)}
+        if remote_code:
+            module = REMOTE_MODULE_FILENAME[: -len(".py")]
+            config.custom_pipelines = {
+                TASK: {"impl": f"{module}.{REMOTE_CLASS_NAME}", "pt": ["AutoModel"], "type": "multimodal"}
+            }
+            shutil.copyfile(os.path.abspath(__file__), os.path.join(save_directory, REMOTE_MODULE_FILENAME))
+        elif had_custom:
+            del config.custom_pipelines
+        try:
+            self.model.save_pretrained(save_directory, **kwargs)
+        finally:  # saving must not change the in-memory model's config
+            if had_custom:
+                config.custom_pipelines = previous
+            elif hasattr(config, "custom_pipelines"):
+                del config.custom_pipelines
+        if self.processor is not None:
+            self.processor.save_pretrained(save_directory)
+        else:
+            for component in (self.tokenizer, self.image_processor):
+                if component is not None:
+                    component.save_pretrained(save_directory)
+        write_prototypes_file(self.class_prototypes, self.labels, save_directory, self.prototype_metadata)

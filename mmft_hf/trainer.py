@@ -1,0 +1,461 @@
+"""`MMFTTrainer`: a `transformers.Trainer` that fine-tunes a dual encoder on (image, caption) pairs with the MMFT
+loss and evaluates it as a classifier built from class-averaged caption embeddings."""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Sequence
+
+import datasets
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Trainer
+from transformers.utils import logging
+
+from .class_texts import class_texts_from_captions
+from .collator import MMFTDataCollator
+from .data import to_rgb, validate_captioned_dataset
+from .distributed import gather_batch, global_logits
+from .losses import mmft_loss
+from .model_card import MMFTModelCardData, create_model_card
+from .prototypes import (
+    OPENAI_IMAGENET_TEMPLATES,
+    SINGLE_TEMPLATE,
+    build_class_prototypes,
+    save_class_prototypes,
+)
+from .training_args import MMFTTrainingArguments
+
+logger = logging.get_logger(__name__)
+
+EXTRA_PARAMETERS_FILENAME = "mmft_extra_parameters.safetensors"
+
+
+def _unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft `PeftModel` (attribute access goes through the LoRA layers)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def with_template_captions(
+    dataset: datasets.Dataset, class_names: Sequence[str], templates: Sequence[str], label_column: str, caption_column: str
+) -> datasets.Dataset:
+    """Replaces the captions of every row by `templates` filled with its class name (FLYP and FLYP-ens texts)."""
+    texts = [[template.format(name) for template in templates] for name in class_names]
+    labels = dataset[label_column]
+    if caption_column in dataset.column_names:
+        dataset = dataset.remove_columns(caption_column)
+    return dataset.add_column(
+        caption_column, [texts[label] for label in labels], feature=datasets.List(datasets.Value("string"))
+    )
+
+
+class MMFTTrainer(Trainer):
+    """Fine-tunes a CLIP-style dual encoder with `w * SupCon + (1 - w) * CLIP` on (image, caption) pairs.
+
+    Training rows are `{image, label, captions}`; each fetch draws one caption at random and prefixes the class
+    template (`MMFTDataCollator`). Under several processes the loss runs over the global batch: embeddings are
+    all-gathered with gradient and labels gathered, so N processes × batch b train like one process with batch N·b.
+
+    `evaluate()` rebuilds the class prototypes from the **current** text encoder (the normalised mean of the
+    normalised embeddings of every training caption of a class) and reports `eval_accuracy`, `eval_balanced_accuracy`
+    and one `eval_accuracy_<class>` per class, so `metric_for_best_model="accuracy"` selects the best epoch. Every
+    checkpoint and the final output directory hold a standard model + processor, the class prototypes
+    (`class_prototypes.safetensors`) and the label names (`config.id2label`).
+
+    Args:
+        model (`PreTrainedModel`):
+            A dual encoder whose forward returns `image_embeds`/`text_embeds` (normalised) and which has
+            `get_text_features`, `get_image_features` and `logit_scale` (`CLIPModel`, `VisionTextDualEncoderModel`).
+        args (`MMFTTrainingArguments`): training arguments.
+        train_dataset (`datasets.Dataset`): captioned training rows; the label column must be a `ClassLabel`.
+        eval_dataset (`datasets.Dataset` or `dict[str, datasets.Dataset]`, *optional*): labelled evaluation rows
+            (captions not needed).
+        processing_class (`ProcessorMixin`): the model's processor (tokenizer + image processor); saved with
+            every checkpoint.
+        prototype_dataset (`datasets.Dataset`, *optional*): rows whose captions build the class prototypes;
+            defaults to `train_dataset` (so validation captions are never used for the classifier).
+        class_names (`Sequence[str]`, *optional*): class names; default from the `ClassLabel` feature.
+        data_collator (*optional*): defaults to an `MMFTDataCollator` configured from `args`.
+        **kwargs: passed to `transformers.Trainer` (callbacks, optimizers, ...).
+    """
+
+    # The loss is a per-batch mean: let Trainer divide it by the gradient-accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model=None,
+        args: MMFTTrainingArguments | None = None,
+        train_dataset: datasets.Dataset | None = None,
+        eval_dataset: datasets.Dataset | dict[str, datasets.Dataset] | None = None,
+        processing_class=None,
+        prototype_dataset: datasets.Dataset | None = None,
+        class_names: Sequence[str] | None = None,
+        data_collator=None,
+        **kwargs,
+    ):
+        if args is None:
+            args = MMFTTrainingArguments(output_dir="mmft_output")
+        if not isinstance(args, MMFTTrainingArguments):
+            raise TypeError("MMFTTrainer needs MMFTTrainingArguments (it carries supcon_weight, column names, ...).")
+        if processing_class is None:
+            raise ValueError("Pass the model's processor as processing_class= (tokenizer and image processor).")
+        source = train_dataset if train_dataset is not None else prototype_dataset
+        if source is None:
+            raise ValueError("MMFTTrainer needs a train_dataset (or a prototype_dataset for evaluation only).")
+        require_captions = args.text_source == "captions"
+        names = validate_captioned_dataset(
+            source,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            caption_column=args.caption_column,
+            require_captions=require_captions,
+        )
+        self.class_names = list(class_names) if class_names is not None else names
+        train_dataset = self._with_training_texts(train_dataset, args)
+        if prototype_dataset is None:
+            prototype_dataset = source
+        elif require_captions:
+            validate_captioned_dataset(
+                prototype_dataset,
+                image_column=args.image_column,
+                label_column=args.label_column,
+                caption_column=args.caption_column,
+            )
+        self.prototype_dataset = prototype_dataset
+        if data_collator is None:
+            data_collator = MMFTDataCollator(
+                processor=processing_class,
+                class_names=self.class_names,
+                class_template=args.class_template,
+                image_column=args.image_column,
+                label_column=args.label_column,
+                caption_column=args.caption_column,
+                crop_scale=(args.crop_scale_min, 1.0),
+                seed=args.seed,
+            )
+        if model is not None:
+            self._set_label_names(model)
+            if args.use_lora:
+                model = self._wrap_lora(model, args)
+        self._prototypes: torch.Tensor | None = None
+        self._prototypes_key: tuple | None = None
+        self.per_class_accuracy: dict[str, float] = {}
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+
+    # ---- set-up ----
+
+    def _with_training_texts(self, dataset, args: MMFTTrainingArguments):
+        """FLYP (`class_name`) trains on the class template alone; FLYP-ens on one of the 80 templates per fetch."""
+        if dataset is None or args.text_source == "captions":
+            return dataset
+        templates = (args.class_template or "a photo of a {}.",)
+        if args.text_source == "templates":
+            templates = OPENAI_IMAGENET_TEMPLATES
+        return with_template_captions(dataset, self.class_names, templates, args.label_column, args.caption_column)
+
+    def _set_label_names(self, model) -> None:
+        config = _unwrap_peft(model).config
+        config.id2label = dict(enumerate(self.class_names))
+        config.label2id = {name: index for index, name in enumerate(self.class_names)}
+
+    @staticmethod
+    def _wrap_lora(model, args: MMFTTrainingArguments):
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules=list(args.lora_target_modules),
+        )
+        model = get_peft_model(model, config)
+        for name in ("logit_scale", "logit_bias"):  # peft freezes them; the method trains the temperature
+            parameter = getattr(_unwrap_peft(model), name, None)
+            if isinstance(parameter, torch.nn.Parameter):
+                parameter.requires_grad_(True)
+        return model
+
+    def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
+        if self.args.weight_decay_all_parameters:
+            return [name for name, _ in model.named_parameters()]
+        return super().get_decay_parameter_names(model)
+
+    # ---- loss ----
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+        """`mmft_loss` over the global batch (embeddings gathered with gradient when distributed), in fp32."""
+        labels = inputs.pop("labels")
+        outputs = model(**inputs, return_dict=True)
+        base = _unwrap_peft(self.accelerator.unwrap_model(model))
+        scale = getattr(base, "logit_scale", None)
+        if scale is not None:
+            image_embeds, text_embeds, labels = gather_batch(outputs.image_embeds, outputs.text_embeds, labels)
+            logits_per_image, logits_per_text = global_logits(
+                image_embeds.float(), text_embeds.float(), scale.float().exp(), getattr(base, "logit_bias", None)
+            )
+        elif self.args.world_size == 1:  # a dual encoder without a logit scale: use its own logits
+            logits_per_image, logits_per_text = outputs.logits_per_image, outputs.logits_per_text
+        else:
+            raise ValueError("Distributed MMFT training needs a model with a `logit_scale` parameter.")
+        loss = mmft_loss(logits_per_image, logits_per_text, labels, supcon_weight=self.args.supcon_weight)
+        if return_outputs:
+            return loss, {"image_embeds": outputs.image_embeds, "text_embeds": outputs.text_embeds}
+        return loss
+
+    # ---- class prototypes and evaluation ----
+
+    def prototype_texts(self, source: str | None = None) -> list[list[str]]:
+        """The texts averaged into each class prototype for `source` (defaults to `args.prototype_source`)."""
+        source = source or self.args.prototype_source
+        if source == "single_template":
+            return [[SINGLE_TEMPLATE[0].format(name)] for name in self.class_names]
+        if source == "ensemble":
+            return [[template.format(name) for template in OPENAI_IMAGENET_TEMPLATES] for name in self.class_names]
+        dataset = self.prototype_dataset
+        return class_texts_from_captions(
+            list(dataset[self.args.caption_column]),
+            list(dataset[self.args.label_column]),
+            self.class_names,
+            class_template=self.args.class_template,
+            fallback_template=self.args.fallback_template,
+        )
+
+    def compute_class_prototypes(self, source: str | None = None) -> torch.Tensor:
+        """Encodes the prototype texts with the current text encoder: `[num_classes, dim]`, unit rows."""
+        source = source or self.args.prototype_source
+        model = _unwrap_peft(self.accelerator.unwrap_model(self.model))
+        was_training = model.training
+        model.eval()
+        try:
+            prototypes = build_class_prototypes(
+                model, self.processing_class.tokenizer, self.prototype_texts(source), self.args.prototype_batch_size
+            )
+        finally:
+            model.train(was_training)
+        self._prototypes, self._prototypes_key = prototypes, (source, self.state.global_step)
+        return prototypes
+
+    def _prototypes_for_saving(self) -> torch.Tensor:
+        """Reuses the prototypes of an evaluation at this very step (weights unchanged since), else rebuilds."""
+        if self._prototypes is not None and self._prototypes_key == (self.args.prototype_source, self.state.global_step):
+            return self._prototypes
+        return self.compute_class_prototypes()
+
+    def _eval_collate(self, rows: list[dict]) -> dict:
+        images = [to_rgb(row[self.args.image_column]) for row in rows]
+        batch = self.processing_class.image_processor(images=images, return_tensors="pt")
+        return {"pixel_values": batch["pixel_values"], "labels": torch.tensor([row[self.args.label_column] for row in rows])}
+
+    def evaluate(
+        self,
+        eval_dataset: datasets.Dataset | dict[str, datasets.Dataset] | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+        prototype_source: str | None = None,
+    ) -> dict[str, float]:
+        """Classifies `eval_dataset` with class prototypes built from the current text encoder.
+
+        Args:
+            eval_dataset (`datasets.Dataset` or `dict`, *optional*): defaults to the trainer's `eval_dataset`.
+            ignore_keys: unused, kept for the `Trainer.evaluate` signature.
+            metric_key_prefix (`str`, defaults to `"eval"`): prefix of the metric names.
+            prototype_source (`str`, *optional*): `"captions"`, `"single_template"` or `"ensemble"`; defaults to
+                `args.prototype_source`. Use the template sources for zero-shot baselines.
+
+        Returns:
+            `dict[str, float]` with `{prefix}_accuracy`, `{prefix}_balanced_accuracy`, `{prefix}_accuracy_<class>`,
+            `{prefix}_samples`, runtime and the epoch.
+        """
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("evaluate() needs an eval_dataset (passed here or to the trainer).")
+        if isinstance(dataset, dict):
+            metrics = {}
+            for name, split in dataset.items():
+                metrics.update(self.evaluate(split, ignore_keys, f"{metric_key_prefix}_{name}", prototype_source))
+            return metrics
+        start = time.time()
+        prototypes = self.compute_class_prototypes(prototype_source)
+        model = _unwrap_peft(self.accelerator.unwrap_model(self.model))
+        was_training = model.training
+        model.eval()
+        loader = self.accelerator.prepare(
+            torch.utils.data.DataLoader(
+                dataset,
+                batch_size=self.args.per_device_eval_batch_size,
+                collate_fn=self._eval_collate,
+                num_workers=self.args.dataloader_num_workers,
+            )
+        )
+        predictions, references = [], []
+        try:
+            with torch.no_grad():
+                for batch in loader:
+                    features = model.get_image_features(pixel_values=batch["pixel_values"])
+                    features = getattr(features, "pooler_output", features).float()
+                    scores = torch.nn.functional.normalize(features, dim=-1) @ prototypes.T
+                    gathered = self.accelerator.gather_for_metrics((scores.argmax(-1), batch["labels"]))
+                    predictions.append(gathered[0].cpu())
+                    references.append(gathered[1].cpu())
+        finally:
+            model.train(was_training)
+        metrics = self._accuracy_metrics(torch.cat(predictions), torch.cat(references), metric_key_prefix)
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
+        if self.state.epoch is not None:
+            metrics["epoch"] = self.state.epoch
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _accuracy_metrics(self, predictions: torch.Tensor, references: torch.Tensor, prefix: str) -> dict:
+        correct = predictions == references
+        per_class = {}
+        for index, name in enumerate(self.class_names):
+            mask = references == index
+            if mask.any():
+                per_class[name] = correct[mask].float().mean().item()
+        self.per_class_accuracy = per_class
+        metrics = {
+            f"{prefix}_accuracy": correct.float().mean().item(),
+            f"{prefix}_balanced_accuracy": sum(per_class.values()) / max(len(per_class), 1),
+            f"{prefix}_samples": int(references.numel()),
+        }
+        metrics.update({f"{prefix}_accuracy_{name}": value for name, value in per_class.items()})
+        return metrics
+
+    # ---- saving and loading ----
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Saves the model and processor, plus the class prototypes and (LoRA) the trained logit scale."""
+        output_dir = output_dir or self.args.output_dir
+        super()._save(output_dir, state_dict=state_dict)
+        prototypes = self._prototypes_for_saving()
+        if not self.args.should_save:
+            return
+        metadata = {"source": self.args.prototype_source, "class_template": self.args.class_template}
+        save_class_prototypes(prototypes, self.class_names, output_dir, metadata=metadata)
+        base = _unwrap_peft(self.accelerator.unwrap_model(self.model))
+        if base is not self.accelerator.unwrap_model(self.model):  # peft saves the adapter only
+            extras = {
+                name: getattr(base, name).detach().cpu().reshape(-1).clone()
+                for name in ("logit_scale", "logit_bias")
+                if isinstance(getattr(base, name, None), torch.nn.Parameter)
+            }
+            save_file(extras, os.path.join(output_dir, EXTRA_PARAMETERS_FILENAME))
+
+    def _restore_extra_parameters(self, checkpoint_dir: str) -> None:
+        path = os.path.join(checkpoint_dir, EXTRA_PARAMETERS_FILENAME)
+        if not os.path.isfile(path):
+            return
+        self._prototypes = None  # the weights changed under the same global step
+        base = _unwrap_peft(self.accelerator.unwrap_model(self.model))
+        with torch.no_grad():
+            for name, value in load_file(path).items():
+                parameter = getattr(base, name)
+                parameter.copy_(value.reshape(parameter.shape).to(parameter.device, parameter.dtype))
+
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        self._prototypes = None
+        self._restore_extra_parameters(self.state.best_model_checkpoint)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        self._prototypes = None
+        self._restore_extra_parameters(resume_from_checkpoint)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Saves a checkpoint (internal calls) or the final output directory.
+
+        The final directory always holds a plain model loadable with `CLIPModel.from_pretrained` (LoRA adapters
+        merged; the adapter itself goes to `adapter/`), the processor, the class prototypes and a model card.
+        """
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if _internal_call or _unwrap_peft(unwrapped) is unwrapped:
+            super().save_model(output_dir, _internal_call=_internal_call)
+        else:
+            output_dir = output_dir or self.args.output_dir
+            prototypes = self._prototypes_for_saving()
+            if self.args.should_save:
+                unwrapped.save_pretrained(os.path.join(output_dir, "adapter"))
+                merged = copy.deepcopy(unwrapped).merge_and_unload()
+                merged.save_pretrained(output_dir)
+                self.processing_class.save_pretrained(output_dir)
+                metadata = {"source": self.args.prototype_source, "class_template": self.args.class_template}
+                save_class_prototypes(prototypes, self.class_names, output_dir, metadata=metadata)
+                torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        if not _internal_call and self.args.should_save:
+            self.create_model_card()
+
+    def model_card_data(self, **overrides) -> MMFTModelCardData:
+        """What this run knows for the model card; `overrides` set any `MMFTModelCardData` field."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        base = _unwrap_peft(unwrapped)
+        accuracies = [entry for entry in self.state.log_history if any(k.endswith("_accuracy") for k in entry)]
+        last = accuracies[-1] if accuracies else {}
+        prefix = next((k[: -len("_accuracy")] for k in last if k.endswith("_accuracy") and "balanced" not in k), None)
+        args = self.args
+        lora = None
+        if base is not unwrapped:
+            lora = {"r": args.lora_r, "lora_alpha": args.lora_alpha, "target_modules": list(args.lora_target_modules)}
+            lora["merged"] = True
+        data = {
+            "model_name": os.path.basename(os.path.normpath(args.output_dir)),
+            "base_model": getattr(base.config, "_name_or_path", None) or None,
+            "supcon_weight": args.supcon_weight,
+            "seed": args.seed,
+            "hyperparameters": {
+                "learning_rate": args.learning_rate,
+                "weight_decay": args.weight_decay,
+                "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+                "num_train_epochs": args.num_train_epochs,
+                "train_batch_size (global)": args.per_device_train_batch_size * args.world_size,
+                "class_template": args.class_template,
+                "text_source": args.text_source,
+                "prototype_source": args.prototype_source,
+            },
+            "eval_accuracy": last.get(f"{prefix}_accuracy") if prefix else None,
+            "eval_split": (prefix or "eval").removeprefix("eval_") if prefix else "eval",
+            "per_class_accuracy": dict(self.per_class_accuracy),
+            "labels": list(self.class_names),
+            "lora": lora,
+            "remote_code": False,
+        }
+        data.update(overrides)
+        return MMFTModelCardData(**data)
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        finetuned_from: str | None = None,
+        dataset: str | list[str] | None = None,
+        **overrides,
+    ) -> None:
+        """Writes `README.md` (and a per-class accuracy chart) into the output directory from this run.
+
+        Takes `Trainer.create_model_card`'s main arguments (so `Trainer.push_to_hub` puts this card in every push)
+        plus any `MMFTModelCardData` field as a keyword (e.g. `num_shots=16`, `captioner="gemini-2.5-flash-lite"`).
+        """
+        standard = {
+            "model_name": model_name,
+            "license": license,
+            "tags": [tags] if isinstance(tags, str) else tags,
+            "base_model": finetuned_from,
+            "dataset_id": dataset[0] if isinstance(dataset, list) else dataset,
+        }
+        overrides = {**{k: v for k, v in standard.items() if v is not None}, **overrides}
+        overrides = {k: v for k, v in overrides.items() if k in MMFTModelCardData.__dataclass_fields__}
+        create_model_card(self.model_card_data(**overrides), self.args.output_dir)

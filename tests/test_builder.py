@@ -1,0 +1,225 @@
+import json
+import os
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from mmft_hf.builder import PRESETS, CaptionedImages, make_captioner, push_captioned
+from mmft_hf.caption_stats import caption_stats, clip_score, dataset_clip_score
+from mmft_hf.captioning import caption_dataset, caption_provenance
+from mmft_hf.prompts import DOMAINS, build_prompt
+from tests.fake_chat_server import start_fake_api
+from tests.test_captioning import FakeCaptioner
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def source(image_files_dataset):
+    ds = image_files_dataset.remove_columns("captions")
+    return datasets.DatasetDict({"train": ds.select(range(8)), "test": ds.select(range(8, 12))})
+
+
+def test_presets_cover_the_benchmarks():
+    assert len(PRESETS) == 13 and set(PRESETS) == set(DOMAINS)
+    for name, preset in PRESETS.items():
+        assert preset.domain == DOMAINS[name] and preset.source.count("/") == 1 and preset.splits
+
+
+def test_builder_prepares_and_reuses_its_cache(source, tmp_path):
+    fake = FakeCaptioner()
+    kwargs = dict(
+        source=source,
+        domain="textures",
+        caption_types=["shape", "texture"],
+        dataset_name="captioned_test",
+        cache_dir=str(tmp_path / "hf"),
+        caption_cache_dir=str(tmp_path / "captions"),
+    )
+    builder = CaptionedImages(captioner=fake, **kwargs)
+    builder.download_and_prepare()
+    dataset = builder.as_dataset()
+    assert len(fake.requests) == 12 * 2
+    assert set(dataset) == {"train", "test"} and len(dataset["train"]) == 8 and len(dataset["test"]) == 4
+    features = dataset["train"].features
+    assert isinstance(features["image"], datasets.Image) and isinstance(features["label"], datasets.ClassLabel)
+    assert features["label"].names == ["banded", "dotted", "striped"]
+    assert features["captions"].feature.dtype == "string"
+    row = dataset["test"][1]  # row 9 of the fixture: class 9 % 3 = banded
+    assert row["image"].size == (33, 38) and row["label"] == 0
+    assert [c.split(" ", 1)[1] for c in row["captions"]] == [
+        build_prompt("banded", "textures", kind) for kind in ("shape", "texture")
+    ]
+    assert caption_provenance(dataset["train"])["caption_types"] == ["shape", "texture"]
+
+    again = FakeCaptioner()
+    second = CaptionedImages(captioner=again, **kwargs)
+    assert second.cache_dir == builder.cache_dir  # same config id: the prepared files are reused
+    second.download_and_prepare()
+    assert list(second.as_dataset()["train"]["captions"]) == list(dataset["train"]["captions"])
+    assert again.requests == []
+    # another datasets cache but the same caption cache: prepared again, every caption a cache hit
+    third = FakeCaptioner()
+    other = CaptionedImages(captioner=third, **{**kwargs, "cache_dir": str(tmp_path / "hf2")})
+    other.download_and_prepare()
+    assert third.requests == [] and list(other.as_dataset()["test"]["captions"]) == list(dataset["test"]["captions"])
+
+
+def test_builder_errors(source, tmp_path):
+    with pytest.raises(ValueError, match="domain"):
+        CaptionedImages(source=source, captioner=FakeCaptioner(), dataset_name="x", cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="Split"):
+        CaptionedImages(
+            source=source,
+            captioner=FakeCaptioner(),
+            domain="t",
+            splits=["validation"],
+            dataset_name="x",
+            cache_dir=str(tmp_path),
+        )
+    with pytest.raises(ValueError, match="openai:MODEL"):
+        make_captioner("gpt-4o")
+
+
+def test_push_captioned_local_layout_and_provenance(source, tmp_path, tiny_tokenizer):
+    train = caption_dataset(
+        source["train"], FakeCaptioner(), domain="textures", cache_dir=tmp_path / "c", show_progress=False
+    )
+    out = push_captioned(
+        datasets.DatasetDict({"train": train, "test": source["test"]}),
+        str(tmp_path / "repo"),
+        source="local/textures",
+        license="cc-by-4.0",
+        tokenizer=tiny_tokenizer,
+    )
+    files = sorted(os.listdir(Path(out) / "data"))
+    assert files == ["test-00000-of-00001.parquet", "train-00000-of-00001.parquet"]
+    # the image bytes are embedded, not file paths
+    table = pq.read_table(Path(out) / "data" / files[1])
+    images = table.column("image").to_pylist()
+    assert all(image["bytes"] for image in images)
+    assert (
+        images[0]["bytes"]
+        == Path(source["train"].cast_column("image", datasets.Image(decode=False))[0]["image"]["path"]).read_bytes()
+    )
+
+    readme = (Path(out) / "README.md").read_text()
+    header = yaml.safe_load(readme.split("---")[1])
+    assert header["configs"] == [
+        {
+            "config_name": "default",
+            "data_files": [{"split": "train", "path": "data/train-*"}, {"split": "test", "path": "data/test-*"}],
+        }
+    ]
+    assert header["license"] == "cc-by-4.0" and {s["name"] for s in header["dataset_info"]["splits"]} == {
+        "train",
+        "test",
+    }
+    assert "local/textures" in readme and "To differentiate this {class_name} photo" in readme
+    assert "| train | 8 | 24 / 24 | 0 | 0 |" in readme and "| test | 4 | 0 / 0 | 0 | 4 |" in readme
+    assert "terms of service" in readme
+
+    loaded = datasets.load_dataset(out)
+    assert isinstance(loaded["train"].features["image"], datasets.Image)
+    assert loaded["train"].features["label"] == datasets.ClassLabel(names=["banded", "dotted", "striped"])
+    assert loaded["train"].features["captions"].feature.dtype == "string"
+    assert loaded["train"][3]["image"].size == source["train"][3]["image"].size
+    assert list(loaded["train"]["captions"]) == list(train["captions"])
+    assert list(loaded["test"]["captions"]) == [[]] * 4
+    provenance = caption_provenance(loaded["train"])
+    original = caption_provenance(train)
+    for key in ("captioner", "prompt_template", "domain", "caption_types", "captions_per_type", "words"):
+        assert provenance[key] == original[key]
+    assert provenance["counts"]["train"]["captions"] == 24 and provenance["source"] == "local/textures"
+
+
+def test_caption_stats_against_an_independent_count(synthetic_dataset, tiny_tokenizer):
+    train = synthetic_dataset["train"]
+    report = caption_stats(train, tiny_tokenizer, caption_types=("visual", "shape", "texture"), max_length=20)
+    names = train.features["label"].names
+    for position, kind in enumerate(("visual", "shape", "texture")):
+        words = [len(row["captions"][position].split()) for row in train]
+        # independent: BPE pieces without special tokens, plus <|startoftext|> and <|endoftext|>
+        prefixed = [
+            len(tiny_tokenizer.tokenize(f"a photo of a {names[row['label']]}. {row['captions'][position]}")) + 2
+            for row in train
+        ]
+        entry = report[kind]
+        assert entry["captions"] == len(train)
+        assert entry["words"]["mean"] == pytest.approx(np.mean(words)) and entry["words"]["max"] == max(words)
+        assert entry["words"]["p50"] == pytest.approx(np.median(words))
+        assert entry["tokens_with_prefix"]["mean"] == pytest.approx(np.mean(prefixed))
+        assert entry["fraction_over_max_length"] == pytest.approx(np.mean([n > 20 for n in prefixed]))
+    assert report["all"]["captions"] == 3 * len(train)
+    assert 0 < report["visual"]["fraction_over_max_length"] < 1 or report["shape"]["fraction_over_max_length"] > 0
+    words_only = caption_stats(train)  # no tokenizer, no provenance: word counts over all captions only
+    assert set(words_only) == {"rows", "rows_incomplete", "max_length", "all"} and "tokens" not in words_only["all"]
+
+
+def test_clip_score_matches_the_model_forward(synthetic_dataset, tiny_clip):
+    model, processor = tiny_clip
+    model.eval()
+    rows = synthetic_dataset["test"].select(range(6))
+    images, captions = list(rows["image"]), [c[0] for c in rows["captions"]]
+    scores = clip_score(model, processor, images, captions, batch_size=4)
+    with torch.no_grad():  # independent: the full forward's normalised embeddings
+        inputs = processor(text=captions, images=images, return_tensors="pt", padding=True, truncation=True)
+        output = model(**inputs)
+        cosine = (output.image_embeds * output.text_embeds).sum(-1)
+    expected = [2.5 * max(c, 0.0) for c in cosine.tolist()]
+    assert scores == pytest.approx(expected, abs=1e-5)
+    assert any(c < 0 for c in cosine.tolist()) or all(s > 0 for s in scores)
+    report = dataset_clip_score(rows, model, processor, caption_types=("visual", "shape", "texture"))
+    assert report["visual"]["count"] == 6 and report["visual"]["mean"] == pytest.approx(np.mean(expected), abs=1e-5)
+    assert report["all"]["count"] == 18
+
+
+def test_generate_captions_example_end_to_end(source, tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import generate_captions
+    finally:
+        sys.path.pop(0)
+    source.save_to_disk(str(tmp_path / "src"))
+    server = start_fake_api()
+    try:
+        argv = [
+            "--dataset_name",
+            str(tmp_path / "src"),
+            "--split",
+            "train",
+            "--captioner",
+            "openai:fake-mllm",
+            "--base_url",
+            server.base_url,
+            "--api_key_env",
+            "FAKE_KEY",
+            "--domain",
+            "textures",
+            "--caption_types",
+            "visual",
+            "shape",
+            "--cache_dir",
+            str(tmp_path / "cache"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--max_concurrency",
+            "4",
+        ]
+        monkeypatch.setenv("FAKE_KEY", "sk-test")
+        summary = generate_captions.main(argv)
+        assert summary["train"].requests == 16 and len(server.requests) == 16
+        assert generate_captions.main(argv)["train"].requests == 0 and len(server.requests) == 16
+    finally:
+        server.shutdown()
+        server.server_close()
+    loaded = datasets.load_dataset(str(tmp_path / "out"))
+    assert list(loaded) == ["train"] and len(loaded["train"]) == 8
+    assert loaded["train"][0]["captions"] == [build_prompt("banded", "textures", k) for k in ("visual", "shape")]
+    assert json.loads(loaded["train"].features["captions"].feature.id)["captioner"]["model"] == "fake-mllm"

@@ -1,0 +1,321 @@
+"""OpenAICompatibleCaptioner against a real HTTP server on 127.0.0.1: retries, failures, concurrency, secrecy."""
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import socket
+import time
+
+import pytest
+from fake_chat_server import start_fake_api
+from PIL import Image
+
+from mmft_hf.captioners import CaptionerAuthenticationError, CaptionRequest, OpenAICompatibleCaptioner
+
+SECRET = "sk-test-DO-NOT-LEAK-8f3a2c"
+FAST = {"retry-after-ms": "10"}  # keeps SDK retries quick where the backoff itself is not under test
+
+
+def completion(content="", finish_reason="stop", refusal=None):
+    message = {"role": "assistant", "content": content}
+    if refusal is not None:
+        message["refusal"] = refusal
+    return {
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "fake",
+        "choices": [{"index": 0, "finish_reason": finish_reason, "message": message}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 0, "total_tokens": 5},
+    }
+
+
+@pytest.fixture
+def api(monkeypatch):
+    """Starts fake servers on demand (`api(delay, plan)`) and always stops them."""
+    monkeypatch.setenv("MMFT_TEST_KEY", SECRET)
+    servers = []
+
+    def start(delay=0.0, plan=()):
+        servers.append(start_fake_api(delay=delay, plan=plan))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def make_captioner(server, **kwargs):
+    kwargs = {"api_key_env": "MMFT_TEST_KEY", "max_retries": 2, "timeout": 5.0, **kwargs}
+    return OpenAICompatibleCaptioner("fake-vlm", base_url=server.base_url, **kwargs)
+
+
+def make_requests(count, size=(40, 30)):
+    return [CaptionRequest(Image.new("RGB", size, (10 * i, 100, 50)), f"describe image {i}") for i in range(count)]
+
+
+def header(request, name):
+    _, headers, _ = request
+    return {key.lower(): value for key, value in headers.items()}[name.lower()]
+
+
+def user_parts(body):
+    (message,) = body["messages"]
+    return {part["type"]: part for part in message["content"]}
+
+
+def test_success_echoes_prompt_with_usage_and_settings(api):
+    server = api()
+    captioner = make_captioner(server, temperature=0.3, max_tokens=77, extra_body={"top_k": 5})
+    results = dict(captioner.caption(make_requests(3)))
+    assert len(server.requests) == 3
+    assert {i: r.text for i, r in results.items()} == {i: f"describe image {i}" for i in range(3)}
+    for result in results.values():
+        assert result.error is None and result.retries == 0
+        assert result.usage == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    for request in server.requests:
+        body = request[2]
+        assert header(request, "Authorization") == f"Bearer {SECRET}"
+        assert body["model"] == "fake-vlm" and body["temperature"] == 0.3 and body["max_tokens"] == 77
+        assert body["top_k"] == 5  # extra_body is merged into the request
+    prompts = sorted(user_parts(body)["text"]["text"] for _, _, body in server.requests)
+    assert prompts == [f"describe image {i}" for i in range(3)]
+
+
+@pytest.mark.parametrize(("image_format", "mime"), [("JPEG", "image/jpeg"), ("PNG", "image/png")])
+def test_image_arrives_as_bounded_rgb_data_url(api, image_format, mime):
+    server = api()
+    captioner = make_captioner(server, max_image_side=64, image_format=image_format)
+    big = Image.new("RGBA", (1000, 500), (0, 0, 255, 255))
+    small = Image.new("L", (20, 10), 128)
+    requests = [CaptionRequest(big, "visual"), CaptionRequest(big, "shape"), CaptionRequest(small, "texture")]
+    assert len(dict(captioner.caption(requests))) == 3
+    urls = {
+        user_parts(body)["text"]["text"]: user_parts(body)["image_url"]["image_url"]["url"]
+        for *_, body in server.requests
+    }
+    assert urls["visual"] == urls["shape"]  # one image, encoded once, sent with both prompts
+    for prompt, size in (("visual", (64, 32)), ("texture", (20, 10))):  # downscaled; never upscaled
+        header, payload = urls[prompt].split(",", 1)
+        assert header == f"data:{mime};base64"
+        decoded = Image.open(io.BytesIO(base64.b64decode(payload)))
+        assert decoded.format == image_format and decoded.size == size and decoded.mode == "RGB"
+    assert big.size == (1000, 500) and big.mode == "RGBA"  # the caller's image is untouched
+
+
+def test_429_honours_retry_after(api):
+    server = api(plan=[(429, {"Retry-After": "0.2"})])
+    ((index, result),) = list(make_captioner(server).caption(make_requests(1)))
+    assert index == 0 and result.text == "describe image 0" and result.retries == 1
+    assert len(server.requests) == 2
+    gap = server.requests[1][0] - server.requests[0][0]
+    assert gap >= 0.18  # waited as told (no upper bound: the machine may be slow)
+    assert header(server.requests[1], "X-Stainless-Retry-Count") == "1"
+
+
+def test_500_then_success_with_default_backoff(api):
+    server = api(plan=[(500, {})])
+    ((_, result),) = list(make_captioner(server).caption(make_requests(1)))
+    assert result.text == "describe image 0" and result.retries == 1 and len(server.requests) == 2
+
+
+def test_5xx_until_retries_run_out_is_a_failed_request(api):
+    server = api(plan=[(503, FAST), (503, FAST), (503, FAST)])
+    ((_, result),) = list(make_captioner(server, max_retries=2).caption(make_requests(1)))
+    assert result.text is None and result.error.startswith("HTTP 503") and result.retries == 2
+    assert len(server.requests) == 3
+
+
+def test_slow_response_past_timeout_is_retried(api):
+    server = api(plan=[(200, {"X-Delay": "1.0"})])
+    captioner = make_captioner(server, timeout=0.3, max_retries=1)
+    ((_, result),) = list(captioner.caption(make_requests(1)))
+    assert result.text == "describe image 0" and result.retries == 1 and len(server.requests) == 2
+
+
+def test_timeouts_until_retries_run_out(api):
+    server = api(plan=[(200, {"X-Delay": "0.6"}), (200, {"X-Delay": "0.6"})])
+    captioner = make_captioner(server, timeout=0.2, max_retries=1)
+    ((_, result),) = list(captioner.caption(make_requests(1)))
+    assert result.text is None and "timed out" in result.error and result.retries == 1
+    assert len(server.requests) == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [(b"{this is not json", "not valid JSON"), ({"id": "x", "object": "chat.completion"}, "no 'choices'")],
+)
+def test_malformed_response_fails_the_request_without_retry(api, body, message):
+    server = api(plan=[(200, {}, body)])
+    results = dict(make_captioner(server, max_concurrency=1).caption(make_requests(2)))
+    assert results[0].text is None and "malformed response" in results[0].error and message in results[0].error
+    assert results[1].text == "describe image 1"  # the next request is unaffected
+    assert len(server.requests) == 2
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (completion(""), "empty answer"),
+        (completion("  \n "), "empty answer"),
+        (completion("<think>only thoughts</think>"), "empty answer"),
+        (completion("A cat.", finish_reason="content_filter"), "content_filter"),
+        (completion(None, refusal="I cannot help with that."), "refused: I cannot help"),
+    ],
+)
+def test_empty_or_refused_answers_are_retried_then_failed(api, answer, error):
+    server = api(plan=[(200, {}, answer)] * 3)
+    ((_, result),) = list(make_captioner(server, max_answer_retries=2).caption(make_requests(1)))
+    assert result.text is None and error in result.error and result.retries == 2
+    assert result.usage["prompt_tokens"] == 15  # every attempt is paid for: 3 x 5
+    assert len(server.requests) == 3
+
+
+def test_empty_answer_then_success(api):
+    server = api(plan=[(200, {}, completion(""))])
+    ((_, result),) = list(make_captioner(server, max_answer_retries=2).caption(make_requests(1)))
+    assert result.text == "describe image 0" and result.retries == 1 and len(server.requests) == 2
+    assert result.usage == {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}
+
+
+def test_think_blocks_are_stripped(api):
+    server = api(plan=[(200, {}, completion("<think>\nfur? ears?\n</think>\n\n A small cat. "))])
+    ((_, result),) = list(make_captioner(server).caption(make_requests(1)))
+    assert result.text == "A small cat."
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_auth_errors_stop_the_run_at_once(api, status):
+    server = api(plan=[(status, {})] * 5)
+    captioner = make_captioner(server, max_concurrency=1, max_retries=3)
+    with pytest.raises(CaptionerAuthenticationError, match="MMFT_TEST_KEY") as info:
+        list(captioner.caption(make_requests(5)))
+    assert len(server.requests) == 1  # not retried, and the other four were never sent
+    assert SECRET not in str(info.value)
+
+
+def test_other_client_errors_fail_only_their_request(api):
+    server = api(plan=[(400, {})])
+    results = dict(make_captioner(server, max_concurrency=1).caption(make_requests(2)))
+    assert results[0].text is None and results[0].error.startswith("HTTP 400") and results[0].retries == 0
+    assert results[1].text == "describe image 1" and len(server.requests) == 2
+
+
+def test_connection_refused_is_a_failed_request(monkeypatch):
+    monkeypatch.setenv("MMFT_TEST_KEY", SECRET)
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    captioner = OpenAICompatibleCaptioner(
+        "fake-vlm", base_url=f"http://127.0.0.1:{port}/v1", api_key_env="MMFT_TEST_KEY", max_retries=0
+    )
+    ((_, result),) = list(captioner.caption(make_requests(1)))
+    assert result.text is None and result.error.startswith("connection error") and result.retries == 0
+
+
+def test_unreadable_image_fails_only_its_request(api):
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buffer, format="PNG")
+    truncated = Image.open(io.BytesIO(buffer.getvalue()[:60]))  # header parses; pixel data is cut off
+    server = api()
+    requests = [CaptionRequest(truncated, "broken"), *make_requests(1)]
+    results = dict(make_captioner(server).caption(requests))
+    assert results[0].text is None and results[0].error.startswith("could not prepare the image")
+    assert results[1].text == "describe image 0" and len(server.requests) == 1
+
+
+def test_empty_and_invalid_request_lists(api):
+    server = api()
+    captioner = make_captioner(server)
+    assert list(captioner.caption([])) == []
+    with pytest.raises(TypeError, match=r"requests\[1\] is a tuple"):
+        list(captioner.caption([*make_requests(1), (Image.new("RGB", (4, 4)), "prompt")]))
+    assert server.requests == []
+
+
+def test_requests_overlap_up_to_max_concurrency(api):
+    server = api(delay=0.1)
+    results = list(make_captioner(server, max_concurrency=4).caption(make_requests(12)))
+    assert sorted(index for index, _ in results) == list(range(12))
+    assert all(result.text == f"describe image {index}" for index, result in results)
+    assert len(server.requests) == 12
+    assert 1 < server.max_in_flight <= 4
+
+
+def test_results_come_in_completion_order(api):
+    slow_first = [(200, {"X-Delay": "0.3"})]  # request 0 is slow; the others overtake it
+    server = api(plan=slow_first)
+    captioner = make_captioner(server, max_concurrency=3)
+    order = [index for index, _ in captioner.caption(make_requests(3))]
+    assert sorted(order) == [0, 1, 2] and order[-1] == 0
+
+
+def test_closing_early_cancels_the_rest(api):
+    server = api(delay=0.2)
+    iterator = make_captioner(server, max_concurrency=2).caption(make_requests(10))
+    next(iterator)
+    iterator.close()  # the consumer stops: in-flight requests are cancelled, nothing new is sent
+    sent = len(server.requests)
+    assert sent <= 4
+    time.sleep(0.3)  # longer than one request: a leftover worker would have sent more by now
+    assert len(server.requests) == sent
+
+
+def test_works_inside_a_running_event_loop(api):
+    server = api()
+
+    async def notebook_cell():  # e.g. Jupyter, where a loop is already running
+        return dict(make_captioner(server).caption(make_requests(2)))
+
+    results = asyncio.run(notebook_cell())
+    assert {i: r.text for i, r in results.items()} == {0: "describe image 0", 1: "describe image 1"}
+
+
+def test_api_key_never_leaks(api, caplog):
+    server = api(plan=[(429, {"Retry-After": "0.05"}), (500, FAST), (500, FAST), (500, FAST)])
+    with caplog.at_level(logging.DEBUG):
+        captioner = make_captioner(server, max_concurrency=1, max_retries=1)
+        results = dict(captioner.caption(make_requests(3)))
+    assert [results[0].retries, results[1].retries] == [1, 1] and results[1].text is None
+    assert caplog.records  # the SDK did log its retries
+    assert SECRET not in caplog.text
+    assert SECRET not in repr(captioner) and SECRET not in str(captioner)
+    assert SECRET not in json.dumps(captioner.cache_identity())
+    assert all(SECRET not in (result.error or "") for result in results.values())
+    assert all(header(request, "Authorization") == f"Bearer {SECRET}" for request in server.requests)
+
+
+def test_missing_key_names_the_variable(monkeypatch, api):
+    monkeypatch.delenv("MMFT_UNSET_KEY", raising=False)
+    with pytest.raises(ValueError, match="MMFT_UNSET_KEY"):
+        OpenAICompatibleCaptioner("fake-vlm", api_key_env="MMFT_UNSET_KEY")
+    server = api()
+    local = OpenAICompatibleCaptioner("fake-vlm", base_url=server.base_url, api_key_env=None)
+    assert next(local.caption(make_requests(1)))[1].text == "describe image 0"
+    assert header(server.requests[0], "Authorization") == "Bearer EMPTY"
+
+
+def test_cache_identity(monkeypatch):
+    monkeypatch.setenv("MMFT_TEST_KEY", SECRET)
+    base = OpenAICompatibleCaptioner("m", base_url="http://a/v1", api_key_env="MMFT_TEST_KEY")
+    assert base.cache_identity() == {
+        "backend": "openai-compatible",
+        "model": "m",
+        "temperature": 0.2,
+        "max_tokens": 256,
+        "max_image_side": 768,
+        "image_format": "JPEG",
+        "extra_body": {},
+    }
+    moved = OpenAICompatibleCaptioner("m", base_url="http://b:9000/v1", api_key_env="MMFT_TEST_KEY", max_retries=1)
+    assert moved.cache_identity() == base.cache_identity()  # transport settings are not identity
+    for change in ({"temperature": 0.7}, {"extra_body": {"top_k": 1}}, {"image_format": "png"}, {"cache_tag": "q4"}):
+        other = OpenAICompatibleCaptioner("m", api_key_env="MMFT_TEST_KEY", **change)
+        assert other.cache_identity() != base.cache_identity(), change
+    with pytest.raises(ValueError, match="image_format"):
+        OpenAICompatibleCaptioner("m", api_key_env="MMFT_TEST_KEY", image_format="webp")
+    with pytest.raises(ValueError, match="JSON"):
+        OpenAICompatibleCaptioner("m", api_key_env="MMFT_TEST_KEY", extra_body={"x": object()})

@@ -1,0 +1,435 @@
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import datasets
+import pytest
+from PIL import Image
+
+from mmft_hf.caption_cache import CACHE_FILENAME
+from mmft_hf.captioners.base import CaptionResult
+from mmft_hf.captioning import (
+    CaptioningError,
+    caption_dataset,
+    caption_provenance,
+    merge_caption_shards,
+    shard_bounds,
+)
+from mmft_hf.prompts import build_prompt
+from tests.fake_chat_server import start_fake_api
+
+TYPES = ("visual", "shape", "texture")
+
+
+class FakeCaptioner:
+    """Implements the captioner protocol in memory: records every request, fails the ones `fail` picks.
+
+    Captions are numbered by request across all instances, so a cached caption is told apart from a new one.
+    Results are yielded in reverse order to exercise completion-order handling.
+    """
+
+    issued = 0  # shared counter: caption numbers are unique in a test session
+
+    def __init__(self, model="fake", fail=None, text=None, raise_after=None, delay=0.0):
+        self.model, self.fail, self.text, self.raise_after, self.delay = model, fail, text, raise_after, delay
+        self.requests = []
+        self.lock = threading.Lock()
+
+    def cache_identity(self):
+        return {"backend": "fake", "model": self.model, "temperature": 0.2}
+
+    def caption(self, requests):
+        for index in reversed(range(len(requests))):
+            request = requests[index]
+            if self.raise_after is not None and len(self.requests) >= self.raise_after:
+                raise PermissionError("HTTP 401: invalid API key")
+            time.sleep(self.delay)
+            with self.lock:
+                self.requests.append(request)
+                FakeCaptioner.issued += 1
+                number = FakeCaptioner.issued
+            if self.fail and self.fail(request, self.requests):
+                yield index, CaptionResult(text=None, error="HTTP 500: upstream failure", retries=2)
+            else:
+                text = self.text(request) if self.text else f" #{number} {request.prompt} "
+                yield index, CaptionResult(text=text, usage={"prompt_tokens": 5, "completion_tokens": 7})
+
+
+@pytest.fixture
+def labelled(image_files_dataset):
+    """12 rows on real PNG/JPEG files, 3 classes, plus an extra column that must be kept."""
+    ds = image_files_dataset.remove_columns("captions")
+    return ds.add_column("note", [f"n{i}" for i in range(len(ds))])
+
+
+def prompts_of(ds, row, types=TYPES, domain="textures"):
+    name = ds.features["label"].names[ds[row]["label"]]
+    return [build_prompt(name, domain, kind) for kind in types]
+
+
+def test_captions_order_columns_and_summary(labelled, tmp_path):
+    fake = FakeCaptioner()
+    result = caption_dataset(labelled, fake, domain="textures", cache_dir=tmp_path, show_progress=False)
+    assert result.column_names == ["image", "label", "note", "captions"]
+    assert result.features["captions"] == datasets.List(
+        datasets.Value("string", id=result.features["captions"].feature.id)
+    )
+    assert list(result["note"]) == [f"n{i}" for i in range(12)]
+    assert len(fake.requests) == 36
+    for row in range(12):
+        captions = result[row]["captions"]
+        # exactly the backend text, stripped, in type order
+        assert [c.split(" ", 1)[1] for c in captions] == prompts_of(labelled, row)
+        assert all(c == c.strip() for c in captions)
+    summary = result.caption_summary
+    assert (summary.requests, summary.cache_hits, summary.captions_done, summary.failures) == (36, 0, 36, [])
+    assert summary.usage == {"prompt_tokens": 180, "completion_tokens": 252}
+    assert summary.passes == 1 and os.path.exists(tmp_path / CACHE_FILENAME)
+    # the captioner got the decoded original image, not a CLIP-transformed one
+    sizes = {request.image.size for request in fake.requests}
+    assert sizes == {(24 + i, 20 + 2 * i) for i in range(12)}
+    provenance = caption_provenance(result)
+    assert provenance["captioner"] == fake.cache_identity()
+    assert provenance["domain"] == "textures" and provenance["caption_types"] == list(TYPES)
+    assert provenance["counts"] == {
+        "rows": 12,
+        "captions": 36,
+        "captions_expected": 36,
+        "rows_incomplete": 0,
+        "rows_without_captions": 0,
+    }
+    assert "{class_name}" in provenance["prompt_template"]
+
+
+def test_rerun_makes_zero_requests_and_returns_cached_text(labelled, tmp_path):
+    first = caption_dataset(labelled, FakeCaptioner(), domain="textures", cache_dir=tmp_path, show_progress=False)
+    again = FakeCaptioner()
+    second = caption_dataset(labelled, again, domain="textures", cache_dir=tmp_path, show_progress=False)
+    assert again.requests == []
+    assert second.caption_summary.cache_hits == 36 and second.caption_summary.requests == 0
+    assert list(second["captions"]) == list(first["captions"])
+    # the key includes the captioner identity, the prompt and the image: each change is a miss
+    other_model = FakeCaptioner(model="other")
+    caption_dataset(labelled, other_model, domain="textures", cache_dir=tmp_path, show_progress=False)
+    assert len(other_model.requests) == 36
+    other_domain = FakeCaptioner()
+    caption_dataset(labelled, other_domain, domain="fabrics", cache_dir=tmp_path, show_progress=False)
+    assert len(other_domain.requests) == 36
+    # the same file bytes in another dataset object (reloaded from disk) hit the cache
+    labelled.save_to_disk(str(tmp_path / "saved"))
+    reloaded = FakeCaptioner()
+    caption_dataset(
+        datasets.load_from_disk(str(tmp_path / "saved")),
+        reloaded,
+        domain="textures",
+        cache_dir=tmp_path,
+        show_progress=False,
+    )
+    assert reloaded.requests == []
+
+
+def test_more_captions_per_type_reuses_slot_zero(labelled, tmp_path):
+    one = caption_dataset(labelled, FakeCaptioner(), domain="textures", cache_dir=tmp_path, show_progress=False)
+    fake = FakeCaptioner()
+    two = caption_dataset(
+        labelled, fake, domain="textures", captions_per_type=2, cache_dir=tmp_path, show_progress=False
+    )
+    assert len(fake.requests) == 36  # only slot 1 of each (image, type)
+    for row in range(12):
+        captions = two[row]["captions"]
+        assert len(captions) == 6
+        assert captions[0::2] == one[row]["captions"]  # type-major: visual 0, visual 1, shape 0, ...
+        assert len(set(captions)) == 6  # slot 1 is a distinct caption
+        assert [c.split(" ", 1)[1] for c in captions] == [p for p in prompts_of(labelled, row) for _ in range(2)]
+
+
+def test_partial_failure_then_resume_requests_exactly_the_missing(labelled, tmp_path):
+    # rows share prompts with their class mates (row i has class i % 3), so pick the failing ones by image size
+    bad = {((28, 28), prompts_of(labelled, 4)[1])} | {((29, 30), prompt) for prompt in prompts_of(labelled, 5)}
+
+    def fail(request, seen):
+        width, height = request.image.size
+        if width == height >= 224:  # a retry (resized to a square side in [224, 512)) fails again
+            return True
+        return ((width, height), request.prompt) in bad
+
+    fake = FakeCaptioner(fail=fail)
+    result = caption_dataset(labelled, fake, domain="textures", cache_dir=tmp_path, max_passes=3, show_progress=False)
+    assert len(fake.requests) == 36 + 2 * 4  # 4 failing captions, asked in 3 passes
+    retried = fake.requests[36:]
+    assert all(r.image.size[0] == r.image.size[1] and 224 <= r.image.size[0] < 512 for r in retried)
+    failures = [(f.row, f.caption_type, f.slot, f.reason) for f in result.caption_summary.failures]
+    assert failures == [
+        (4, "shape", 0, "HTTP 500: upstream failure"),
+        (5, "visual", 0, "HTTP 500: upstream failure"),
+        (5, "shape", 0, "HTTP 500: upstream failure"),
+        (5, "texture", 0, "HTTP 500: upstream failure"),
+    ]
+    assert len(result) == 12  # no row dropped
+    assert len(result[4]["captions"]) == 2 and result[5]["captions"] == []
+    assert [c.split(" ", 1)[1] for c in result[4]["captions"]] == [prompts_of(labelled, 4)[i] for i in (0, 2)]
+    summary = result.caption_summary
+    assert (summary.rows_incomplete, summary.rows_without_captions, summary.retries) == (1, 1, 2 * 12)
+    assert "rerun" in str(summary).lower() or "again" in str(summary)
+    assert caption_provenance(result)["counts"]["rows_without_captions"] == 1
+
+    healed = FakeCaptioner()
+    resumed = caption_dataset(labelled, healed, domain="textures", cache_dir=tmp_path, show_progress=False)
+    assert len(healed.requests) == 4
+    assert sorted(r.prompt for r in healed.requests) == sorted([prompts_of(labelled, 4)[1], *prompts_of(labelled, 5)])
+    assert all(len(c) == 3 for c in resumed["captions"])
+    assert resumed[0]["captions"] == result[0]["captions"]
+
+
+def test_transient_failure_recovered_in_second_pass(labelled, tmp_path):
+    fake = FakeCaptioner(fail=lambda request, seen: len(seen) <= 5)  # the first 5 requests fail
+    result = caption_dataset(labelled, fake, domain="textures", cache_dir=tmp_path, show_progress=False)
+    assert len(fake.requests) == 41 and result.caption_summary.passes == 2
+    assert result.caption_summary.failures == [] and all(len(c) == 3 for c in result["captions"])
+
+
+def test_strict_mode_lists_row_type_and_reason(labelled, tmp_path):
+    target = prompts_of(labelled, 2)[2]  # texture of row 2's class (rows 2, 5, 8, 11)
+    fake = FakeCaptioner(fail=lambda request, seen: request.prompt == target)
+    with pytest.raises(CaptioningError) as info:
+        caption_dataset(
+            labelled, fake, domain="textures", cache_dir=tmp_path, strict=True, max_passes=2, show_progress=False
+        )
+    message = str(info.value)
+    assert "4 caption(s) failed" in message
+    for row in (2, 5, 8, 11):
+        assert f"row {row}, caption type 'texture' (slot 0): HTTP 500: upstream failure" in message
+    assert [f.row for f in info.value.failures] == [2, 5, 8, 11]
+    # what succeeded was cached: a healthy rerun asks for the 4 missing only
+    healed = FakeCaptioner()
+    caption_dataset(labelled, healed, domain="textures", cache_dir=tmp_path, strict=True, show_progress=False)
+    assert len(healed.requests) == 4
+
+
+def test_empty_answers_are_failures_never_cached(labelled, tmp_path):
+    fake = FakeCaptioner(text=lambda request: "   " if "shape" in request.prompt else "  fine caption \n")
+    result = caption_dataset(labelled, fake, domain="textures", cache_dir=tmp_path, max_passes=2, show_progress=False)
+    assert all(c == ["fine caption", "fine caption"] for c in result["captions"])
+    assert {f.reason for f in result.caption_summary.failures} == {"the captioner returned an empty caption"}
+    assert len(result.caption_summary.failures) == 12
+    with sqlite3.connect(tmp_path / CACHE_FILENAME) as db:
+        assert db.execute("SELECT COUNT(*) FROM captions").fetchone()[0] == 24
+        assert db.execute("SELECT COUNT(*) FROM captions WHERE trim(text) = ''").fetchone()[0] == 0
+
+
+def test_authentication_error_propagates_and_keeps_finished_captions(labelled, tmp_path):
+    fake = FakeCaptioner(raise_after=5)
+    with pytest.raises(PermissionError, match="401"):
+        caption_dataset(labelled, fake, domain="textures", cache_dir=tmp_path, show_progress=False)
+    assert len(fake.requests) == 5
+    resumed = FakeCaptioner()
+    caption_dataset(labelled, resumed, domain="textures", cache_dir=tmp_path, show_progress=False)
+    assert len(resumed.requests) == 31
+
+
+def test_labels_class_names_and_bad_input(labelled, tmp_path):
+    strings = labelled.cast_column("label", datasets.Value("string")).map(
+        lambda row: {"label": ["Banded_Stripes", "002.dotted", "striped"][int(row["label"])]}
+    )
+    fake = FakeCaptioner()
+    caption_dataset(strings, fake, domain="textures", caption_types=["color"], cache_dir=tmp_path, show_progress=False)
+    assert {r.prompt.split(" photo")[0] for r in fake.requests} == {
+        "To differentiate this banded stripes",
+        "To differentiate this dotted",
+        "To differentiate this striped",
+    }
+    ints = labelled.cast_column("label", datasets.Value("int64"))
+    with pytest.raises(ValueError, match="class_names"):
+        caption_dataset(ints, fake, domain="textures", cache_dir=tmp_path)
+    custom = FakeCaptioner()
+    caption_dataset(
+        ints,
+        custom,
+        domain="textures",
+        caption_types=["shape"],
+        class_names=["A", "B", "C"],
+        cache_dir=tmp_path,
+        show_progress=False,
+    )
+    assert {r.prompt.split(" photo")[0][-1] for r in custom.requests} == {"a", "b", "c"}
+    with pytest.raises(ValueError, match="already has a 'captions' column"):
+        caption_dataset(labelled.add_column("captions", [[]] * 12), fake, domain="textures", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="'picture'"):
+        caption_dataset(labelled, fake, domain="textures", image_column="picture", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="class_name"):
+        caption_dataset(labelled, fake, domain="textures", prompt_template="no field", cache_dir=tmp_path)
+
+
+def test_missing_image_is_reported_not_dropped(tmp_path):
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    ds = datasets.Dataset.from_dict(
+        {"image": [Image.new("RGB", (8, 8), "red"), None, Image.new("RGB", (9, 9), "blue")], "label": [0, 1, 1]},
+        features=features,
+    )
+    fake = FakeCaptioner()
+    result = caption_dataset(ds, fake, domain="things", cache_dir=tmp_path, show_progress=False)
+    assert len(fake.requests) == 6 and len(result) == 3
+    assert result[1]["captions"] == [] and [f.row for f in result.caption_summary.failures] == [1, 1, 1]
+    assert result.caption_summary.failures[0].reason == "the image is missing (None)"
+
+
+def test_shard_bounds_match_datasets():
+    ds = datasets.Dataset.from_dict({"x": list(range(11))})
+    for num_shards in (1, 2, 3, 4, 11):
+        for index in range(num_shards):
+            start, stop = shard_bounds(11, num_shards, index)
+            assert list(ds.shard(num_shards, index, contiguous=True)["x"]) == list(range(start, stop))
+    with pytest.raises(ValueError, match="shard_index"):
+        shard_bounds(11, 2, 2)
+
+
+def test_concurrent_shards_share_one_cache_then_merge(labelled, tmp_path):
+    results, fakes = {}, {}
+
+    def run(index):
+        fakes[index] = FakeCaptioner(delay=0.002)
+        results[index] = caption_dataset(
+            labelled,
+            fakes[index],
+            domain="textures",
+            cache_dir=tmp_path,
+            num_shards=2,
+            shard_index=index,
+            show_progress=False,
+        )
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(fakes[0].requests) == len(fakes[1].requests) == 18  # 6 rows each, disjoint
+    assert caption_provenance(results[1])["shard"] == {"num_shards": 2, "shard_index": 1, "start": 6, "stop": 12}
+    merged = merge_caption_shards([results[1], results[0]])  # any order
+    assert list(merged["note"]) == [f"n{i}" for i in range(12)]
+    assert caption_provenance(merged)["shard"] is None and caption_provenance(merged)["counts"]["captions"] == 36
+    # the simplest merge: rerun unsharded, every caption is a cache hit
+    again = FakeCaptioner()
+    whole = caption_dataset(labelled, again, domain="textures", cache_dir=tmp_path, show_progress=False)
+    assert again.requests == [] and list(whole["captions"]) == list(merged["captions"])
+    with pytest.raises(ValueError, match="0..1"):
+        merge_caption_shards([results[0], results[0]])
+    other = caption_dataset(
+        labelled,
+        FakeCaptioner(),
+        domain="fabrics",
+        cache_dir=tmp_path,
+        num_shards=2,
+        shard_index=1,
+        show_progress=False,
+    )
+    with pytest.raises(ValueError, match="domain"):
+        merge_caption_shards([results[0], other])
+
+
+def test_provenance_survives_save_to_disk_and_map(labelled, tmp_path):
+    result = caption_dataset(labelled, FakeCaptioner(), domain="textures", cache_dir=tmp_path, show_progress=False)
+    result.save_to_disk(str(tmp_path / "out"))
+    loaded = datasets.load_from_disk(str(tmp_path / "out"))
+    assert caption_provenance(loaded) == caption_provenance(result)
+    assert caption_provenance(loaded.map(lambda row: row)) == caption_provenance(result)
+    assert caption_provenance(labelled) is None
+
+
+def _count_cached(path):
+    if not os.path.exists(path):
+        return 0
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
+            return db.execute("SELECT COUNT(*) FROM captions").fetchone()[0]
+    except sqlite3.OperationalError:  # the table is not created yet
+        return 0
+
+
+def test_sigkill_mid_run_then_resume_loses_nothing(tmp_path):
+    from mmft_hf.captioners.openai_compatible import OpenAICompatibleCaptioner
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a_b", "c"])})
+    images = [Image.new("RGB", (16 + i, 16), (30 * i, 10, 200 - 20 * i)) for i in range(8)]
+    datasets.Dataset.from_dict({"image": images, "label": [i % 2 for i in range(8)]}, features=features).save_to_disk(
+        str(tmp_path / "ds")
+    )
+    server = start_fake_api(delay=0.25)
+    cache_file = tmp_path / "cache" / CACHE_FILENAME
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            str(root / "tests/scripts/caption_worker.py"),
+            str(tmp_path / "ds"),
+            str(tmp_path / "cache"),
+            server.base_url,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while _count_cached(cache_file) < 5:
+            assert worker.poll() is None, worker.stdout.read().decode()
+            assert time.monotonic() < deadline, "the worker made no progress"
+            time.sleep(0.02)
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    stored = _count_cached(cache_file)
+    with server.lock:
+        first_run_requests = len(server.requests)
+    assert 5 <= stored < 24, "the kill must land mid-run"
+    assert first_run_requests >= stored
+
+    captioner = OpenAICompatibleCaptioner(
+        model="fake-mllm", base_url=server.base_url, api_key_env=None, max_concurrency=8, max_retries=0
+    )
+    try:
+        result = caption_dataset(
+            datasets.load_from_disk(str(tmp_path / "ds")),
+            captioner,
+            domain="textures",
+            cache_dir=tmp_path / "cache",
+            show_progress=False,
+        )
+        second_run_requests = len(server.requests) - first_run_requests
+    finally:
+        server.shutdown()
+        server.server_close()
+    # no stored caption was requested again: the resume asks exactly for the captions missing from the cache,
+    # and the total is every caption once plus the requests that were in flight (or unstored) at the kill
+    assert second_run_requests == 24 - stored == result.caption_summary.requests
+    assert len(server.requests) == 24 + (first_run_requests - stored)
+    assert result.caption_summary.cache_hits == stored and result.caption_summary.failures == []
+    names = ["a b", "c"]
+    for row in range(8):
+        assert result[row]["captions"] == [build_prompt(names[row % 2], "textures", kind) for kind in TYPES]
+    assert _count_cached(cache_file) == 24
+
+
+def test_real_backend_authentication_error_stops_the_run(labelled, tmp_path):
+    from mmft_hf.captioners.openai_compatible import CaptionerAuthenticationError, OpenAICompatibleCaptioner
+
+    server = start_fake_api(plan=[(401, {})] * 40)
+    try:
+        captioner = OpenAICompatibleCaptioner(model="m", base_url=server.base_url, api_key_env=None, max_concurrency=1)
+        with pytest.raises(CaptionerAuthenticationError):
+            caption_dataset(labelled, captioner, domain="textures", cache_dir=tmp_path, show_progress=False)
+        # stopped at once: not retried and not continued over the other captions (the backend may have started one
+        # more request before the cancellation reached it)
+        assert 1 <= len(server.requests) <= 2
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,0 +1,338 @@
+"""Tests for mmft_hf.collator.MMFTDataCollator with the tiny CLIP and real image files."""
+
+import logging
+import random
+from collections import Counter
+from types import SimpleNamespace
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import mmft_hf.collator as collator_module
+from mmft_hf.collator import MMFTDataCollator
+from mmft_hf.data import to_rgb
+from mmft_hf.synthetic import build_clip, build_word_tokenizer
+
+NAMES = ["banded", "dotted", "striped"]
+
+
+def _noise(width=24, height=20, seed=0, mode="RGB"):
+    array = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(array, "RGB").convert(mode)
+
+
+def _row(captions, label=0, image=None, **extra):
+    return {"image": image if image is not None else _noise(), "label": label, "captions": captions, **extra}
+
+
+class RecordingCollator(MMFTDataCollator):
+    """Records the caption drawn for each row through the `build_text` hook."""
+
+    def build_text(self, class_name, caption):
+        self.__dict__.setdefault("drawn", []).append(caption)
+        return super().build_text(class_name, caption)
+
+
+def _ids(processor, texts):
+    return processor.tokenizer(texts, padding=True, return_tensors="pt")["input_ids"]
+
+
+# ------------------------------------------------------------------------------------------------- batch layout
+def test_batch_from_real_files_runs_through_clip(tiny_clip, image_files_dataset):
+    model, processor = tiny_clip
+    collator = MMFTDataCollator(processor=processor, class_names=NAMES)
+    rows = [image_files_dataset[i] for i in range(6)]  # RGB png, grayscale jpg, RGBA png
+    batch = collator(rows)
+    assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "labels"}
+    assert batch["pixel_values"].shape == (6, 3, 32, 32) and batch["pixel_values"].dtype == torch.float32
+    assert torch.isfinite(batch["pixel_values"]).all()
+    assert batch["labels"].tolist() == [row["label"] for row in rows] and batch["labels"].dtype == torch.long
+    assert batch["input_ids"].shape == batch["attention_mask"].shape and batch["input_ids"].shape[0] == 6
+    labels = batch.pop("labels")
+    output = model(**batch)
+    assert output.logits_per_image.shape == (6, 6) and labels.shape == (6,)
+
+
+def test_batch_with_one_label_only(tiny_clip, image_files_dataset):
+    model, processor = tiny_clip
+    rows = [image_files_dataset[i] for i in (0, 3, 6, 9)]  # all "banded"
+    batch = MMFTDataCollator(processor=processor, class_names=NAMES)(rows)
+    assert batch["labels"].tolist() == [0, 0, 0, 0]
+    output = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]
+    )
+    assert torch.isfinite(output.logits_per_text).all() and output.logits_per_text.shape == (4, 4)
+
+
+def test_all_image_modes(tiny_clip):
+    _, processor = tiny_clip
+    palette = _noise().convert("P")
+    rows = [
+        _row(["c"], image=image) for image in (_noise(mode="L"), _noise(mode="RGBA"), _noise(mode="CMYK"), palette)
+    ]
+    rows.append(_row(["c"], image=Image.fromarray(np.full((9, 7), 40000, np.uint16))))
+    for train in (True, False):
+        batch = MMFTDataCollator(processor=processor, class_names=NAMES, train=train)(rows)
+        assert batch["pixel_values"].shape == (5, 3, 32, 32) and torch.isfinite(batch["pixel_values"]).all()
+
+
+def test_eval_images_match_the_processor_and_transparency_is_white(tiny_clip):
+    _, processor = tiny_clip
+    images = [_noise(seed=1), _noise(30, 18, seed=2, mode="L")]
+    collator = MMFTDataCollator(processor=processor, class_names=NAMES, train=False)
+    batch = collator([_row(["c"], image=image) for image in images])
+    reference = processor.image_processor(images=[to_rgb(image) for image in images], return_tensors="pt")
+    assert torch.equal(batch["pixel_values"], reference["pixel_values"])
+    transparent = Image.new("RGBA", (16, 16), (200, 0, 0, 0))
+    white = Image.new("RGB", (16, 16), (255, 255, 255))
+    pixels = collator([_row(["c"], image=transparent), _row(["c"], image=white)])["pixel_values"]
+    assert torch.equal(pixels[0], pixels[1])
+
+
+# ----------------------------------------------------------------------------------------------------- crops
+def test_train_crops_to_crop_size_and_differs_across_calls(tiny_clip, monkeypatch):
+    _, processor = tiny_clip
+    calls = []
+    original = collator_module.random_resized_crop
+
+    def spy(image, size, **kwargs):
+        out = original(image, size, **kwargs)
+        calls.append((image.size, size, kwargs["scale"], out.size))
+        return out
+
+    monkeypatch.setattr(collator_module, "random_resized_crop", spy)
+    row = _row(["c"], image=_noise(50, 40))
+    collator = MMFTDataCollator(processor=processor, class_names=NAMES, crop_scale=(0.5, 0.9))
+    first, second = collator([row])["pixel_values"], collator([row])["pixel_values"]
+    assert calls == [((50, 40), (32, 32), (0.5, 0.9), (32, 32))] * 2
+    assert not torch.equal(first, second)
+    # Same seed, fresh collator: the same crops again.
+    again = MMFTDataCollator(processor=processor, class_names=NAMES, crop_scale=(0.5, 0.9))
+    assert torch.equal(again([row])["pixel_values"], first)
+    calls.clear()
+    evaluation = MMFTDataCollator(processor=processor, class_names=NAMES, train=False)
+    outputs = [evaluation([row]) for _ in range(3)]
+    assert calls == []  # no crop in eval mode
+    for output in outputs[1:]:
+        assert all(torch.equal(output[key], outputs[0][key]) for key in output)
+
+
+# ------------------------------------------------------------------------------------------------------ text
+def test_template_formatting_and_eval_uses_first_caption(tiny_clip):
+    _, processor = tiny_clip
+    rows = [_row(["the first caption", "the second"], label=2), _row([], label=1)]
+    batch = MMFTDataCollator(processor=processor, class_names=NAMES, train=False)(rows)
+    expected = ["a photo of a striped. the first caption", "a photo of a dotted."]
+    assert torch.equal(batch["input_ids"], _ids(processor, expected))
+    custom = MMFTDataCollator(processor=processor, class_names=NAMES, class_template="itap of a {}!", train=False)
+    assert torch.equal(custom(rows[:1])["input_ids"], _ids(processor, ["itap of a striped! the first caption"]))
+    caption_only = MMFTDataCollator(processor=processor, class_names=NAMES, class_template=None, train=False)
+    assert torch.equal(caption_only(rows[:1])["input_ids"], _ids(processor, ["the first caption"]))
+    template_only = MMFTDataCollator(processor=processor, class_names=NAMES, caption_column=None, train=False)
+    assert torch.equal(
+        template_only([{"image": _noise(), "label": 2}])["input_ids"], _ids(processor, ["a photo of a striped."])
+    )
+
+
+def test_empty_captions_without_template_is_an_error(tiny_clip):
+    _, processor = tiny_clip
+    collator = MMFTDataCollator(processor=processor, class_names=NAMES, class_template=None)
+    with pytest.raises(ValueError, match="batch position 1 has an empty 'captions' list and class_template is None"):
+        collator([_row(["fine"]), _row([])])
+
+
+def test_seeded_draws_are_deterministic_and_cover_every_caption(tiny_clip):
+    _, processor = tiny_clip
+    captions = ["alpha one", "beta two", "gamma three"]
+    rows = [_row(captions, image=_noise(8, 8))] * 100
+
+    def draws(seed, calls=6):
+        collator = RecordingCollator(processor=processor, class_names=NAMES, seed=seed)
+        for _ in range(calls):
+            collator(rows)
+        return collator.drawn
+
+    first = draws(seed=7)
+    assert first == draws(seed=7)
+    assert first != draws(seed=8)
+    counts = Counter(first)
+    assert set(counts) == set(captions) and sum(counts.values()) == 600
+    # Uniform: 200 expected each, binomial sd ~11.5; the bounds are about 5 sd wide.
+    assert all(140 <= count <= 260 for count in counts.values()), counts
+    # Each drawn caption is what was encoded.
+    collator = RecordingCollator(processor=processor, class_names=NAMES, seed=3)
+    batch = collator(rows[:5])
+    expected = _ids(processor, [f"a photo of a banded. {caption}" for caption in collator.drawn])
+    assert torch.equal(batch["input_ids"], expected)
+
+
+def test_worker_processes_get_different_streams(tiny_clip, monkeypatch):
+    _, processor = tiny_clip
+    rows = [_row(["a a", "b b", "c c", "d d"], image=_noise(8, 8))] * 40
+
+    def draws(worker):
+        monkeypatch.setattr(collator_module, "get_worker_info", lambda: worker)
+        collator = RecordingCollator(processor=processor, class_names=NAMES, seed=0)
+        collator(rows)
+        return collator.drawn
+
+    main = draws(None)
+    worker0 = draws(SimpleNamespace(id=0, seed=1000))
+    worker1 = draws(SimpleNamespace(id=1, seed=1001))
+    next_epoch = draws(SimpleNamespace(id=0, seed=5000))
+    assert len({tuple(main), tuple(worker0), tuple(worker1), tuple(next_epoch)}) == 4
+    assert draws(SimpleNamespace(id=0, seed=1000)) == worker0  # reproducible
+
+
+def test_real_dataloader_workers_draw_differently(tiny_clip):
+    _, processor = tiny_clip
+    captions = ["a a", "b b", "c c"]
+    rows = [_row(captions, image=_noise(8, 8))] * 32
+    collator = MMFTDataCollator(processor=processor, class_names=NAMES, seed=0)
+    torch.manual_seed(0)
+    loader = DataLoader(rows, batch_size=16, num_workers=2, collate_fn=collator)
+    batches = [batch["input_ids"] for batch in loader]  # batch 0 from worker 0, batch 1 from worker 1
+    assert len(batches) == 2
+    assert not torch.equal(batches[0], batches[1])
+
+
+# ------------------------------------------------------------------------------------------------ truncation
+def test_truncation_keeps_eos_counts_and_warns_once(tiny_clip, caplog):
+    model, processor = tiny_clip
+    long_caption = " ".join(["striped"] * 120)
+    rows = [_row([long_caption]), _row(["short"]), _row([long_caption + " banded"])]
+    collator = MMFTDataCollator(processor=processor, class_names=NAMES, train=False)
+    assert collator.max_length == 77
+    with caplog.at_level(logging.WARNING, logger="mmft_hf.collator"):
+        batch = collator(rows)
+        collator(rows[:2])
+    assert (collator.num_texts, collator.num_truncated) == (5, 3)
+    warnings = [record for record in caplog.records if "truncated" in record.getMessage()]
+    assert len(warnings) == 1 and "2 of 3 texts in this batch (66.7%)" in warnings[0].getMessage()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    eos = processor.tokenizer.eos_token_id
+    assert ids.shape[1] == 77
+    last = mask.sum(dim=1) - 1
+    assert last.tolist()[0] == 76 and last.tolist()[2] == 76
+    assert all(ids[i, last[i]].item() == eos for i in range(3))
+    # The truncated text is the untruncated one cut to 76 tokens plus EOS.
+    full = processor.tokenizer([f"a photo of a banded. {long_caption}"])["input_ids"][0]
+    assert len(full) > 77 and ids[0].tolist() == full[:76] + [eos]
+    # CLIP pools the text at that EOS position.
+    with torch.no_grad():
+        text = model.text_model(input_ids=ids, attention_mask=mask)
+    for i in range(3):
+        assert torch.allclose(text.pooler_output[i], text.last_hidden_state[i, last[i]])
+        assert not torch.allclose(text.pooler_output[i], text.last_hidden_state[i, last[i] - 1])
+
+
+def test_truncation_probe_does_not_trigger_the_tokenizer_warning(tiny_clip):
+    _, processor = tiny_clip
+    tokenizer = build_word_tokenizer(["striped"], model_max_length=16)  # fresh: its warn-once state is clean
+    processor = SimpleNamespace(tokenizer=tokenizer, image_processor=processor.image_processor)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    library_logger = logging.getLogger("transformers")  # does not propagate to the root logger
+    library_logger.addHandler(handler)
+    try:
+        collator = MMFTDataCollator(processor=processor, class_names=NAMES, train=False)
+        assert collator.max_length == 16
+        batch = collator([_row([" ".join(["striped"] * 30)])])
+        assert batch["input_ids"].shape == (1, 16) and collator.num_truncated == 1
+        assert not [r for r in records if "longer than the specified maximum" in r.getMessage()]
+        tokenizer([" ".join(["striped"] * 30)])  # positive control: a plain call does warn
+        assert [r for r in records if "longer than the specified maximum" in r.getMessage()]
+    finally:
+        library_logger.removeHandler(handler)
+
+
+def test_max_length_defaults():
+    big = build_word_tokenizer(["x"], model_max_length=int(1e30))
+    model, processor = build_clip(big)
+    assert MMFTDataCollator(processor=processor, class_names=NAMES).max_length == 77
+    assert MMFTDataCollator(processor=processor, class_names=NAMES, max_length=20).max_length == 20
+
+
+# ----------------------------------------------------------------------------------------------------- errors
+def test_missing_columns_and_bad_labels(tiny_clip):
+    _, processor = tiny_clip
+    collator = MMFTDataCollator(processor=processor, class_names=NAMES)
+    with pytest.raises(ValueError) as error:
+        collator([_row(["c"]), {"image": _noise(), "label": 1, "caption": ["c"]}])
+    message = str(error.value)
+    assert "batch position 1 has no column 'captions'" in message and "['caption', 'image', 'label']" in message
+    assert "caption_column=" in message and "remove_unused_columns=False" in message
+    with pytest.raises(ValueError, match="no column 'label'.*label_column="):
+        collator([{"image": _noise(), "captions": ["c"]}])
+    with pytest.raises(ValueError, match="no column 'image'.*image_column="):
+        collator([{"label": 0, "captions": ["c"]}])
+    with pytest.raises(ValueError, match=r"position 0: 'label' is 3, not a label id in \[0, 2\]"):
+        collator([_row(["c"], label=3)])
+    with pytest.raises(ValueError, match="'label' is 'dotted'"):
+        collator([_row(["c"], label="dotted")])
+    assert collator([_row(["c"], label=np.int64(2)), _row(["c"], label=torch.tensor(1))])["labels"].tolist() == [2, 1]
+    with pytest.raises(ValueError, match=r"'captions' is str, not a list of strings"):
+        collator([_row("just one caption")])
+    with pytest.raises(ValueError, match=r"'captions'\[0\] is int 5, not a string"):
+        collator([_row([5])])
+    with pytest.raises(ValueError, match="empty batch"):
+        collator([])
+
+
+def test_constructor_errors(tiny_clip):
+    _, processor = tiny_clip
+    with pytest.raises(ValueError, match="exactly one '{}'"):
+        MMFTDataCollator(processor=processor, class_names=NAMES, class_template="a photo")
+    with pytest.raises(ValueError, match="cannot be formatted"):
+        MMFTDataCollator(processor=processor, class_names=NAMES, class_template="a {kind} photo of a {}.")
+    with pytest.raises(ValueError, match="both None"):
+        MMFTDataCollator(processor=processor, class_names=NAMES, class_template=None, caption_column=None)
+    with pytest.raises(ValueError, match="non-empty list"):
+        MMFTDataCollator(processor=processor, class_names=[])
+
+
+def _bad_files(tmp_path):
+    good, empty, junk = tmp_path / "good.png", tmp_path / "empty.png", tmp_path / "junk.jpg"
+    _noise(10, 10).save(good)
+    empty.write_bytes(b"")
+    junk.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(500)))
+    return str(good), str(empty), str(junk)
+
+
+def test_corrupt_and_empty_files_name_the_row(tiny_clip, tmp_path):
+    _, processor = tiny_clip
+    good, empty, junk = _bad_files(tmp_path)
+    features = datasets.Features(
+        {
+            "image": datasets.Image(decode=False),  # decode in the collator, which names the row
+            "label": datasets.ClassLabel(names=NAMES),
+            "captions": datasets.List(datasets.Value("string")),
+            "row_index": datasets.Value("int64"),
+        }
+    )
+    dataset = datasets.Dataset.from_dict(
+        {
+            "image": [good, junk, good, empty],
+            "label": [0, 1, 2, 0],
+            "captions": [["c"]] * 4,
+            "row_index": [0, 1, 2, 3],
+        },
+        features=features,
+    )
+    collator = MMFTDataCollator(processor=processor, class_names=NAMES, index_column="row_index")
+    assert collator([dataset[0], dataset[2]])["pixel_values"].shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError) as error:
+        collator([dataset[0], dataset[1]])
+    message = str(error.value)
+    assert message.startswith("Row 1 ('row_index'): the image in column 'image'")
+    assert "junk.jpg" in message and "UnidentifiedImageError" in message and "check_images=True" in message
+    with pytest.raises(ValueError, match=r"Row 3 \('row_index'\).*empty.png.*0 bytes"):
+        collator([dataset[3]])
+    plain = MMFTDataCollator(processor=processor, class_names=NAMES, train=False)
+    with pytest.raises(ValueError, match="Row at batch position 2: the image .*junk.jpg"):
+        plain([dataset[0], dataset[2], dataset[1]])

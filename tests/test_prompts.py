@@ -1,0 +1,98 @@
+import pytest
+
+from mmft_hf.prompts import (
+    CAPTION_TYPES,
+    DOMAINS,
+    PROMPT_TEMPLATE,
+    build_prompt,
+    normalize_class_name,
+    validate_caption_types,
+    validate_template,
+)
+
+
+def test_default_prompt_is_the_paper_text():
+    prompt = build_prompt("banded", "textures", "shape")
+    assert prompt == (
+        "To differentiate this banded photo from other textures photos, describe its primary shape "
+        "characteristics based on the photo in 50 words."
+    )
+    assert CAPTION_TYPES == ("visual", "shape", "texture")
+
+
+@pytest.mark.parametrize("characteristic", [*CAPTION_TYPES, "petals", "color", "symbols", "spatial", "context"])
+def test_prompt_contains_class_domain_and_characteristic(characteristic):
+    prompt = build_prompt("black footed albatross", DOMAINS["cub200"], characteristic, words=30)
+    assert "this black footed albatross photo" in prompt
+    assert "other birds photos" in prompt
+    assert f"primary {characteristic} characteristics" in prompt
+    assert "in 30 words" in prompt
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("001.Black_footed_Albatross", "black footed albatross"),
+        ("Abyssinian", "abyssinian"),
+        ("great_pyrenees", "great pyrenees"),
+        ("Speed-Limit  20", "speed limit 20"),
+        ("  red and white circle 20 kph speed limit ", "red and white circle 20 kph speed limit"),
+        ("2.5 ton truck", "2.5 ton truck"),  # a decimal number is not a CUB prefix
+        ("200.Common_Yellowthroat", "common yellowthroat"),
+        ("AnnualCrop", "annualcrop"),
+        ("a__b--c", "a b c"),
+    ],
+)
+def test_normalize_class_name(raw, expected):
+    assert normalize_class_name(raw) == expected
+
+
+def test_normalize_rejects_empty_and_non_strings():
+    with pytest.raises(ValueError, match="empty"):
+        normalize_class_name("001.")
+    with pytest.raises(TypeError):
+        normalize_class_name(3)
+
+
+def test_domains_cover_the_13_benchmarks():
+    assert len(DOMAINS) == 13
+    assert (
+        DOMAINS["dtd"] == "textures" and DOMAINS["eurosat"] == "satellite" and DOMAINS["fgvc_aircraft"] == "aircrafts"
+    )
+    assert sum(domain == "general objects" for domain in DOMAINS.values()) == 4
+
+
+def test_custom_template():
+    template = "Describe the {characteristic} of this {class_name} ({domain}), {{briefly}}."
+    assert build_prompt("tabby cat", "pets", "fur", template=template) == (
+        "Describe the fur of this tabby cat (pets), {briefly}."
+    )
+    assert build_prompt("x", "pets", "visual", template="What is this {class_name}?") == "What is this x?"
+
+
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ("Describe this {domain} photo.", "class_name"),
+        ("Describe {class_name} {colour}.", "unknown field"),
+        ("Describe {class_name} {}.", "unknown field"),
+        ("Describe {class_name", "not a valid format"),
+        ("", "non-empty"),
+    ],
+)
+def test_bad_templates(template, message):
+    with pytest.raises(ValueError, match=message):
+        validate_template(template)
+
+
+def test_bad_arguments():
+    assert PROMPT_TEMPLATE.count("{") == 4
+    with pytest.raises(ValueError, match="words"):
+        build_prompt("cat", "pets", "visual", words=0)
+    with pytest.raises(ValueError, match="domain"):
+        build_prompt("cat", " ", "visual")
+    with pytest.raises(ValueError, match="duplicates"):
+        validate_caption_types(["shape", "shape"])
+    with pytest.raises(ValueError, match="at least one"):
+        validate_caption_types([])
+    assert validate_caption_types("shape") == ("shape",)

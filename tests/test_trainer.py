@@ -1,0 +1,234 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import CLIPModel
+
+from mmft_hf import MMFTTrainer, MMFTTrainingArguments, load_class_prototypes, mmft_loss
+from mmft_hf.prototypes import OPENAI_IMAGENET_TEMPLATES
+
+
+def make_args(tmp_path, **overrides) -> MMFTTrainingArguments:
+    settings = dict(
+        output_dir=str(tmp_path / "out"),
+        learning_rate=1e-3,
+        num_train_epochs=1,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=16,
+        use_cpu=True,
+        save_strategy="no",
+        eval_strategy="no",
+        load_best_model_at_end=False,
+        logging_steps=1,
+        seed=0,
+        disable_tqdm=True,
+    )
+    settings.update(overrides)
+    return MMFTTrainingArguments(**settings)
+
+
+def make_trainer(tiny_clip, synthetic_dataset, tmp_path, **overrides) -> MMFTTrainer:
+    model, processor = tiny_clip
+    return MMFTTrainer(
+        model=model,
+        args=make_args(tmp_path, **overrides),
+        train_dataset=synthetic_dataset["train"],
+        eval_dataset=synthetic_dataset["validation"],
+        processing_class=processor,
+    )
+
+
+def reference_accuracy(model, processor, train, evaluation, template="a photo of a {}.") -> float:
+    """Independent classifier: per-class mean of normalised caption embeddings, one text at a time."""
+    names = train.features["label"].names
+    texts = {index: [] for index in range(len(names))}
+    for row in train:
+        texts[row["label"]] += [f"{template.format(names[row['label']])} {caption}" for caption in row["captions"]]
+    with torch.no_grad():
+        prototypes = []
+        for index in range(len(names)):
+            embeddings = []
+            for text in texts[index]:
+                tokens = processor.tokenizer([text], truncation=True, max_length=77, return_tensors="pt")
+                feature = model.get_text_features(**tokens).pooler_output[0]
+                embeddings.append(feature / feature.norm())
+            mean = torch.stack(embeddings).mean(0)
+            prototypes.append(mean / mean.norm())
+        prototypes = torch.stack(prototypes)
+        correct = 0
+        for row in evaluation:
+            pixels = processor.image_processor(images=[row["image"].convert("RGB")], return_tensors="pt").pixel_values
+            feature = model.get_image_features(pixel_values=pixels).pooler_output[0]
+            correct += int((prototypes @ (feature / feature.norm())).argmax().item() == row["label"])
+    return correct / len(evaluation)
+
+
+def test_evaluate_matches_independent_classifier(tiny_clip, synthetic_dataset, tmp_path):
+    trainer = make_trainer(tiny_clip, synthetic_dataset, tmp_path)
+    metrics = trainer.evaluate()
+    expected = reference_accuracy(*tiny_clip, synthetic_dataset["train"], synthetic_dataset["validation"])
+    assert metrics["eval_accuracy"] == pytest.approx(expected)
+    names = synthetic_dataset["train"].features["label"].names
+    per_class = [metrics[f"eval_accuracy_{name}"] for name in names]
+    assert metrics["eval_balanced_accuracy"] == pytest.approx(sum(per_class) / len(per_class))
+    assert metrics["eval_samples"] == len(synthetic_dataset["validation"])
+
+
+def test_training_improves_accuracy_and_rebuilds_prototypes(tiny_clip, synthetic_dataset, tmp_path):
+    trainer = make_trainer(tiny_clip, synthetic_dataset, tmp_path, num_train_epochs=12)
+    before_prototypes = trainer.compute_class_prototypes().clone()
+    before = trainer.evaluate()["eval_accuracy"]
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    after = trainer.evaluate()["eval_accuracy"]
+    assert after > before and after >= 0.75  # 4 classes; chance is 0.25
+    assert not torch.allclose(trainer.compute_class_prototypes(), before_prototypes)  # current text encoder
+
+
+def test_compute_loss_is_mmft_loss_of_the_model_logits(tiny_clip, synthetic_dataset, tmp_path):
+    trainer = make_trainer(tiny_clip, synthetic_dataset, tmp_path, supcon_weight=0.3)
+    rows = [synthetic_dataset["train"][i] for i in range(8)]
+    batch = trainer.data_collator(rows)
+    labels = batch["labels"].clone()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    with torch.no_grad():
+        out = trainer.model(**{k: v for k, v in batch.items() if k != "labels"})
+    expected = mmft_loss(out.logits_per_image, out.logits_per_text, labels, supcon_weight=0.3)
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_flyp_baseline_equals_clip_builtin_loss(tiny_clip, synthetic_dataset, tmp_path):
+    trainer = make_trainer(tiny_clip, synthetic_dataset, tmp_path, supcon_weight=0.0, text_source="class_name")
+    rows = [trainer.train_dataset[i] for i in range(8)]
+    names = synthetic_dataset["train"].features["label"].names
+    assert all(row["captions"] == [f"a photo of a {names[row['label']]}."] for row in rows)
+    batch = trainer.data_collator(rows)
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    with torch.no_grad():
+        builtin = trainer.model(**{k: v for k, v in batch.items() if k != "labels"}, return_loss=True).loss
+    torch.testing.assert_close(loss.detach(), builtin, rtol=1e-5, atol=1e-5)
+
+
+def test_flyp_ensemble_texts_and_zero_shot_prototypes(tiny_clip, synthetic_dataset, tmp_path):
+    trainer = make_trainer(tiny_clip, synthetic_dataset, tmp_path, text_source="templates")
+    names = synthetic_dataset["train"].features["label"].names
+    row = trainer.train_dataset[0]
+    assert row["captions"] == [template.format(names[row["label"]]) for template in OPENAI_IMAGENET_TEMPLATES]
+    assert trainer.prototype_texts("single_template")[1] == [f"a photo of a {names[1]}"]
+    assert len(trainer.prototype_texts("ensemble")[0]) == 80
+    metrics = trainer.evaluate(prototype_source="ensemble", metric_key_prefix="zeroshot")
+    assert 0.0 <= metrics["zeroshot_accuracy"] <= 1.0
+
+
+def test_gradient_accumulation_scales_the_loss(tiny_clip, synthetic_dataset, tmp_path):
+    trainer = make_trainer(tiny_clip, synthetic_dataset, tmp_path, gradient_accumulation_steps=2)
+    batch = trainer.data_collator([synthetic_dataset["train"][i] for i in range(8)])
+    torch.manual_seed(0)
+    full = trainer.compute_loss(trainer.model, dict(batch)).item()
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 2  # what the training loop sets for a full accumulation window
+    step = trainer.training_step(trainer.model, dict(batch)).item()
+    assert step == pytest.approx(full / 2, rel=1e-5)
+
+
+def test_weight_decay_applies_to_all_parameters(tiny_clip, synthetic_dataset, tmp_path):
+    trainer = make_trainer(tiny_clip, synthetic_dataset, tmp_path)
+    trainer.create_optimizer()
+    decayed = {id(p) for group in trainer.optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]}
+    assert all(id(p) in decayed for p in trainer.model.parameters())
+    hf_default = make_trainer(tiny_clip, synthetic_dataset, tmp_path, weight_decay_all_parameters=False)
+    assert "logit_scale" in hf_default.get_decay_parameter_names(hf_default.model)
+    assert not any("bias" in name for name in hf_default.get_decay_parameter_names(hf_default.model))
+
+
+def test_best_epoch_is_selected_and_saved_with_prototypes(tiny_clip, synthetic_dataset, tmp_path):
+    trainer = make_trainer(
+        tiny_clip,
+        synthetic_dataset,
+        tmp_path,
+        num_train_epochs=3,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        load_best_model_at_end=True,
+        save_total_limit=None,
+    )
+    trainer.train()
+    history = [entry["eval_accuracy"] for entry in trainer.state.log_history if "eval_accuracy" in entry]
+    assert len(history) == 3 and trainer.state.best_metric == max(history)
+    best_epoch = history.index(max(history)) + 1  # strict improvement keeps the first best
+    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best_epoch * 4}")
+    for step in (4, 8, 12):
+        prototypes, labels, _ = load_class_prototypes(str(tmp_path / "out" / f"checkpoint-{step}"))
+        assert labels == synthetic_dataset["train"].features["label"].names and prototypes.shape == (4, 16)
+    assert trainer.evaluate()["eval_accuracy"] == pytest.approx(max(history))  # the best weights are back
+
+    trainer.save_model()
+    out = str(tmp_path / "out")
+    reloaded = CLIPModel.from_pretrained(out)
+    assert reloaded.config.id2label[0] == "red circle"
+    prototypes, labels, metadata = load_class_prototypes(out)
+    torch.testing.assert_close(prototypes, trainer.compute_class_prototypes())
+    assert metadata["source"] == "captions"
+    assert os.path.isfile(os.path.join(out, "README.md"))
+
+
+def test_lora_trains_adapters_and_logit_scale_then_saves_a_merged_model(tiny_clip, synthetic_dataset, tmp_path):
+    trainer = make_trainer(
+        tiny_clip,
+        synthetic_dataset,
+        tmp_path,
+        use_lora=True,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        learning_rate=1e-2,
+        num_train_epochs=2,
+        save_strategy="epoch",
+    )
+    base = trainer.model.get_base_model()
+    frozen = base.text_model.embeddings.token_embedding.weight.detach().clone()
+    scale = base.logit_scale.detach().clone()
+    trainer.train()
+    assert torch.equal(base.text_model.embeddings.token_embedding.weight, frozen)
+    assert not torch.equal(base.logit_scale.detach(), scale)
+    checkpoint = tmp_path / "out" / "checkpoint-8"
+    assert (checkpoint / "adapter_model.safetensors").is_file()
+    extras = load_file(str(checkpoint / "mmft_extra_parameters.safetensors"))
+    torch.testing.assert_close(extras["logit_scale"], base.logit_scale.detach().reshape(-1))
+
+    trainer.save_model()
+    out = str(tmp_path / "out")
+    merged = CLIPModel.from_pretrained(out)
+    batch = trainer.data_collator([synthetic_dataset["validation"][i] for i in range(4)])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits_per_image, trainer.model(**inputs).logits_per_image)
+    assert os.path.isfile(os.path.join(out, "adapter", "adapter_config.json"))
+    with open(os.path.join(out, "config.json")) as handle:
+        assert json.load(handle)["id2label"]["3"] == "yellow cross"
+
+
+def test_batch_with_a_single_label_gives_a_finite_loss(tiny_clip, synthetic_dataset, tmp_path):
+    trainer = make_trainer(tiny_clip, synthetic_dataset, tmp_path)
+    same = synthetic_dataset["train"].filter(lambda row: row["label"] == 2)
+    batch = trainer.data_collator([same[i] for i in range(len(same))])
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    loss.backward()
+    assert torch.isfinite(loss) and all(
+        torch.isfinite(p.grad).all() for p in trainer.model.parameters() if p.grad is not None
+    )
+
+
+def test_wrong_arguments_are_clear_errors(tiny_clip, synthetic_dataset, tmp_path):
+    model, processor = tiny_clip
+    with pytest.raises(ValueError, match="supcon_weight"):
+        make_args(tmp_path, supcon_weight=1.5)
+    with pytest.raises(ValueError, match="remove_unused_columns=False"):
+        make_args(tmp_path, remove_unused_columns=True)
+    with pytest.raises(ValueError, match="processing_class"):
+        MMFTTrainer(model=model, args=make_args(tmp_path), train_dataset=synthetic_dataset["train"])
+    with pytest.raises(ValueError, match="caption_column"):
+        make_trainer(tiny_clip, synthetic_dataset, tmp_path, caption_column="texts")
