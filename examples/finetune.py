@@ -80,12 +80,16 @@ def load_splits(data_args: DataArguments, seed: int, cache_dir: str | None) -> d
     else:
         raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
     if data_args.train_split not in raw:
-        raise ValueError(f"Split {data_args.train_split!r} not in the dataset (it has {list(raw)}); set --train_split.")
+        raise ValueError(
+            f"Split {data_args.train_split!r} not in the dataset (it has {list(raw)}); set --train_split."
+        )
     splits = {"train": raw[data_args.train_split]}
     if data_args.validation_split and data_args.validation_split in raw:
         splits["validation"] = raw[data_args.validation_split]
     else:
-        held_out = train_validation_split(splits["train"], validation_fraction=data_args.validation_fraction, seed=seed)
+        held_out = train_validation_split(
+            splits["train"], validation_fraction=data_args.validation_fraction, seed=seed
+        )
         splits["train"], splits["validation"] = held_out["train"], held_out["validation"]
     if data_args.num_shots:
         splits["train"] = sample_few_shot(splits["train"], data_args.num_shots, seed=seed)
@@ -97,7 +101,9 @@ def load_splits(data_args: DataArguments, seed: int, cache_dir: str | None) -> d
 def load_model(model_args: ModelArguments, train_dataset: datasets.Dataset):
     if model_args.model_name_or_path is None:
         words = caption_vocabulary(train_dataset, extra_text="a photo of a")
-        return build_clip(build_word_tokenizer(words), image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2)
+        return build_clip(
+            build_word_tokenizer(words), image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2
+        )
     model = AutoModel.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
     processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
     return model, processor

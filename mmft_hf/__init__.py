@@ -1,5 +1,19 @@
-"""mmft-hf: MultiModal Fine-Tuning (MMFT) with synthetic captions for the Hugging Face stack."""
+"""mmft-hf: MultiModal Fine-Tuning (MMFT) with synthetic captions for the Hugging Face stack.
 
+Importing the package registers the `"mmft-classification"` pipeline task with transformers.
+"""
+
+from .builder import PRESETS, CaptionedImages, CaptionedImagesConfig, push_captioned
+from .caption_stats import caption_stats, clip_score, dataset_clip_score
+from .captioners import (
+    CaptionerAuthenticationError,
+    CaptionRequest,
+    CaptionResult,
+    OpenAICompatibleCaptioner,
+    TransformersCaptioner,
+)
+from .captioning import CaptioningError, CaptioningSummary, caption_dataset, caption_provenance, merge_caption_shards
+from .class_texts import class_texts_from_captions, prototypes_from_captioned_dataset
 from .collator import MMFTDataCollator
 from .data import (
     empty_caption_rows,
@@ -8,7 +22,9 @@ from .data import (
     train_validation_split,
     validate_captioned_dataset,
 )
+from .distributed import gather_batch, global_logits
 from .losses import clip_loss, mmft_loss, supcon_loss
+from .prompts import CAPTION_TYPES, DOMAINS, PROMPT_TEMPLATE, build_prompt, normalize_class_name
 from .prototypes import (
     OPENAI_IMAGENET_TEMPLATES,
     build_class_prototypes,

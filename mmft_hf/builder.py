@@ -25,9 +25,7 @@ from .caption_stats import caption_stats
 from .captioning import _provenance, attach_provenance, caption_dataset, caption_provenance
 from .prompts import CAPTION_TYPES, DEFAULT_WORDS, DOMAINS, PROMPT_TEMPLATE, build_prompt, normalize_class_name
 
-CARD_TEMPLATE = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_cards", "dataset_card.md"
-)
+CARD_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", "dataset_card.md")
 
 
 @dataclass(frozen=True)
@@ -352,7 +350,7 @@ def push_captioned(
     The layout is what `push_to_hub` writes and plain `load_dataset(dir_or_repo)` reads: `data/{split}-00000-of-
     0000N.parquet` with the image bytes embedded (`datasets.table.embed_table_storage`, as `push_to_hub` does;
     `to_parquet` alone would keep only file paths), and a `README.md` with YAML `configs` and `dataset_info` plus a
-    card rendered from `model_cards/dataset_card.md` (source, captioner, prompt, counts, caption statistics,
+    card rendered from `mmft_hf/templates/dataset_card.md` (source, captioner, prompt, counts, caption statistics,
     licence reminder). A split without a caption column (e.g. an uncaptioned test split) gets empty caption lists.
 
     Args:

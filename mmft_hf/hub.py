@@ -165,6 +165,4 @@ def publish(
             prototype_metadata=prototype_metadata,
             card_data=card_data,
         )
-        return api.upload_folder(
-            repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision
-        )
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision)

@@ -76,7 +76,10 @@ class MMFTModelCardData:
     tags: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        values = {"eval_accuracy": self.eval_accuracy, **{f"per_class_accuracy[{k!r}]": v for k, v in self.per_class_accuracy.items()}}
+        values = {
+            "eval_accuracy": self.eval_accuracy,
+            **{f"per_class_accuracy[{k!r}]": v for k, v in self.per_class_accuracy.items()},
+        }
         for name, value in values.items():
             if value is not None and not 0.0 <= float(value) <= 1.0:
                 raise ValueError(f"{name} = {value} is not a fraction in [0, 1] (pass 0.8765, not 87.65).")

@@ -103,4 +103,6 @@ class MMFTClassificationPipeline(remote_pipeline.MMFTClassificationPipeline):
         return prototypes, class_names, metadata
 
 
-PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=MMFTClassificationPipeline, pt_model=AutoModel, type="multimodal")
+PIPELINE_REGISTRY.register_pipeline(
+    TASK, pipeline_class=MMFTClassificationPipeline, pt_model=AutoModel, type="multimodal"
+)

@@ -157,7 +157,9 @@ class MMFTClassificationPipeline(Pipeline):
     _load_feature_extractor = False
     _load_tokenizer = None  # optional: only zero-shot prototypes need it, and it is republished with the model
 
-    def __init__(self, *args, class_prototypes: torch.Tensor | None = None, labels: Sequence[str] | None = None, **kwargs):
+    def __init__(
+        self, *args, class_prototypes: torch.Tensor | None = None, labels: Sequence[str] | None = None, **kwargs
+    ):
         dtype = kwargs.pop("dtype", None)
         torch_dtype = kwargs.pop("torch_dtype", None)
         requested = dtype if dtype not in (None, "auto") else torch_dtype

@@ -7,13 +7,11 @@ memory from the words the captions use.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 
 import datasets
 from PIL import Image, ImageDraw
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
 
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -81,7 +79,9 @@ def describe(attributes: dict, caption_type: str) -> str:
     """A caption of one drawn shape, in the spirit of the MMFT caption types (visual, shape, texture)."""
     a = attributes
     if caption_type == "visual":
-        return f"a {a['size']} {a['color']} {a['shape']} near the {a['position']} on a plain {a['background']} background"
+        return (
+            f"a {a['size']} {a['color']} {a['shape']} near the {a['position']} on a plain {a['background']} background"
+        )
     if caption_type == "shape":
         return f"the {a['shape']} has a {SHAPE_WORDS[a['shape']]} and looks {a['size']}"
     if caption_type == "texture":
@@ -145,28 +145,40 @@ def _byte_characters() -> list[str]:
     return [chr(code) for code in codes]
 
 
+def _learn_merges(words: list[str]) -> list[tuple[str, str]]:
+    """Deterministic BPE: merge the most frequent adjacent pair (ties: smallest pair) until each word is one symbol."""
+    segmented = [[*word[:-1], word[-1] + "</w>"] for word in sorted(set(words)) if word]
+    merges = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for symbols in segmented:
+            for pair in zip(symbols, symbols[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        for symbols in segmented:
+            index = 0
+            while index < len(symbols) - 1:
+                if (symbols[index], symbols[index + 1]) == best:
+                    symbols[index : index + 2] = [best[0] + best[1]]
+                index += 1
+
+
 def build_word_tokenizer(words: list[str] = (), model_max_length: int = 77) -> CLIPTokenizer:
     """A `CLIPTokenizer` whose vocabulary has every byte plus each of `words` as one token.
 
-    The merges come from training a BPE (with CLIP's `</w>` end-of-word marker) on `words` until each is a
-    single token, so known words encode as one id and any other text still encodes byte by byte.
-    Token ids: 0 is `<|startoftext|>`, 1 is `<|endoftext|>` (also padding).
+    The merges come from a deterministic BPE run (with CLIP's `</w>` end-of-word marker) on `words` until each is a
+    single token, so known words encode as one id, any other text still encodes byte by byte, and every process
+    that builds the tokenizer from the same words gets the same ids. Token ids: 0 is `<|startoftext|>`, 1 is
+    `<|endoftext|>` (also padding).
     """
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for suffix in ("", "</w>"):
         for character in _byte_characters():
             vocab[character + suffix] = len(vocab)
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1_000_000,
-        min_frequency=1,
-        initial_alphabet=_byte_characters(),
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    bpe.train_from_iterator([" ".join(sorted(set(words)))], trainer)
-    merges = [tuple(merge) for merge in json.loads(bpe.to_str())["model"]["merges"]]
+    merges = _learn_merges(list(words))
     for left, right in merges:
         vocab.setdefault(left + right, len(vocab))
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)

@@ -39,7 +39,11 @@ def _unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def with_template_captions(
-    dataset: datasets.Dataset, class_names: Sequence[str], templates: Sequence[str], label_column: str, caption_column: str
+    dataset: datasets.Dataset,
+    class_names: Sequence[str],
+    templates: Sequence[str],
+    label_column: str,
+    caption_column: str,
 ) -> datasets.Dataset:
     """Replaces the captions of every row by `templates` filled with its class name (FLYP and FLYP-ens texts)."""
     texts = [[template.format(name) for template in templates] for name in class_names]
@@ -201,9 +205,10 @@ class MMFTTrainer(Trainer):
         scale = getattr(base, "logit_scale", None)
         if scale is not None:
             image_embeds, text_embeds, labels = gather_batch(outputs.image_embeds, outputs.text_embeds, labels)
-            logits_per_image, logits_per_text = global_logits(
-                image_embeds.float(), text_embeds.float(), scale.float().exp(), getattr(base, "logit_bias", None)
-            )
+            with torch.autocast(device_type=image_embeds.device.type, enabled=False):  # fp32 logits under AMP
+                logits_per_image, logits_per_text = global_logits(
+                    image_embeds.float(), text_embeds.float(), scale.float().exp(), getattr(base, "logit_bias", None)
+                )
         elif self.args.world_size == 1:  # a dual encoder without a logit scale: use its own logits
             logits_per_image, logits_per_text = outputs.logits_per_image, outputs.logits_per_text
         else:
@@ -248,14 +253,20 @@ class MMFTTrainer(Trainer):
 
     def _prototypes_for_saving(self) -> torch.Tensor:
         """Reuses the prototypes of an evaluation at this very step (weights unchanged since), else rebuilds."""
-        if self._prototypes is not None and self._prototypes_key == (self.args.prototype_source, self.state.global_step):
+        if self._prototypes is not None and self._prototypes_key == (
+            self.args.prototype_source,
+            self.state.global_step,
+        ):
             return self._prototypes
         return self.compute_class_prototypes()
 
     def _eval_collate(self, rows: list[dict]) -> dict:
         images = [to_rgb(row[self.args.image_column]) for row in rows]
         batch = self.processing_class.image_processor(images=images, return_tensors="pt")
-        return {"pixel_values": batch["pixel_values"], "labels": torch.tensor([row[self.args.label_column] for row in rows])}
+        return {
+            "pixel_values": batch["pixel_values"],
+            "labels": torch.tensor([row[self.args.label_column] for row in rows]),
+        }
 
     def evaluate(
         self,

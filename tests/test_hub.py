@@ -175,7 +175,9 @@ def test_model_save_pretrained_without_pipeline_code_still_works(tiny_clip, tmp_
 
 def lora_model(base_dir, seed=0):
     """A LoRA-wrapped CLIP whose adapters are non-zero, so merged and unmerged models differ from the base."""
-    model = get_peft_model(CLIPModel.from_pretrained(base_dir), LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS))
+    model = get_peft_model(
+        CLIPModel.from_pretrained(base_dir), LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS)
+    )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -206,9 +208,7 @@ def test_save_for_hub_merges_lora_by_default(tiny_clip_dir, tiny_clip, tmp_path,
     assert "adapter_config.json" not in files and "adapter_model.safetensors" not in files
     assert "remote_pipeline.py" in files
     assert isinstance(peft_model, PeftModel) and peft_model.peft_config  # the caller's model is not merged away
-    loaded = pipeline(
-        "mmft-classification", model=out, pipeline_class=MMFTClassificationPipeline, device="cpu"
-    )
+    loaded = pipeline("mmft-classification", model=out, pipeline_class=MMFTClassificationPipeline, device="cpu")
     assert type(loaded.model) is CLIPModel
     assert_same_outputs(loaded(image_paths, top_k=4), expected)
 

@@ -165,7 +165,12 @@ def test_model_and_processor_objects_and_direct_construction(tiny_clip, images):
         device="cpu",
     )
     with_processor = pipeline(
-        "mmft-classification", model=model, processor=processor, class_prototypes=prototypes, labels=NAMES, device="cpu"
+        "mmft-classification",
+        model=model,
+        processor=processor,
+        class_prototypes=prototypes,
+        labels=NAMES,
+        device="cpu",
     )
     direct = MMFTClassificationPipeline(
         model=model, image_processor=processor.image_processor, class_prototypes=prototypes, labels=NAMES, device="cpu"

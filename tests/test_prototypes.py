@@ -57,7 +57,10 @@ def test_zero_shot_ensemble_averages_templates(tiny_clip):
     with torch.no_grad():
         ensemble = zero_shot_prototypes(model, processor.tokenizer, names, OPENAI_IMAGENET_TEMPLATES, batch_size=33)
         expected = torch.stack(
-            [reference_prototype(model, processor.tokenizer, [t.format(n) for t in OPENAI_IMAGENET_TEMPLATES]) for n in names]
+            [
+                reference_prototype(model, processor.tokenizer, [t.format(n) for t in OPENAI_IMAGENET_TEMPLATES])
+                for n in names
+            ]
         )
     torch.testing.assert_close(ensemble, expected, atol=1e-5, rtol=1e-5)
 

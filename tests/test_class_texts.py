@@ -1,0 +1,70 @@
+import datasets
+import pytest
+import torch
+
+from mmft_hf.class_texts import class_texts_from_captions, prototypes_from_captioned_dataset
+from mmft_hf.prototypes import build_class_prototypes
+
+
+def test_class_texts_prefix_fallback_and_order():
+    captions = [["red and round", "  "], ["blue", "square"], None, ["another red one"], []]
+    labels = [0, 1, 1, 0, 2]
+    names = ["red circle", "blue square", "green cross", "yellow star"]
+    texts = class_texts_from_captions(captions, labels, names)
+    assert texts == [
+        ["a photo of a red circle. red and round", "a photo of a red circle. another red one"],
+        ["a photo of a blue square. blue", "a photo of a blue square. square"],
+        ["a photo of a green cross"],  # only empty captions: the inference fallback (no period)
+        ["a photo of a yellow star"],  # no rows at all
+    ]
+    bare = class_texts_from_captions(captions, labels, names, class_template=None, fallback_template="{} shape")
+    assert bare[0] == ["red and round", "another red one"] and bare[3] == ["yellow star shape"]
+
+
+def test_class_texts_errors_name_the_row():
+    with pytest.raises(ValueError, match="2 caption lists but 1 labels"):
+        class_texts_from_captions([["a"], ["b"]], [0], ["x"])
+    with pytest.raises(ValueError, match=r"Row 1: label 5"):
+        class_texts_from_captions([["a"], ["b"]], [0, 5], ["x", "y"])
+    with pytest.raises(ValueError, match="Row 0: captions must be a list"):
+        class_texts_from_captions(["a caption"], [0], ["x"])
+    with pytest.raises(ValueError, match="placeholder"):
+        class_texts_from_captions([["a"]], [0], ["x"], class_template="a photo.")
+
+
+def test_prototypes_from_captioned_dataset_matches_manual(tiny_clip, synthetic_dataset):
+    model, processor = tiny_clip
+    train = synthetic_dataset["train"]
+    names = train.features["label"].names
+    expected_texts = [[] for _ in names]
+    for row in train:  # independent grouping, row by row
+        expected_texts[row["label"]] += [f"a photo of a {names[row['label']]}. {c}" for c in row["captions"]]
+    with torch.no_grad():
+        expected = build_class_prototypes(model, processor.tokenizer, expected_texts)
+        prototypes, labels = prototypes_from_captioned_dataset(model, processor, train, batch_size=7)
+    assert labels == names
+    assert sum(len(t) for t in expected_texts) == 4 * 8 * 3
+    torch.testing.assert_close(prototypes, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_prototypes_from_dataset_with_string_labels_and_missing_columns(tiny_clip):
+    model, processor = tiny_clip
+    dataset = datasets.Dataset.from_dict(
+        {"cls": ["dotted", "banded", "dotted"], "texts": [["dots"], ["bands"], ["more dots"]]}
+    )
+    with torch.no_grad():
+        prototypes, labels = prototypes_from_captioned_dataset(
+            model, processor.tokenizer, dataset, label_column="cls", caption_column="texts"
+        )
+        expected = build_class_prototypes(
+            model,
+            processor.tokenizer,
+            [["a photo of a banded. bands"], ["a photo of a dotted. dots", "a photo of a dotted. more dots"]],
+        )
+    assert labels == ["banded", "dotted"]
+    torch.testing.assert_close(prototypes, expected, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"no column\(s\) \['captions'\]"):
+        prototypes_from_captioned_dataset(model, processor, dataset, label_column="cls")
+    ints = datasets.Dataset.from_dict({"label": [0, 1], "captions": [["a"], ["b"]]})
+    with pytest.raises(ValueError, match="class_names"):
+        prototypes_from_captioned_dataset(model, processor, ints)
