@@ -9,6 +9,10 @@ should be >= 0.9 when compute dominates. Also timed: building a 1,000-class clas
 
 Model: `mmft_hf.synthetic.build_clip` with 224x224 images, patch 32, hidden size 256, 4 layers per tower,
 projection 256 (random weights: speed does not depend on them). Offline, CPU unless CUDA is present.
+
+On the project's sandboxed CPU machine, fresh large allocations (glibc mmap + page faults) dominated both loops
+and hit the pipeline harder (it concatenates per-image tensors into a new batch buffer). Keeping freed memory in
+the heap removes that: `MALLOC_MMAP_THRESHOLD_=2000000000 MALLOC_TRIM_THRESHOLD_=2000000000` before the command.
 """
 
 from __future__ import annotations

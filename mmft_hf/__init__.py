@@ -3,6 +3,7 @@
 Importing the package registers the `"mmft-classification"` pipeline task with transformers.
 """
 
+from . import pipeline  # registers the "mmft-classification" pipeline task
 from .builder import PRESETS, CaptionedImages, CaptionedImagesConfig, push_captioned
 from .caption_stats import caption_stats, clip_score, dataset_clip_score
 from .captioners import (
@@ -23,7 +24,10 @@ from .data import (
     validate_captioned_dataset,
 )
 from .distributed import gather_batch, global_logits
+from .hub import publish, save_for_hub
 from .losses import clip_loss, mmft_loss, supcon_loss
+from .model_card import MMFTModelCardData, create_model_card
+from .pipeline import MMFTClassificationPipeline
 from .prompts import CAPTION_TYPES, DOMAINS, PROMPT_TEMPLATE, build_prompt, normalize_class_name
 from .prototypes import (
     OPENAI_IMAGENET_TEMPLATES,

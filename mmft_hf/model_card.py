@@ -1,7 +1,7 @@
 """Model cards for MMFT classifiers: metadata (model-index accuracy, base model, dataset, tags) plus prose.
 
 The trainer fills an `MMFTModelCardData` at the end of a run and calls `create_model_card(card_data, output_dir)`,
-which renders `templates/model_card.md` (the documented copy lives in the repository's `model_cards/`) with
+which renders `templates/model_card.md` (linked from the repository's `model_cards/`) with
 `huggingface_hub.ModelCard.from_template` and writes `output_dir/README.md`, offline. With matplotlib installed
 (extra `plot`) it also draws `per_class_accuracy.png` and shows it in the card.
 """

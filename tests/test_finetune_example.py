@@ -1,0 +1,115 @@
+"""End-to-end runs of examples/finetune.py: the offline demo in-process, and a real two-process run whose first
+optimiser step must equal a one-process step on the same global batch."""
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import CLIPModel
+
+from mmft_hf import load_class_prototypes
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FINETUNE = REPO_ROOT / "examples" / "finetune.py"
+
+
+def load_finetune_module():
+    spec = importlib.util.spec_from_file_location("finetune_example", FINETUNE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_offline_demo_trains_evaluates_and_saves(tmp_path):
+    finetune = load_finetune_module()
+    out = tmp_path / "demo"
+    results = finetune.main(
+        [
+            "--output_dir", str(out),
+            "--num_train_epochs", "8",
+            "--demo_num_classes", "4",
+            "--demo_train_per_class", "8",
+            "--per_device_train_batch_size", "16",
+            "--disable_tqdm", "true",
+        ]
+    )  # fmt: skip
+    before, after = results["before"]["test_before_accuracy"], results["after"]["test_accuracy"]
+    assert after > before
+    assert json.loads((out / "all_results.json").read_text())["after"]["test_accuracy"] == after
+    model = CLIPModel.from_pretrained(out)
+    prototypes, labels, _ = load_class_prototypes(str(out))
+    assert labels == ["red circle", "green square", "blue triangle", "yellow cross"]
+    assert prototypes.shape == (4, model.config.projection_dim)
+    assert (out / "README.md").is_file()
+
+
+def test_demo_defaults_yield_to_explicit_flags():
+    finetune = load_finetune_module()
+    _, _, args, demo = finetune.parse_arguments(["--output_dir", "x", "--learning_rate", "0.5"])
+    assert demo and args.learning_rate == 0.5 and args.num_train_epochs == 20
+    _, _, args, demo = finetune.parse_arguments(["--output_dir", "x", "--dataset_name", "some/dir"])
+    assert not demo and args.learning_rate == 1e-5 and args.num_train_epochs == 50  # the paper's defaults
+
+
+def write_solid_color_dataset(root: Path) -> Path:
+    """8 one-color images (crops of a flat image are identical, so augmentation cannot differ between runs)."""
+    colors = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)] * 2
+    rows = {
+        "image": [Image.new("RGB", (40, 36), color) for color in colors],
+        "label": [0, 1, 2, 3, 0, 1, 2, 3],
+        "captions": [[f"a flat {name} square"] for name in ("red", "green", "blue", "yellow") * 2],
+    }
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=["red", "green", "blue", "yellow"]),
+            "captions": datasets.List(datasets.Value("string")),
+        }
+    )
+    dataset = datasets.Dataset.from_dict(rows, features=features)
+    for split in ("train", "validation"):
+        dataset.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_finetune(nproc: int, batch_size: int, data_dir: Path, model_dir: str, out: Path) -> None:
+    command = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        str(FINETUNE),
+        "--model_name_or_path", model_dir, "--dataset_name", str(data_dir),
+        "--output_dir", str(out), "--use_cpu", "true", "--max_steps", "1",
+        "--per_device_train_batch_size", str(batch_size), "--optim", "sgd", "--learning_rate", "0.5",
+        "--weight_decay", "0", "--eval_strategy", "no", "--save_strategy", "no",
+        "--load_best_model_at_end", "false", "--disable_tqdm", "true", "--seed", "0",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def test_two_processes_train_like_one_process_on_the_global_batch(tmp_path, tiny_clip_dir):
+    data_dir = write_solid_color_dataset(tmp_path / "data")
+    run_finetune(2, 4, data_dir, tiny_clip_dir, tmp_path / "two")
+    run_finetune(1, 8, data_dir, tiny_clip_dir, tmp_path / "one")
+    two = load_file(str(tmp_path / "two" / "model.safetensors"))
+    one = load_file(str(tmp_path / "one" / "model.safetensors"))
+    start = load_file(os.path.join(tiny_clip_dir, "model.safetensors"))
+    moved = max((one[name] - start[name]).abs().max().item() for name in one)
+    assert moved > 1e-3  # the step changed the weights
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
