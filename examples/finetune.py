@@ -24,23 +24,13 @@ import datasets
 from transformers import AutoModel, AutoProcessor, HfArgumentParser, set_seed
 
 from mmft_hf import MMFTTrainer, MMFTTrainingArguments, sample_few_shot, train_validation_split
-from mmft_hf.synthetic import build_clip, build_word_tokenizer, caption_vocabulary, make_synthetic_dataset
+from mmft_hf.synthetic import DEMO_TRAINING_ARGUMENTS, build_demo_clip, make_synthetic_dataset
 
 logger = logging.getLogger("finetune")
 
-# Used when neither a model nor a dataset is given: settings that make a randomly initialised small CLIP learn the
-# synthetic shapes within a couple of minutes on 2 CPU cores. Flags on the command line still win.
-DEMO_ARGUMENTS = [
-    "--learning_rate", "1e-3",
-    "--weight_decay", "1e-4",
-    "--num_train_epochs", "20",
-    "--per_device_train_batch_size", "32",
-    "--per_device_eval_batch_size", "128",
-    "--save_total_limit", "1",
-    "--logging_steps", "20",
-    "--use_cpu", "true",
-    "--dataloader_num_workers", "0",
-]  # fmt: skip
+# Used when neither a model nor a dataset is given: a small random CLIP learns the synthetic shapes within a couple
+# of minutes on 2 CPU cores. Flags on the command line still win.
+DEMO_ARGUMENTS = [*DEMO_TRAINING_ARGUMENTS, "--num_train_epochs", "30"]
 
 
 @dataclass
@@ -68,7 +58,7 @@ class DataArguments:
     validation_fraction: float = field(default=0.1, metadata={"help": "Held-out share of train when no val split."})
     num_shots: int | None = field(default=None, metadata={"help": "Images per class kept for training (k-shot)."})
     demo_num_classes: int = field(default=8, metadata={"help": "Classes of the synthetic demo dataset."})
-    demo_train_per_class: int = field(default=32, metadata={"help": "Training images per class in the demo."})
+    demo_train_per_class: int = field(default=64, metadata={"help": "Training images per class in the demo."})
 
 
 def load_splits(data_args: DataArguments, seed: int, cache_dir: str | None) -> datasets.DatasetDict:
@@ -100,10 +90,7 @@ def load_splits(data_args: DataArguments, seed: int, cache_dir: str | None) -> d
 
 def load_model(model_args: ModelArguments, train_dataset: datasets.Dataset):
     if model_args.model_name_or_path is None:
-        words = caption_vocabulary(train_dataset, extra_text="a photo of a")
-        return build_clip(
-            build_word_tokenizer(words), image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2
-        )
+        return build_demo_clip(train_dataset)
     model = AutoModel.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
     processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
     return model, processor

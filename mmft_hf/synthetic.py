@@ -31,6 +31,18 @@ SHAPE_WORDS = {
 SIZE_WORDS = {0: "small", 1: "medium", 2: "large"}
 DOMAIN = "synthetic shapes"
 
+# Training flags for a small CLIP trained from scratch on the synthetic shapes (examples/finetune.py and
+# examples/benchmark.py use them when no model is given): far larger steps than fine-tuning a pre-trained CLIP.
+DEMO_TRAINING_ARGUMENTS = [
+    "--learning_rate", "1e-3",
+    "--per_device_train_batch_size", "32",
+    "--per_device_eval_batch_size", "256",
+    "--save_total_limit", "1",
+    "--logging_steps", "20",
+    "--use_cpu", "true",
+    "--dataloader_num_workers", "0",
+]  # fmt: skip
+
 
 def synthetic_class_names(num_classes: int = 4) -> list[str]:
     """Class names "color shape", pairing the i-th color with the i-th shape (at most 16 classes)."""
@@ -185,8 +197,9 @@ def build_word_tokenizer(words: list[str] = (), model_max_length: int = 77) -> C
 
 
 def caption_vocabulary(dataset: datasets.Dataset, caption_column: str = "captions", extra_text: str = "") -> list[str]:
-    """Lower-case words appearing in the captions and class names of `dataset`, plus `extra_text`."""
-    text = " ".join(" ".join(captions) for captions in dataset[caption_column])
+    """Lower-case words appearing in the captions (if any) and class names of `dataset`, plus `extra_text`."""
+    captions = dataset[caption_column] if caption_column in dataset.column_names else []
+    text = " ".join(" ".join(row) for row in captions)
     text += " " + " ".join(dataset.features["label"].names) + " " + extra_text
     return sorted(set(re.findall(r"[a-z]+", text.lower())))
 
@@ -226,3 +239,13 @@ def build_clip(
         projection_dim=projection_dim,
     )
     return CLIPModel(config), processor
+
+
+def build_demo_clip(dataset: datasets.Dataset, caption_column: str = "captions") -> tuple[CLIPModel, CLIPProcessor]:
+    """The demo's small CLIP (32 px images, 2 layers of width 64) with a word vocabulary taken from `dataset`.
+
+    The tokenizer depends only on the dataset's words, so every process (and every benchmark cell) that builds it
+    from the same dataset gets the same token ids.
+    """
+    tokenizer = build_word_tokenizer(caption_vocabulary(dataset, caption_column, extra_text="a photo of a"))
+    return build_clip(tokenizer, image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2)

@@ -54,7 +54,7 @@ def test_offline_demo_trains_evaluates_and_saves(tmp_path):
 def test_demo_defaults_yield_to_explicit_flags():
     finetune = load_finetune_module()
     _, _, args, demo = finetune.parse_arguments(["--output_dir", "x", "--learning_rate", "0.5"])
-    assert demo and args.learning_rate == 0.5 and args.num_train_epochs == 20
+    assert demo and args.learning_rate == 0.5 and args.num_train_epochs == 30
     _, _, args, demo = finetune.parse_arguments(["--output_dir", "x", "--dataset_name", "some/dir"])
     assert not demo and args.learning_rate == 1e-5 and args.num_train_epochs == 50  # the paper's defaults
 

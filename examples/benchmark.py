@@ -1,0 +1,248 @@
+#!/usr/bin/env python
+"""Run the compared methods side by side under one evaluation protocol; write results.jsonl, a table and a plot.
+
+Each (dataset, method, shots, seed) cell trains into `<output_dir>/runs/<dataset>/<method>/<shots>shot-seed<seed>/`,
+selects its best epoch on the validation split, evaluates the test split once and appends one JSON line to
+`<output_dir>/results.jsonl`. A rerun skips every cell already there. At the end `results.md` (mean ± standard
+error over seeds) and `results.png` (accuracy vs shots) are rendered from the whole file.
+
+Offline demo (synthetic shapes, a small random CLIP; shows the plumbing, not CLIP's accuracy):
+
+    python examples/benchmark.py --dataset synthetic --methods zeroshot,flyp,ce,mmft --shots 1,2,4 --seeds 1,2,3 \\
+        --output_dir results/synthetic
+
+Paper setting on a GPU (see docs/evaluation.md):
+
+    accelerate launch examples/benchmark.py \\
+        --dataset dtd=captioned-dtd,flowers102=captioned-flowers102,oxford_pets=captioned-oxford_pets \\
+        --model_name_or_path openai/clip-vit-base-patch32 \\
+        --methods zeroshot,zeroshot_ensemble,flyp,ce,mmft --shots 1,2,4,8,16,full --seeds 1,2,3 \\
+        --fp16 --output_dir results/clip-b32
+
+Every `MMFTTrainingArguments` flag (`--num_train_epochs`, `--learning_rate`, `--per_device_train_batch_size`, ...)
+applies to every trained method; methods fix only what defines them (see `mmft_hf.evaluation.BASE_METHODS`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import datasets
+import torch
+from transformers import AutoModel, AutoProcessor, HfArgumentParser
+
+from mmft_hf.builder import PRESETS
+from mmft_hf.evaluation import (
+    METHOD_HELP,
+    RESULTS_FILENAME,
+    append_result,
+    cell_key,
+    load_benchmark_splits,
+    parse_method,
+    parse_shots,
+    plan_cells,
+    plot_results,
+    read_results,
+    render_table,
+    run_cell,
+)
+from mmft_hf.synthetic import DEMO_TRAINING_ARGUMENTS, build_demo_clip, make_synthetic_dataset
+from mmft_hf.training_args import MMFTTrainingArguments
+
+logger = logging.getLogger("benchmark")
+
+# Without --model_name_or_path a small random CLIP is trained from scratch (see mmft_hf.synthetic). Flags on the
+# command line still win.
+DEMO_ARGUMENTS = [*DEMO_TRAINING_ARGUMENTS, "--num_train_epochs", "10"]
+
+
+@dataclass
+class BenchmarkArguments:
+    dataset: str = field(
+        default="synthetic",
+        metadata={"help": "Comma-separated datasets, each NAME or NAME=LOCATION. NAME is 'synthetic', a preset ("
+                  f"{', '.join(PRESETS)}) or a Hub id / directory; LOCATION (Hub id, Hub-layout or save_to_disk "
+                  "directory) holds the captioned copy, e.g. dtd=captioned-dtd."},
+    )  # fmt: skip
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    methods: str = field(default="zeroshot,zeroshot_ensemble,flyp,ce,mmft", metadata={"help": METHOD_HELP})
+    shots: str = field(default="1,2,4,8,16,full", metadata={"help": "Comma-separated k values and/or 'full'."})
+    seeds: str = field(default="1,2,3", metadata={"help": "Comma-separated seeds."})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "CLIP-style model; omit for a small random CLIP (demo)."}
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and datasets are kept."})
+    train_split: str | None = field(default=None, metadata={"help": "Training split (default: train)."})
+    validation_split: str | None = field(
+        default=None,
+        metadata={"help": "Official validation split; default 'validation' when the preset/dataset has a separate "
+                  "test split, else a seeded --validation_fraction of train."},
+    )  # fmt: skip
+    test_split: str | None = field(default=None, metadata={"help": "Test split (default: the preset's, else test)."})
+    validation_fraction: float = field(default=0.1, metadata={"help": "Held-out share of train without a val split."})
+    keep_checkpoints: bool = field(default=False, metadata={"help": "Keep each cell's checkpoint-* directories."})
+    dry_run: bool = field(default=False, metadata={"help": "List the cells (done / to run) and exit."})
+    min_seeds: int = field(default=3, metadata={"help": "Cells with fewer seeds are marked † in the table."})
+    synthetic_num_classes: int = field(default=8, metadata={"help": "Classes of the synthetic dataset."})
+    synthetic_train_per_class: int = field(default=16, metadata={"help": "Synthetic training images per class."})
+    synthetic_eval_per_class: int = field(default=8, metadata={"help": "Synthetic val and test images per class."})
+
+
+def parse_arguments(argv: list[str]) -> tuple[BenchmarkArguments, MMFTTrainingArguments]:
+    parser = HfArgumentParser((BenchmarkArguments, MMFTTrainingArguments))
+    if "--output_dir" not in argv and not any(a.startswith("--output_dir=") for a in argv):
+        argv = [*argv, "--output_dir", "benchmark_results"]
+    bench, training = parser.parse_args_into_dataclasses(argv)
+    if bench.model_name_or_path is None:
+        bench, training = parser.parse_args_into_dataclasses(DEMO_ARGUMENTS + argv)
+    return bench, training
+
+
+def parse_datasets(text: str) -> dict[str, str | None]:
+    """`"dtd=captioned-dtd,synthetic"` → `{"dtd": "captioned-dtd", "synthetic": None}`."""
+    entries = {}
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        name, _, location = item.partition("=")
+        entries[name] = location or None
+    if not entries:
+        raise ValueError("--dataset is empty; give e.g. 'synthetic' or 'dtd=path/to/captioned-dtd'.")
+    return entries
+
+
+def load_raw(name: str, location: str | None, bench: BenchmarkArguments) -> tuple[datasets.DatasetDict, dict]:
+    """Loads one dataset with canonical `image` / `label` columns; returns it and its split names."""
+    preset = PRESETS.get(name)
+    if name == "synthetic" and location is None:
+        raw = make_synthetic_dataset(
+            num_classes=bench.synthetic_num_classes,
+            train_per_class=bench.synthetic_train_per_class,
+            eval_per_class=bench.synthetic_eval_per_class,
+            seed=0,
+        )
+    else:
+        source = location or (preset.source if preset else name)
+        if os.path.isdir(source) and any(
+            os.path.exists(os.path.join(source, f)) for f in ("dataset_dict.json", "state.json")
+        ):
+            raw = datasets.load_from_disk(source)
+        else:
+            raw = datasets.load_dataset(source, bench.dataset_config_name, cache_dir=bench.cache_dir)
+        if isinstance(raw, datasets.Dataset):
+            raw = datasets.DatasetDict({"train": raw})
+    for canonical, original in (("image", preset.image_column if preset else "image"),
+                                ("label", preset.label_column if preset else "label")):  # fmt: skip
+        for split in list(raw):
+            columns = raw[split].column_names
+            if canonical not in columns and original in columns:
+                raw[split] = raw[split].rename_column(original, canonical)
+    splits = list(preset.splits) if preset else list(raw)
+    test = bench.test_split or (splits[-1] if preset else "test")
+    validation = bench.validation_split or ("validation" if "validation" in raw and test != "validation" else None)
+    return raw, {"train_split": bench.train_split or "train", "validation_split": validation, "test_split": test}
+
+
+def model_loader(bench: BenchmarkArguments, raw: datasets.DatasetDict, train_split: str):
+    """A function returning a fresh (model, processor): the pre-trained model, or the same random small CLIP."""
+    if bench.model_name_or_path is not None:
+
+        def load():
+            model = AutoModel.from_pretrained(bench.model_name_or_path, cache_dir=bench.cache_dir)
+            return model, AutoProcessor.from_pretrained(bench.model_name_or_path, cache_dir=bench.cache_dir)
+
+        return load
+    # one vocabulary from the whole training split, so every cell (and every process) gets the same tokenizer
+    train = raw[train_split]
+
+    def build():
+        torch.manual_seed(0)  # every cell starts from identical "pre-trained" weights
+        return build_demo_clip(train)
+
+    return build
+
+
+def cell_dir(output_dir: str, cell: dict) -> str:
+    return os.path.join(
+        output_dir,
+        "runs",
+        cell["dataset"].replace("/", "__"),
+        cell["method"],
+        f"{cell['shots']}shot-seed{cell['seed']}",
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    bench, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    entries = parse_datasets(bench.dataset)
+    methods = [m.strip() for m in bench.methods.split(",") if m.strip()]
+    for method in methods:
+        parse_method(method)  # fail before any work on a typo
+    seeds = [int(s) for s in bench.seeds.split(",") if s.strip()]
+    cells = plan_cells(list(entries), methods, parse_shots(bench.shots), seeds)
+    results_path = os.path.join(training_args.output_dir, RESULTS_FILENAME)
+    done = {cell_key(record) for record in read_results(results_path)}  # every rank reads it before any rank writes
+    pending = [cell for cell in cells if cell_key(cell) not in done]
+    is_main = training_args.process_index == 0
+    if bench.dry_run:
+        if is_main:
+            for cell in cells:
+                state = "done" if cell_key(cell) in done else "todo"
+                fields = [state, *(str(cell[k]) for k in ("dataset", "method", "shots", "seed"))]
+                print("\t".join([*fields, cell_dir(training_args.output_dir, cell)]))
+            print(f"{len(cells)} cells: {len(cells) - len(pending)} done, {len(pending)} to run.")
+        return {"cells": cells, "ran": [], "skipped": [c for c in cells if cell_key(c) in done]}
+
+    backbone = bench.model_name_or_path or "tiny-random-clip"
+    loaded: dict[str, tuple] = {}
+    ran = []
+    for cell in pending:
+        name = cell["dataset"]
+        if name not in loaded:
+            raw, split_names = load_raw(name, entries[name], bench)
+            loaded[name] = (raw, split_names, model_loader(bench, raw, split_names["train_split"]))
+        raw, split_names, load_model = loaded[name]
+        splits, protocol = load_benchmark_splits(
+            raw, cell["shots"], cell["seed"], validation_fraction=bench.validation_fraction, **split_names
+        )
+        args = dataclasses.replace(
+            training_args, output_dir=cell_dir(training_args.output_dir, cell), seed=cell["seed"]
+        )
+        logger.info(f"Cell {cell}: {len(splits['train'])} train / {len(splits['validation'])} validation / "
+                    f"{len(splits['test'])} test rows ({protocol}).")  # fmt: skip
+        record = run_cell(
+            splits,
+            parse_method(cell["method"]),
+            args,
+            load_model,
+            dataset=name,
+            shots=cell["shots"],
+            seed=cell["seed"],
+            protocol=protocol,
+            backbone=backbone,
+            keep_checkpoints=bench.keep_checkpoints,
+        )
+        if is_main:
+            append_result(results_path, record)
+        ran.append(record)
+        logger.info(f"Cell done: test accuracy {record['accuracy']:.2%} in {record['wall_time_s']:.1f} s.")
+
+    summary = {"cells": cells, "ran": ran, "skipped": [c for c in cells if cell_key(c) in done]}
+    if is_main:
+        records = read_results(results_path)
+        wanted = {cell_key(cell) for cell in cells}
+        records = [r for r in records if cell_key(r) in wanted]
+        table = render_table(records, min_seeds=bench.min_seeds)
+        with open(os.path.join(training_args.output_dir, "results.md"), "w", encoding="utf-8") as handle:
+            handle.write(table + "\n")
+        plot_results(records, os.path.join(training_args.output_dir, "results.png"))
+        print(table)
+        summary["table"] = table
+    return summary
+
+
+if __name__ == "__main__":
+    main()
