@@ -16,7 +16,7 @@ from transformers.utils import logging
 
 from .class_texts import class_texts_from_captions
 from .collator import MMFTDataCollator
-from .data import to_rgb, validate_captioned_dataset
+from .data import validate_captioned_dataset
 from .distributed import gather_batch, global_logits
 from .losses import mmft_loss
 from .model_card import MMFTModelCardData, create_model_card
@@ -31,6 +31,7 @@ from .training_args import MMFTTrainingArguments
 logger = logging.get_logger(__name__)
 
 EXTRA_PARAMETERS_FILENAME = "mmft_extra_parameters.safetensors"
+ROW_INDEX_COLUMN = "__mmft_row__"
 
 
 def _unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
@@ -53,6 +54,22 @@ def with_template_captions(
     return dataset.add_column(
         caption_column, [texts[label] for label in labels], feature=datasets.List(datasets.Value("string"))
     )
+
+
+def with_row_errors(dataset, image_column: str):
+    """Decodes images in the collator rather than in `datasets`, with each row's index at hand.
+
+    `datasets.Image()` decodes when a row is read, so a corrupt file fails there without saying which row. With
+    `Image(decode=False)` and a row-index column, `MMFTDataCollator` decodes and names the row, column and file.
+    """
+    if not isinstance(dataset, datasets.Dataset):
+        return dataset
+    feature = dataset.features.get(image_column)
+    if isinstance(feature, datasets.Image) and feature.decode:
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    if ROW_INDEX_COLUMN not in dataset.column_names:
+        dataset = dataset.add_column(ROW_INDEX_COLUMN, list(range(len(dataset))))
+    return dataset
 
 
 class MMFTTrainer(Trainer):
@@ -118,7 +135,11 @@ class MMFTTrainer(Trainer):
             require_captions=require_captions,
         )
         self.class_names = list(class_names) if class_names is not None else names
-        train_dataset = self._with_training_texts(train_dataset, args)
+        train_dataset = with_row_errors(self._with_training_texts(train_dataset, args), args.image_column)
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {name: with_row_errors(split, args.image_column) for name, split in eval_dataset.items()}
+        else:
+            eval_dataset = with_row_errors(eval_dataset, args.image_column)
         if prototype_dataset is None:
             prototype_dataset = source
         elif require_captions:
@@ -139,7 +160,17 @@ class MMFTTrainer(Trainer):
                 caption_column=args.caption_column,
                 crop_scale=(args.crop_scale_min, 1.0),
                 seed=args.seed,
+                index_column=ROW_INDEX_COLUMN,
             )
+        self._eval_collator = MMFTDataCollator(
+            processor=processing_class,
+            class_names=self.class_names,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            caption_column=None,
+            train=False,
+            index_column=ROW_INDEX_COLUMN,
+        )
         if model is not None:
             self._set_label_names(model)
             if args.use_lora:
@@ -261,12 +292,8 @@ class MMFTTrainer(Trainer):
         return self.compute_class_prototypes()
 
     def _eval_collate(self, rows: list[dict]) -> dict:
-        images = [to_rgb(row[self.args.image_column]) for row in rows]
-        batch = self.processing_class.image_processor(images=images, return_tensors="pt")
-        return {
-            "pixel_values": batch["pixel_values"],
-            "labels": torch.tensor([row[self.args.label_column] for row in rows]),
-        }
+        batch = self._eval_collator(rows)
+        return {"pixel_values": batch["pixel_values"], "labels": batch["labels"]}
 
     def evaluate(
         self,
@@ -296,6 +323,7 @@ class MMFTTrainer(Trainer):
             for name, split in dataset.items():
                 metrics.update(self.evaluate(split, ignore_keys, f"{metric_key_prefix}_{name}", prototype_source))
             return metrics
+        dataset = with_row_errors(dataset, self.args.image_column)
         start = time.time()
         prototypes = self.compute_class_prototypes(prototype_source)
         model = _unwrap_peft(self.accelerator.unwrap_model(self.model))

@@ -246,11 +246,14 @@ def test_requests_overlap_up_to_max_concurrency(api):
 
 
 def test_results_come_in_completion_order(api):
-    slow_first = [(200, {"X-Delay": "0.3"})]  # request 0 is slow; the others overtake it
+    slow_first = [(200, {"X-Delay": "0.3"})]  # the first request to arrive is slow; the others overtake it
     server = api(plan=slow_first)
     captioner = make_captioner(server, max_concurrency=3)
-    order = [index for index, _ in captioner.caption(make_requests(3))]
-    assert sorted(order) == [0, 1, 2] and order[-1] == 0
+    results = list(captioner.caption(make_requests(3)))
+    order = [index for index, _ in results]
+    first_arrival = " ".join(part.get("text", "") for part in server.requests[0][2]["messages"][-1]["content"])
+    slow_index = next(index for index, result in results if result.text == first_arrival.strip())
+    assert sorted(order) == [0, 1, 2] and order[-1] == slow_index
 
 
 def test_closing_early_cancels_the_rest(api):

@@ -1,6 +1,7 @@
 import json
 import os
 
+import datasets
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -232,3 +233,88 @@ def test_wrong_arguments_are_clear_errors(tiny_clip, synthetic_dataset, tmp_path
         MMFTTrainer(model=model, args=make_args(tmp_path), train_dataset=synthetic_dataset["train"])
     with pytest.raises(ValueError, match="caption_column"):
         make_trainer(tiny_clip, synthetic_dataset, tmp_path, caption_column="texts")
+
+
+def tiny_vision_text_dual_encoder(words):
+    """A ViT + BERT `VisionTextDualEncoderModel` with an in-memory WordPiece tokenizer."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import (
+        BertConfig,
+        BertTokenizerFast,
+        VisionTextDualEncoderConfig,
+        VisionTextDualEncoderModel,
+        VisionTextDualEncoderProcessor,
+        ViTConfig,
+        ViTImageProcessorPil,
+    )
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *words]
+    backend = Tokenizer(models.WordPiece({word: index for index, word in enumerate(vocab)}, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tokenizer = BertTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=77,
+    )
+    tower = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    config = VisionTextDualEncoderConfig.from_vision_text_configs(
+        ViTConfig(image_size=32, patch_size=8, **tower),
+        BertConfig(vocab_size=len(vocab), max_position_embeddings=77, **tower),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    processor = VisionTextDualEncoderProcessor(
+        image_processor=ViTImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tokenizer
+    )
+    return VisionTextDualEncoderModel(config), processor
+
+
+def test_vision_text_dual_encoder_trains_with_the_same_code(synthetic_dataset, tmp_path):
+    from mmft_hf.synthetic import caption_vocabulary
+
+    model, processor = tiny_vision_text_dual_encoder(
+        caption_vocabulary(synthetic_dataset["train"], extra_text="a photo")
+    )
+    trainer = MMFTTrainer(
+        model=model,
+        args=make_args(tmp_path, num_train_epochs=2, supcon_weight=0.5),
+        train_dataset=synthetic_dataset["train"],
+        eval_dataset=synthetic_dataset["validation"],
+        processing_class=processor,
+    )
+    batch = trainer.data_collator([synthetic_dataset["train"][i] for i in range(8)])
+    labels = batch["labels"].clone()
+    trainer.model.eval()  # BERT and ViT have dropout: compare two identical forward passes
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    with torch.no_grad():
+        out = trainer.model(**{k: v for k, v in batch.items() if k != "labels"})
+    torch.testing.assert_close(loss.detach(), mmft_loss(out.logits_per_image, out.logits_per_text, labels, 0.5))
+    before = trainer.model.text_projection.weight.detach().clone()
+    assert torch.isfinite(torch.tensor(trainer.train().training_loss))
+    assert not torch.equal(trainer.model.text_projection.weight, before)
+    assert 0.0 <= trainer.evaluate()["eval_accuracy"] <= 1.0
+    trainer.save_model()
+    _, labels_saved, _ = load_class_prototypes(str(tmp_path / "out"))
+    assert labels_saved == synthetic_dataset["train"].features["label"].names
+
+
+def test_corrupt_image_fails_with_its_row_and_file(tiny_clip, image_files_dataset, tmp_path):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    rows = image_files_dataset.to_dict()
+    rows["image"] = [str(corrupt) if index == 5 else path for index, path in enumerate(rows["image"])]
+    broken = datasets.Dataset.from_dict(rows, features=image_files_dataset.features)
+    model, processor = tiny_clip
+    args = make_args(tmp_path, per_device_train_batch_size=12, max_steps=1)
+    trainer = MMFTTrainer(model=model, args=args, train_dataset=broken, processing_class=processor)
+    with pytest.raises(ValueError, match=r"(?s)Row 5\b.*'image'.*corrupt\.png"):
+        trainer.train()
+    with pytest.raises(ValueError, match=r"(?s)Row 5\b.*corrupt\.png"):
+        trainer.evaluate(broken)
