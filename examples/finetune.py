@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.save_model()
     results["after"] = trainer.evaluate(splits[final_split], metric_key_prefix=final_split)
     if trainer.is_world_process_zero():
+        # the card written by save_model() had the validation accuracy; now it gets the final split's
+        trainer.create_model_card(dataset=data_args.dataset_name, num_shots=data_args.num_shots)
         with open(os.path.join(training_args.output_dir, "all_results.json"), "w") as handle:
             json.dump(results, handle, indent=2)
         before = results.get("before", {}).get(f"{final_split}_before_accuracy")

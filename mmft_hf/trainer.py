@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer
 from transformers.utils import logging
 
+from .captioning import caption_provenance
 from .class_texts import class_texts_from_captions
 from .collator import MMFTDataCollator
 from .data import validate_captioned_dataset
@@ -465,12 +466,21 @@ class MMFTTrainer(Trainer):
                 "prototype_source": args.prototype_source,
             },
             "eval_accuracy": last.get(f"{prefix}_accuracy") if prefix else None,
-            "eval_split": (prefix or "eval").removeprefix("eval_") if prefix else "eval",
+            "eval_split": {"eval": "validation"}.get(prefix, prefix.removeprefix("eval_")) if prefix else "validation",
             "per_class_accuracy": dict(self.per_class_accuracy),
             "labels": list(self.class_names),
             "lora": lora,
             "remote_code": False,
         }
+        provenance = (
+            caption_provenance(self.prototype_dataset, args.caption_column) if args.text_source == "captions" else None
+        )
+        if provenance:
+            captioner = provenance.get("captioner") or {}
+            data["captioner"] = captioner.get("model") if isinstance(captioner, dict) else str(captioner)
+            data["caption_prompt"] = provenance.get("prompt_template")
+            data["caption_types"] = list(provenance.get("caption_types") or [])
+            data["domain"] = provenance.get("domain")
         data.update(overrides)
         return MMFTModelCardData(**data)
 

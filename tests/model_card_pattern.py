@@ -27,7 +27,7 @@ model-index:
 
 # me/mmft-dtd
 
-This is an image classifier fine-tuned with \*\*MMFT\*\* .*arXiv 2601\.21426.* It starts from \[openai/clip-vit-base-patch32\]\(https://huggingface\.co/openai/clip-vit-base-patch32\) and was trained on \[mmft/captioned-dtd\]\(https://huggingface\.co/datasets/mmft/captioned-dtd\)\.
+This is an image classifier fine-tuned with \*\*MMFT\*\* .*arXiv 2601\.21426.* library, starting from \[openai/clip-vit-base-patch32\]\(https://huggingface\.co/openai/clip-vit-base-patch32\), trained on \[mmft/captioned-dtd\]\(https://huggingface\.co/datasets/mmft/captioned-dtd\)\.
 .*## Model details
 .*\| Base model \| openai/clip-vit-base-patch32 \|
 \| Captioned dataset \| mmft/captioned-dtd \(domain: textures\) \|

@@ -318,3 +318,30 @@ def test_corrupt_image_fails_with_its_row_and_file(tiny_clip, image_files_datase
         trainer.train()
     with pytest.raises(ValueError, match=r"(?s)Row 5\b.*corrupt\.png"):
         trainer.evaluate(broken)
+
+
+def test_model_card_data_comes_from_the_run_and_the_caption_provenance(tiny_clip, synthetic_dataset, tmp_path):
+    from mmft_hf.captioning import PROVENANCE_FORMAT, attach_provenance
+
+    provenance = {
+        "format": PROVENANCE_FORMAT,
+        "captioner": {"backend": "openai-compatible", "model": "gemini-2.5-flash-lite"},
+        "prompt_template": "describe {class_name}",
+        "caption_types": ["visual", "shape", "texture"],
+        "domain": "synthetic shapes",
+    }
+    train = attach_provenance(synthetic_dataset["train"], provenance)
+    model, processor = tiny_clip
+    trainer = MMFTTrainer(
+        model=model, args=make_args(tmp_path, supcon_weight=0.25), train_dataset=train, processing_class=processor
+    )
+    trainer.evaluate(synthetic_dataset["test"], metric_key_prefix="test")
+    card = trainer.model_card_data(num_shots=8)
+    assert (card.captioner, card.domain, card.caption_types) == (
+        "gemini-2.5-flash-lite",
+        "synthetic shapes",
+        ["visual", "shape", "texture"],
+    )
+    assert card.supcon_weight == 0.25 and card.num_shots == 8 and card.eval_split == "test"
+    assert card.eval_accuracy == trainer.state.log_history[-1]["test_accuracy"]
+    assert set(card.per_class_accuracy) == set(train.features["label"].names)
