@@ -71,11 +71,28 @@ class CaptionCache:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
         self._connection = sqlite3.connect(path, timeout=timeout, isolation_level=None)
-        self._connection.execute("PRAGMA journal_mode=WAL")
+        self._execute_while_locked("PRAGMA journal_mode=WAL", timeout)
         # FULL: a committed caption also survives power loss, not only a killed process. One fsync per caption
         # is cheap next to an MLLM call.
         self._connection.execute("PRAGMA synchronous=FULL")
-        self._connection.execute(_SCHEMA)
+        self._execute_while_locked(_SCHEMA, timeout)
+
+    def _execute_while_locked(self, statement: str, timeout: float) -> None:
+        """Runs `statement`, retrying while another connection holds the lock.
+
+        Switching a new file to WAL needs an exclusive lock, and SQLite answers "database is locked" at once
+        (without its busy handler) when shards open one fresh cache at the same moment.
+        """
+        deadline, pause = time.monotonic() + timeout, 0.01
+        while True:
+            try:
+                self._connection.execute(statement)
+                return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(2 * pause, 0.5)
 
     def get_many(self, keys: Iterable[str]) -> dict[str, str]:
         """Cached texts for `keys` (missing keys are absent from the result)."""

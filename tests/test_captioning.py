@@ -433,3 +433,35 @@ def test_real_backend_authentication_error_stops_the_run(labelled, tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_cache_open_retries_while_another_shard_holds_the_lock(tmp_path, monkeypatch):
+    """Two shards opening one fresh cache at once: switching to WAL can fail at once with "database is locked"."""
+    import sqlite3
+
+    from mmft_hf import caption_cache
+
+    real_connect, refusals = sqlite3.connect, []
+
+    class BusyAtFirst:
+        def __init__(self, *args, **kwargs):
+            self._connection = real_connect(*args, **kwargs)
+
+        def execute(self, statement, *args):
+            if statement.startswith("PRAGMA journal_mode") and len(refusals) < 2:
+                refusals.append(statement)
+                raise sqlite3.OperationalError("database is locked")
+            return self._connection.execute(statement, *args)
+
+        def close(self):
+            self._connection.close()
+
+    monkeypatch.setattr(caption_cache.sqlite3, "connect", BusyAtFirst)
+    cache = caption_cache.CaptionCache(str(tmp_path), timeout=5.0)
+    cache.put("k", "a caption", image_sha256="s", prompt="p", identity="i", slot=0)
+    assert len(refusals) == 2 and cache.get_many(["k"]) == {"k": "a caption"}
+    cache.close()
+    monkeypatch.undo()
+    with pytest.raises(sqlite3.DatabaseError, match="not a database"):
+        (tmp_path / "bad.sqlite").write_bytes(b"not a database at all" * 100)
+        caption_cache.CaptionCache(str(tmp_path / "bad.sqlite"), timeout=0.1)  # other errors are not retried
