@@ -321,7 +321,7 @@ def test_two_process_launch_writes_one_result_from_rank_zero(tiny_clip_dir, tmp_
                "--shots", "2", "--seeds", "1", "--model_name_or_path", tiny_clip_dir, "--output_dir", str(out),
                *SYNTHETIC_FLAGS, *QUICK_FLAGS, "--per_device_train_batch_size", "4"]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     records = read_results(str(out / "results.jsonl"))
     assert len(records) == 1  # only rank 0 writes
     record = records[0]

@@ -99,7 +99,7 @@ def run_finetune(nproc: int, batch_size: int, data_dir: Path, model_dir: str, ou
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
 
 
 def test_two_processes_train_like_one_process_on_the_global_batch(tmp_path, tiny_clip_dir):
