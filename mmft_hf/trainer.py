@@ -416,16 +416,18 @@ class MMFTTrainer(Trainer):
         self._restore_extra_parameters(resume_from_checkpoint)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Saves a checkpoint (internal calls) or the final output directory.
+        """Saves the final output directory, or a checkpoint (Trainer's internal calls to `checkpoint-*`).
 
         The final directory always holds a plain model loadable with `CLIPModel.from_pretrained` (LoRA adapters
         merged; the adapter itself goes to `adapter/`), the processor, the class prototypes and a model card.
+        `Trainer.push_to_hub` saves through here too, so a push uploads the merged model.
         """
+        output_dir = output_dir or self.args.output_dir
+        final = not _internal_call or os.path.abspath(output_dir) == os.path.abspath(self.args.output_dir)
         unwrapped = self.accelerator.unwrap_model(self.model)
-        if _internal_call or _unwrap_peft(unwrapped) is unwrapped:
+        if not final or _unwrap_peft(unwrapped) is unwrapped:
             super().save_model(output_dir, _internal_call=_internal_call)
         else:
-            output_dir = output_dir or self.args.output_dir
             prototypes = self._prototypes_for_saving()
             if self.args.should_save:
                 unwrapped.save_pretrained(os.path.join(output_dir, "adapter"))
@@ -435,8 +437,10 @@ class MMFTTrainer(Trainer):
                 metadata = {"source": self.args.prototype_source, "class_template": self.args.class_template}
                 save_class_prototypes(prototypes, self.class_names, output_dir, metadata=metadata)
                 torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+            if self.args.push_to_hub and not _internal_call:
+                self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
         if not _internal_call and self.args.should_save:
-            self.create_model_card()
+            self.create_model_card(output_dir=output_dir)
 
     def model_card_data(self, **overrides) -> MMFTModelCardData:
         """What this run knows for the model card; `overrides` set any `MMFTModelCardData` field."""
@@ -491,12 +495,14 @@ class MMFTTrainer(Trainer):
         tags: str | list[str] | None = None,
         finetuned_from: str | None = None,
         dataset: str | list[str] | None = None,
+        output_dir: str | None = None,
         **overrides,
     ) -> None:
         """Writes `README.md` (and a per-class accuracy chart) into the output directory from this run.
 
         Takes `Trainer.create_model_card`'s main arguments (so `Trainer.push_to_hub` puts this card in every push)
         plus any `MMFTModelCardData` field as a keyword (e.g. `num_shots=16`, `captioner="gemini-2.5-flash-lite"`).
+        The card goes to `output_dir` (defaults to `args.output_dir`).
         """
         standard = {
             "model_name": model_name,
@@ -507,4 +513,4 @@ class MMFTTrainer(Trainer):
         }
         overrides = {**{k: v for k, v in standard.items() if v is not None}, **overrides}
         overrides = {k: v for k, v in overrides.items() if k in MMFTModelCardData.__dataclass_fields__}
-        create_model_card(self.model_card_data(**overrides), self.args.output_dir)
+        create_model_card(self.model_card_data(**overrides), output_dir or self.args.output_dir)

@@ -210,6 +210,12 @@ def test_lora_trains_adapters_and_logit_scale_then_saves_a_merged_model(tiny_cli
     assert os.path.isfile(os.path.join(out, "adapter", "adapter_config.json"))
     with open(os.path.join(out, "config.json")) as handle:
         assert json.load(handle)["id2label"]["3"] == "yellow cross"
+    assert not os.path.isfile(os.path.join(out, "adapter_config.json"))
+    trainer.save_model(_internal_call=True)  # what Trainer.push_to_hub does: the output dir stays a merged model
+    assert not os.path.isfile(os.path.join(out, "adapter_config.json"))
+    elsewhere = str(tmp_path / "elsewhere")
+    trainer.save_model(elsewhere)
+    assert CLIPModel.from_pretrained(elsewhere) is not None and os.path.isfile(os.path.join(elsewhere, "README.md"))
 
 
 def test_batch_with_a_single_label_gives_a_finite_loss(tiny_clip, synthetic_dataset, tmp_path):
