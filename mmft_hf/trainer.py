@@ -134,8 +134,9 @@ class MMFTTrainer(Trainer):
             label_column=args.label_column,
             caption_column=args.caption_column,
             require_captions=require_captions,
+            class_names=class_names,
         )
-        self.class_names = list(class_names) if class_names is not None else names
+        self.class_names = list(names)
         train_dataset = with_row_errors(self._with_training_texts(train_dataset, args), args.image_column)
         if isinstance(eval_dataset, dict):
             eval_dataset = {name: with_row_errors(split, args.image_column) for name, split in eval_dataset.items()}

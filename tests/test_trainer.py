@@ -351,3 +351,16 @@ def test_model_card_data_comes_from_the_run_and_the_caption_provenance(tiny_clip
     assert card.supcon_weight == 0.25 and card.num_shots == 8 and card.eval_split == "test"
     assert card.eval_accuracy == trainer.state.log_history[-1]["test_accuracy"]
     assert set(card.per_class_accuracy) == set(train.features["label"].names)
+
+
+def test_integer_labels_with_class_names(tiny_clip, synthetic_dataset, tmp_path):
+    names = synthetic_dataset["train"].features["label"].names
+    plain = synthetic_dataset["train"].cast_column("label", datasets.Value("int64"))
+    model, processor = tiny_clip
+    with pytest.raises(ValueError, match="class_names"):
+        MMFTTrainer(model=model, args=make_args(tmp_path), train_dataset=plain, processing_class=processor)
+    trainer = MMFTTrainer(
+        model=model, args=make_args(tmp_path), train_dataset=plain, processing_class=processor, class_names=names
+    )
+    assert trainer.class_names == names and trainer.model.config.id2label[1] == names[1]
+    assert trainer.evaluate(synthetic_dataset["validation"])["eval_samples"] == 16
