@@ -181,6 +181,11 @@ def build_class_prototypes(
     return torch.nn.functional.normalize(sums, dim=-1)
 
 
+def template_texts(class_names: Sequence[str], templates: Sequence[str]) -> list[list[str]]:
+    """For each class, every template filled with its name (`"a photo of a {}"` -> `"a photo of a cat"`)."""
+    return [[template.format(name) for template in templates] for name in class_names]
+
+
 def zero_shot_prototypes(
     model: torch.nn.Module,
     tokenizer,
@@ -192,9 +197,7 @@ def zero_shot_prototypes(
 
     Use `SINGLE_TEMPLATE` (`"a photo of a {}"`) or `OPENAI_IMAGENET_TEMPLATES` (the 80-template ensemble).
     """
-    return build_class_prototypes(
-        model, tokenizer, [[template.format(name) for template in templates] for name in class_names], batch_size
-    )
+    return build_class_prototypes(model, tokenizer, template_texts(class_names, templates), batch_size)
 
 
 def save_class_prototypes(

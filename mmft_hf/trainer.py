@@ -21,11 +21,13 @@ from .data import validate_captioned_dataset
 from .distributed import gather_batch, global_logits
 from .losses import mmft_loss
 from .model_card import MMFTModelCardData, create_model_card
+from .prompts import normalize_class_name
 from .prototypes import (
     OPENAI_IMAGENET_TEMPLATES,
     SINGLE_TEMPLATE,
     build_class_prototypes,
     save_class_prototypes,
+    template_texts,
 )
 from .training_args import MMFTTrainingArguments
 
@@ -48,7 +50,7 @@ def with_template_captions(
     caption_column: str,
 ) -> datasets.Dataset:
     """Replaces the captions of every row by `templates` filled with its class name (FLYP and FLYP-ens texts)."""
-    texts = [[template.format(name) for template in templates] for name in class_names]
+    texts = template_texts(class_names, templates)
     labels = dataset[label_column]
     if caption_column in dataset.column_names:
         dataset = dataset.remove_columns(caption_column)
@@ -137,6 +139,8 @@ class MMFTTrainer(Trainer):
             class_names=class_names,
         )
         self.class_names = list(names)
+        # texts use the normalised names (method.md: lower case, "_"/"-" to spaces); labels keep the dataset's names
+        self.text_class_names = [normalize_class_name(name) for name in self.class_names]
         train_dataset = with_row_errors(self._with_training_texts(train_dataset, args), args.image_column)
         if isinstance(eval_dataset, dict):
             eval_dataset = {name: with_row_errors(split, args.image_column) for name, split in eval_dataset.items()}
@@ -155,7 +159,7 @@ class MMFTTrainer(Trainer):
         if data_collator is None:
             data_collator = MMFTDataCollator(
                 processor=processing_class,
-                class_names=self.class_names,
+                class_names=self.text_class_names,
                 class_template=args.class_template,
                 image_column=args.image_column,
                 label_column=args.label_column,
@@ -166,7 +170,7 @@ class MMFTTrainer(Trainer):
             )
         self._eval_collator = MMFTDataCollator(
             processor=processing_class,
-            class_names=self.class_names,
+            class_names=self.text_class_names,
             image_column=args.image_column,
             label_column=args.label_column,
             caption_column=None,
@@ -177,6 +181,7 @@ class MMFTTrainer(Trainer):
             self._set_label_names(model)
             if args.use_lora:
                 model = self._wrap_lora(model, args)
+        self._caption_texts: list[list[str]] | None = None
         self._prototypes: torch.Tensor | None = None
         self._prototypes_key: tuple | None = None
         self.per_class_accuracy: dict[str, float] = {}
@@ -199,7 +204,9 @@ class MMFTTrainer(Trainer):
         templates = (args.class_template or "a photo of a {}.",)
         if args.text_source == "templates":
             templates = OPENAI_IMAGENET_TEMPLATES
-        return with_template_captions(dataset, self.class_names, templates, args.label_column, args.caption_column)
+        return with_template_captions(
+            dataset, self.text_class_names, templates, args.label_column, args.caption_column
+        )
 
     def _set_label_names(self, model) -> None:
         config = _unwrap_peft(model).config
@@ -257,17 +264,19 @@ class MMFTTrainer(Trainer):
         """The texts averaged into each class prototype for `source` (defaults to `args.prototype_source`)."""
         source = source or self.args.prototype_source
         if source == "single_template":
-            return [[SINGLE_TEMPLATE[0].format(name)] for name in self.class_names]
+            return template_texts(self.text_class_names, SINGLE_TEMPLATE)
         if source == "ensemble":
-            return [[template.format(name) for template in OPENAI_IMAGENET_TEMPLATES] for name in self.class_names]
-        dataset = self.prototype_dataset
-        return class_texts_from_captions(
-            list(dataset[self.args.caption_column]),
-            list(dataset[self.args.label_column]),
-            self.class_names,
-            class_template=self.args.class_template,
-            fallback_template=self.args.fallback_template,
-        )
+            return template_texts(self.text_class_names, OPENAI_IMAGENET_TEMPLATES)
+        if self._caption_texts is None:  # the captions never change: read them once, re-encode at each evaluation
+            dataset = self.prototype_dataset
+            self._caption_texts = class_texts_from_captions(
+                list(dataset[self.args.caption_column]),
+                list(dataset[self.args.label_column]),
+                self.text_class_names,
+                class_template=self.args.class_template,
+                fallback_template=self.args.fallback_template,
+            )
+        return self._caption_texts
 
     def compute_class_prototypes(self, source: str | None = None) -> torch.Tensor:
         """Encodes the prototype texts with the current text encoder: `[num_classes, dim]`, unit rows."""

@@ -364,3 +364,20 @@ def test_integer_labels_with_class_names(tiny_clip, synthetic_dataset, tmp_path)
     )
     assert trainer.class_names == names and trainer.model.config.id2label[1] == names[1]
     assert trainer.evaluate(synthetic_dataset["validation"])["eval_samples"] == 16
+
+
+def test_texts_use_normalised_class_names_and_labels_keep_the_dataset_names(tiny_clip, synthetic_dataset, tmp_path):
+    raw_names = ["001.Red_Circle", "Green-Square", "blue_triangle", "YELLOW CROSS"]
+    train = synthetic_dataset["train"].cast_column("label", datasets.ClassLabel(names=raw_names))
+    model, processor = tiny_clip
+    trainer = MMFTTrainer(model=model, args=make_args(tmp_path), train_dataset=train, processing_class=processor)
+    assert trainer.prototype_texts("single_template") == [
+        ["a photo of a red circle"],
+        ["a photo of a green square"],
+        ["a photo of a blue triangle"],
+        ["a photo of a yellow cross"],
+    ]
+    assert trainer.prototype_texts()[0][0].startswith("a photo of a red circle. ")
+    batch_texts = processor.tokenizer.batch_decode(trainer.data_collator([train[0]])["input_ids"])
+    assert batch_texts[0].startswith("<|startoftext|>a photo of a red circle . ")  # CLIP decodes "." as " ."
+    assert trainer.model.config.id2label[0] == "001.Red_Circle"
