@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .caption_cache import CaptionCache, caption_key, default_cache_dir, identity_json
 from .captioners.base import CaptionRequest
+from .data import IMAGE_DECODE_ERRORS, load_image
 from .prompts import (
     CAPTION_TYPES,
     DEFAULT_WORDS,
@@ -368,7 +369,7 @@ def caption_dataset(
         ]
         missing_per_row = [sum(text is None for text in row) for row in texts]
         complete_rows = missing_per_row.count(0)
-        decode = datasets.Image(mode=image_feature.mode)
+        unreadable: dict[int, str] = {}  # rows whose image cannot be decoded: reported, never sent, not retried
         rng = random.Random(seed)
         with tqdm(total=len(pending), unit="req", desc="Captioning", disable=not show_progress or not pending) as bar:
             for pass_index in range(max_passes):
@@ -383,12 +384,23 @@ def caption_dataset(
                     chunk = pending[chunk_start : chunk_start + chunk_size]
                     images = {}
                     for row, _ in chunk:
-                        if row not in images:
-                            image = decode.decode_example(raw[row][image_column])
-                            if pass_index and retry_resize:
-                                side = rng.randrange(*retry_resize)
-                                image = image.resize((side, side))
-                            images[row] = image
+                        if row in images or row in unreadable:
+                            continue
+                        try:
+                            image = load_image(raw[row][image_column])
+                            if image_feature.mode and image.mode != image_feature.mode:
+                                image = image.convert(image_feature.mode)
+                        except IMAGE_DECODE_ERRORS as error:
+                            unreadable[row] = f"the image cannot be read ({type(error).__name__}: {error})"
+                            continue
+                        if pass_index and retry_resize:
+                            side = rng.randrange(*retry_resize)
+                            image = image.resize((side, side))
+                        images[row] = image
+                    for row, s in chunk:
+                        if row in unreadable:
+                            reasons[(row, s)] = unreadable[row]
+                    chunk = [(row, s) for row, s in chunk if row not in unreadable]
                     requests = [CaptionRequest(image=images[row], prompt=prompts[row][s]) for row, s in chunk]
                     answered = set()
                     # No try/except: an authentication error (or any exception) from the backend propagates at
@@ -425,7 +437,7 @@ def caption_dataset(
                         bar.set_postfix(images=f"{complete_rows}/{len(part)}", failed=failed_this_pass, refresh=False)
                     for index in set(range(len(chunk))) - answered:
                         reasons[chunk[index]] = "the captioner returned no result for this request"
-                pending = [(row, s) for row, s in pending if texts[row][s] is None]
+                pending = [(row, s) for row, s in pending if texts[row][s] is None and row not in unreadable]
     finally:
         cache.close()
 

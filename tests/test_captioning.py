@@ -465,3 +465,21 @@ def test_cache_open_retries_while_another_shard_holds_the_lock(tmp_path, monkeyp
     with pytest.raises(sqlite3.DatabaseError, match="not a database"):
         (tmp_path / "bad.sqlite").write_bytes(b"not a database at all" * 100)
         caption_cache.CaptionCache(str(tmp_path / "bad.sqlite"), timeout=0.1)  # other errors are not retried
+
+
+def test_unreadable_image_is_a_reported_failure_and_the_rest_is_captioned(labelled, tmp_path):
+    truncated = tmp_path / "truncated.png"
+    full = tmp_path / "full.png"
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(full)
+    truncated.write_bytes(full.read_bytes()[:60])  # a valid PNG header, then nothing
+    rows = labelled.cast_column("image", datasets.Image(decode=False)).to_dict()
+    rows["image"][3] = {"bytes": None, "path": str(truncated)}
+    broken = datasets.Dataset.from_dict(rows, features=labelled.features)
+    fake = FakeCaptioner()
+    result = caption_dataset(broken, fake, domain="textures", cache_dir=tmp_path / "cache", show_progress=False)
+    assert len(fake.requests) == 33  # 11 readable rows x 3 types; row 3 never sent, not retried
+    failures = result.caption_summary.failures
+    assert [(f.row, f.caption_type) for f in failures] == [(3, "visual"), (3, "shape"), (3, "texture")]
+    assert all("cannot be read" in f.reason for f in failures)
+    captions = list(result["captions"])  # reading the column does not decode the (broken) images
+    assert len(captions) == 12 and captions[3] == [] and all(len(captions[i]) == 3 for i in (2, 4))
