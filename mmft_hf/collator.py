@@ -206,8 +206,10 @@ class MMFTDataCollator:
 
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         tokenizer = self.processor.tokenizer
-        # Measure without truncation (verbose=False: no "sequence longer than" warning for this probe).
-        lengths = [len(ids) for ids in tokenizer(texts, verbose=False)["input_ids"]]
+        # One tokenisation without truncation measures the lengths; over-long ids are then cut here, keeping the
+        # last (end-of-text) token as tokenizers' own truncation does. verbose=False: no "longer than" warning.
+        ids = tokenizer(texts, verbose=False)["input_ids"]
+        lengths = [len(row) for row in ids]
         truncated = sum(length > self.max_length for length in lengths)
         self.num_texts += len(texts)
         self.num_truncated += truncated
@@ -220,7 +222,8 @@ class MMFTDataCollator:
                 "the class template. Running totals: `collator.num_truncated` / `collator.num_texts`. "
                 "This warning is shown once."
             )
-        encoding = tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        ids = [row if len(row) <= self.max_length else row[: self.max_length - 1] + row[-1:] for row in ids]
+        encoding = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
         return {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
 
     # ----------------------------------------------------------------------------------------------- images

@@ -222,6 +222,10 @@ def test_truncation_keeps_eos_counts_and_warns_once(tiny_clip, caplog):
     # The truncated text is the untruncated one cut to 76 tokens plus EOS.
     full = processor.tokenizer([f"a photo of a banded. {long_caption}"])["input_ids"][0]
     assert len(full) > 77 and ids[0].tolist() == full[:76] + [eos]
+    # Same ids and mask as the tokenizer's own truncation and padding.
+    texts = [collator.build_text(NAMES[row["label"]], row["captions"][0]) for row in rows]
+    reference = processor.tokenizer(texts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+    assert torch.equal(ids, reference["input_ids"]) and torch.equal(mask, reference["attention_mask"])
     # CLIP pools the text at that EOS position.
     with torch.no_grad():
         text = model.text_model(input_ids=ids, attention_mask=mask)
