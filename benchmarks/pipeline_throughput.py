@@ -50,10 +50,15 @@ def bare_loop(model, processor, prototypes, images, batch_size, top_k, device):
 
 
 def timed(function, repeats):
+    """Median wall time of `function()`; on CUDA the clock is read after the queued kernels have finished."""
     times = []
     for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         start = time.perf_counter()
         function()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 
 import torch
 
-from .prototypes import build_class_prototypes
+from .prototypes import SINGLE_TEMPLATE, build_class_prototypes
 
 DEFAULT_CLASS_TEMPLATE = "a photo of a {}."
-DEFAULT_FALLBACK_TEMPLATE = "a photo of a {}"
+DEFAULT_FALLBACK_TEMPLATE = SINGLE_TEMPLATE[0]  # a class without captions gets the zero-shot single template
 
 
 def class_texts_from_captions(

@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.utils import logging
 
+from .remote_pipeline import to_rgb  # noqa: F401  (re-exported: `mmft_hf.data.to_rgb` is the training conversion)
+
 logger = logging.get_logger(__name__)
 
 # Errors PIL raises for unreadable, truncated or unsupported files (SyntaxError comes from some legacy plugins).
@@ -85,46 +87,6 @@ def random_resized_crop(
     # `box` crops and resizes in one resampling pass, the same pixels as crop() followed by resize().
     box = (left, top, left + crop_width, top + crop_height)
     return image.resize((width_out, height_out), Image.BICUBIC, box=box)
-
-
-def _scale_to_uint8(image: Image.Image) -> Image.Image:
-    """Maps a 16/32-bit integer or float single-channel image to 8-bit "L" instead of clipping at 255."""
-    array = np.asarray(image)
-    if image.mode.startswith("I;16") or (image.mode == "I" and array.size and array.max() > 255):
-        array = np.clip(array.astype(np.float64), 0, 65535) / 257.0  # 16-bit range -> 8-bit range
-    elif image.mode == "F" and array.size and np.nanmax(array) <= 1.0:
-        array = array.astype(np.float64) * 255.0  # float images in [0, 1]
-    array = np.nan_to_num(np.clip(np.rint(array), 0, 255))
-    return Image.fromarray(array.astype(np.uint8), mode="L")
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Converts any PIL image to 3-channel 8-bit RGB.
-
-    - Images with transparency (RGBA, LA, PA, and P or L/RGB images with a `transparency` entry) are composited
-      onto a **white** background. That is what transformers' image processors do (`convert_to_rgb`), so the
-      training path (which converts here, before the random crop) and the evaluation/pipeline path (the processor
-      alone) see the same pixels. A plain `convert("RGB")` would expose whatever colour hides under transparent
-      pixels, often black.
-    - 16-bit ("I;16", "I") and float ("F") images are rescaled to 8 bits (16-bit range divided by 257, floats in
-      [0, 1] multiplied by 255); PIL's own conversion clips them at 255, turning most 16-bit images white.
-    - Everything else (L, 1, CMYK, YCbCr, LAB, HSV, P without transparency) uses PIL's `convert("RGB")`.
-
-    Args:
-        image (`PIL.Image.Image`): the image.
-
-    Returns:
-        `PIL.Image.Image`: an RGB image of the same size (`image` itself when it already is RGB).
-    """
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        return _scale_to_uint8(image).convert("RGB")
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def load_image(value) -> Image.Image:

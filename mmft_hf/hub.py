@@ -14,7 +14,7 @@ Two ways to load the result:
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import logging
 import os
 import tempfile
@@ -23,8 +23,9 @@ from collections.abc import Sequence
 import torch
 from huggingface_hub import HfApi
 
+from .model_card import PROTOTYPE_DESCRIPTIONS, create_model_card
 from .pipeline import MMFTClassificationPipeline
-from .remote_pipeline import write_prototypes_file
+from .prototypes import _model_device, save_class_prototypes
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +46,15 @@ def _processor_kwargs(processor) -> dict:
     return {"image_processor": processor}
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def _card_for_saved(card_data, adapter_only: bool, peft: bool, remote_code: bool, prototype_metadata: dict):
+    """`card_data` made to describe what was saved: remote code, LoRA merged or not, how prototypes were built."""
+    changes = {"remote_code": remote_code}
+    if peft:
+        changes["lora"] = {**(card_data.lora or {}), "merged": not adapter_only}
+    source = prototype_metadata.get("source")
+    if card_data.prototype_source is None and source in PROTOTYPE_DESCRIPTIONS:
+        changes["prototype_source"] = source
+    return dataclasses.replace(card_data, **changes)
 
 
 def save_for_hub(
@@ -78,8 +86,11 @@ def save_for_hub(
         remote_code (`bool`, *optional*): write `remote_pipeline.py` and `config.custom_pipelines` so that
             `pipeline(model=output_dir, trust_remote_code=True)` works without mmft_hf. Defaults to `True` for full
             checkpoints; adapter-only directories cannot carry it (their config is the base model's).
-        prototype_metadata (`dict`, *optional*): JSON facts stored with the prototypes (e.g. how they were built).
+        prototype_metadata (`dict`, *optional*): JSON facts stored with the prototypes (e.g. how they were built:
+            `{"source": "captions"}`, as the trainer writes).
         card_data (`MMFTModelCardData`, *optional*): when given, also writes `README.md` (and the accuracy chart).
+            The card is made to match what is saved: its `remote_code`, `lora["merged"]` (for a `PeftModel`) and,
+            when unset, `prototype_source` (from `prototype_metadata["source"]`) are filled in here.
         max_shard_size (`str` or `int`, defaults to `"5GB"`): passed to `save_pretrained`.
 
     Returns:
@@ -97,15 +108,13 @@ def save_for_hub(
         )
     if len(labels) != class_prototypes.shape[0]:
         raise ValueError(f"{class_prototypes.shape[0]} class prototypes but {len(labels)} labels.")
+    prototype_metadata = dict(prototype_metadata or {})
     if adapter_only:
         os.makedirs(output_dir, exist_ok=True)
         model.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
-        metadata = {**(prototype_metadata or {}), "adapter_only": True}
-        write_prototypes_file(class_prototypes, labels, output_dir, metadata)
+        save_class_prototypes(class_prototypes, labels, output_dir, {**prototype_metadata, "adapter_only": True})
     else:
-        if peft:
-            model = copy.deepcopy(model).merge_and_unload()  # the caller's PeftModel stays usable
         was_training = model.training
         try:  # building a pipeline puts the model in eval mode: give the caller's model back as it was
             pipe = MMFTClassificationPipeline(
@@ -115,14 +124,13 @@ def save_for_hub(
                 device=_model_device(model),
                 **_processor_kwargs(processor),
             )
-            pipe.prototype_metadata = dict(prototype_metadata or {})
+            pipe.prototype_metadata = prototype_metadata
+            # a PeftModel is merged (from a copy) by the pipeline's save_pretrained
             pipe.save_pretrained(output_dir, remote_code=remote_code, max_shard_size=max_shard_size)
         finally:
             model.train(was_training)
     if card_data is not None:
-        from .model_card import create_model_card
-
-        create_model_card(card_data, output_dir)
+        create_model_card(_card_for_saved(card_data, adapter_only, peft, remote_code, prototype_metadata), output_dir)
     return output_dir
 
 
@@ -141,18 +149,21 @@ def publish(
     token: str | bool | None = None,
     commit_message: str = "Upload MMFT classifier",
     revision: str | None = None,
+    max_shard_size: str | int = "5GB",
 ):
     """`save_for_hub` into a temporary directory, then one upload to `repo_id` (created if missing).
 
     Unlike `pipe.push_to_hub`, which replaces `README.md` with a generic card, this uploads the MMFT model card
     when `card_data` is given. Arguments are those of `save_for_hub`, plus `private`, `token`, `commit_message`
-    and `revision` for the Hub.
+    and `revision` (a branch, created from the default branch when it does not exist yet) for the Hub.
 
     Returns:
         `huggingface_hub.CommitInfo` of the upload.
     """
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         save_for_hub(
             model,
@@ -164,5 +175,6 @@ def publish(
             remote_code=remote_code,
             prototype_metadata=prototype_metadata,
             card_data=card_data,
+            max_shard_size=max_shard_size,
         )
         return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision)

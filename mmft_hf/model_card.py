@@ -22,6 +22,13 @@ TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 PLOT_FILENAME = "per_class_accuracy.png"
 PIPELINE_TAG = "zero-shot-image-classification"  # a CLIPModel; the Hub widget for CLIP checkpoints works with it
 DEFAULT_MODEL_ID = "path/to/this/model"
+# How the class prototypes were built (`MMFTTrainingArguments.prototype_source`), as the card describes them.
+PROTOTYPE_DESCRIPTIONS = {
+    "captions": "the normalised mean of the class's training-caption embeddings",
+    "single_template": 'the embedding of the prompt "a photo of a {class name}"',
+    "ensemble": "the normalised mean of the embeddings of OpenAI's 80 ImageNet prompts filled with the class name",
+    None: "a normalised text embedding of the class",
+}
 
 
 @dataclass
@@ -47,8 +54,12 @@ class MMFTModelCardData:
         per_class_accuracy (`dict[str, float]`): class name -> accuracy fraction.
         labels (`list[str]`): class names, in prototype order (orders the per-class table).
         lora (`dict`, *optional*): LoRA facts, e.g. `{"r": 4, "lora_alpha": 8, "target_modules": [...],
-            "merged": True}`; `None` for full fine-tuning.
+            "merged": True}`; `None` for full fine-tuning. `"merged": False` means the repository holds the adapter
+            only, and the card shows how to load it with peft.
         remote_code (`bool`, defaults to `True`): whether the repository carries `remote_pipeline.py`.
+        prototype_source (`str`, *optional*): how the stored class prototypes were built: `"captions"` (the
+            training captions, MMFT), `"single_template"` (`"a photo of a {}"`) or `"ensemble"` (OpenAI's 80
+            templates); `None` when unknown (the card then describes them generically).
         license (`str`, *optional*): the licence id (follow the base model's).
         tags (`list[str]`): extra tags.
     """
@@ -72,10 +83,14 @@ class MMFTModelCardData:
     labels: list[str] = field(default_factory=list)
     lora: dict | None = None
     remote_code: bool = True
+    prototype_source: str | None = None
     license: str | None = None
     tags: list[str] = field(default_factory=list)
 
     def __post_init__(self):
+        if self.prototype_source not in PROTOTYPE_DESCRIPTIONS:
+            sources = [source for source in PROTOTYPE_DESCRIPTIONS if source is not None]
+            raise ValueError(f"prototype_source must be one of {sources} or None, got {self.prototype_source!r}.")
         values = {
             "eval_accuracy": self.eval_accuracy,
             **{f"per_class_accuracy[{k!r}]": v for k, v in self.per_class_accuracy.items()},
@@ -83,6 +98,11 @@ class MMFTModelCardData:
         for name, value in values.items():
             if value is not None and not 0.0 <= float(value) <= 1.0:
                 raise ValueError(f"{name} = {value} is not a fraction in [0, 1] (pass 0.8765, not 87.65).")
+
+    @property
+    def adapter_only(self) -> bool:
+        """Whether the repository holds a LoRA adapter rather than a full checkpoint (`lora["merged"]` is False)."""
+        return self.lora is not None and self.lora.get("merged") is False
 
     @property
     def resolved_model_name(self) -> str:
@@ -225,6 +245,9 @@ def create_model_card(
         per_class_rows=rows,
         plot_path=plot_path,
         remote_code=card_data.remote_code,
+        adapter_only=card_data.adapter_only,
+        prototype_source=card_data.prototype_source,
+        prototype_description=PROTOTYPE_DESCRIPTIONS[card_data.prototype_source],
         hyperparameters=dict(card_data.hyperparameters),
         versions=_versions(),
     )

@@ -24,10 +24,9 @@ from transformers import AutoModel
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from . import remote_pipeline
-from .prototypes import OPENAI_IMAGENET_TEMPLATES, SINGLE_TEMPLATE, zero_shot_prototypes
+from .prototypes import SINGLE_TEMPLATE, TEMPLATE_PRESETS, zero_shot_prototypes
 
 TASK = remote_pipeline.TASK
-TEMPLATE_PRESETS = {"single": SINGLE_TEMPLATE, "ensemble": OPENAI_IMAGENET_TEMPLATES}
 
 
 def resolve_templates(templates: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -71,6 +70,8 @@ class MMFTClassificationPipeline(remote_pipeline.MMFTClassificationPipeline):
             (`"a photo of a {}"`), `"ensemble"` (OpenAI's 80 ImageNet templates) or your own templates with `{}`.
         top_k (`int`, *optional*, defaults to 5): labels returned per image, clamped to the number of classes.
         dtype / torch_dtype (`torch.dtype` or `str`, *optional*): cast the model to this dtype.
+        local_files_only (`bool`, *optional*, defaults to `False`): read the prototypes file from the local cache
+            only (see the parent class for what `pipeline()` does not pass on).
         device, batch_size: as for every pipeline.
     """
 

@@ -7,15 +7,13 @@ names as JSON metadata), so a classifier loads without captions, a trainer or pi
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
-from safetensors.torch import load_file, safe_open, save_file
 
-PROTOTYPES_FILENAME = "class_prototypes.safetensors"
-PROTOTYPES_TENSOR = "class_prototypes"
+from .remote_pipeline import PROTOTYPES_FILENAME, read_prototypes_file, write_prototypes_file
 
 # OpenAI CLIP's 80 ImageNet prompt templates (from the CLIP repository's zero-shot notebook, MIT licence).
 OPENAI_IMAGENET_TEMPLATES = (
@@ -101,6 +99,9 @@ OPENAI_IMAGENET_TEMPLATES = (
     "a tattoo of the {}.",
 )
 SINGLE_TEMPLATE = ("a photo of a {}",)
+# The named template sets: `templates="single"`/`"ensemble"` in the pipeline, `prototype_source="single_template"`/
+# `"ensemble"` in training.
+TEMPLATE_PRESETS = {"single": SINGLE_TEMPLATE, "ensemble": OPENAI_IMAGENET_TEMPLATES}
 
 
 def _pooled(features) -> torch.Tensor:
@@ -110,6 +111,18 @@ def _pooled(features) -> torch.Tensor:
 
 def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) inside the block; every submodule's previous mode is restored after it."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _max_text_length(model: torch.nn.Module, tokenizer) -> int:
@@ -122,6 +135,9 @@ def _max_text_length(model: torch.nn.Module, tokenizer) -> int:
 def encode_texts(model: torch.nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
     """Encodes `texts` with the text tower of `model` in batches and L2-normalises each embedding.
 
+    The model runs in eval mode (no dropout, so the result is deterministic) and is given back in the mode it was
+    in.
+
     Args:
         model (`torch.nn.Module`): a dual encoder with `get_text_features` (e.g. `CLIPModel`).
         tokenizer: the model's tokenizer; texts are truncated to the model's context length, keeping the EOS.
@@ -133,16 +149,17 @@ def encode_texts(model: torch.nn.Module, tokenizer, texts: Sequence[str], batch_
     """
     device, max_length = _model_device(model), _max_text_length(model, tokenizer)
     chunks = []
-    for start in range(0, len(texts), batch_size):
-        tokens = tokenizer(
-            list(texts[start : start + batch_size]),
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        ).to(device)
-        embeddings = _pooled(model.get_text_features(**tokens)).float()
-        chunks.append(torch.nn.functional.normalize(embeddings, dim=-1))
+    with _eval_mode(model):
+        for start in range(0, len(texts), batch_size):
+            tokens = tokenizer(
+                list(texts[start : start + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            ).to(device)
+            embeddings = _pooled(model.get_text_features(**tokens)).float()
+            chunks.append(torch.nn.functional.normalize(embeddings, dim=-1))
     return torch.cat(chunks) if chunks else torch.empty(0, 0, device=device)
 
 
@@ -156,7 +173,8 @@ def build_class_prototypes(
     """Averages the normalised text embeddings of each class and normalises the mean.
 
     Texts of all classes are encoded together in batches of `batch_size`, and each batch is added into running
-    per-class sums, so memory is bounded by one batch whatever the number of captions.
+    per-class sums, so memory is bounded by one batch whatever the number of captions. The model runs in eval
+    mode (deterministic, e.g. right after training with LoRA dropout) and is given back in the mode it was in.
 
     Args:
         model (`torch.nn.Module`): a dual encoder with `get_text_features`.
@@ -173,11 +191,12 @@ def build_class_prototypes(
     flat_texts = [text for texts in class_texts for text in texts]
     owners = torch.tensor([index for index, texts in enumerate(class_texts) for _ in texts])
     sums = None
-    for start in range(0, len(flat_texts), batch_size):
-        embeddings = encode_texts(model, tokenizer, flat_texts[start : start + batch_size], batch_size)
-        if sums is None:
-            sums = torch.zeros(len(class_texts), embeddings.shape[-1], device=embeddings.device)
-        sums.index_add_(0, owners[start : start + batch_size].to(embeddings.device), embeddings)
+    with _eval_mode(model):
+        for start in range(0, len(flat_texts), batch_size):
+            embeddings = encode_texts(model, tokenizer, flat_texts[start : start + batch_size], batch_size)
+            if sums is None:
+                sums = torch.zeros(len(class_texts), embeddings.shape[-1], device=embeddings.device)
+            sums.index_add_(0, owners[start : start + batch_size].to(embeddings.device), embeddings)
     return torch.nn.functional.normalize(sums, dim=-1)
 
 
@@ -195,7 +214,8 @@ def zero_shot_prototypes(
 ) -> torch.Tensor:
     """Zero-shot CLIP classifier: prototypes from `templates` filled with each class name.
 
-    Use `SINGLE_TEMPLATE` (`"a photo of a {}"`) or `OPENAI_IMAGENET_TEMPLATES` (the 80-template ensemble).
+    Use `SINGLE_TEMPLATE` (`"a photo of a {}"`) or `OPENAI_IMAGENET_TEMPLATES` (the 80-template ensemble), both in
+    `TEMPLATE_PRESETS`.
     """
     return build_class_prototypes(model, tokenizer, template_texts(class_names, templates), batch_size)
 
@@ -203,7 +223,9 @@ def zero_shot_prototypes(
 def save_class_prototypes(
     prototypes: torch.Tensor, labels: Sequence[str], save_directory: str, metadata: dict | None = None
 ) -> str:
-    """Writes `prototypes` and their `labels` to `save_directory/class_prototypes.safetensors`.
+    """Checks and writes `prototypes` and their `labels` to `save_directory/class_prototypes.safetensors`.
+
+    The file format is `mmft_hf.remote_pipeline.write_prototypes_file`'s, which the published pipeline reads.
 
     Args:
         prototypes (`torch.Tensor`): `[num_classes, dim]` class embeddings.
@@ -219,11 +241,7 @@ def save_class_prototypes(
             f"Prototypes of shape {tuple(prototypes.shape)} do not match {len(labels)} labels; "
             "expected [num_labels, dim]."
         )
-    os.makedirs(save_directory, exist_ok=True)
-    path = os.path.join(save_directory, PROTOTYPES_FILENAME)
-    header = {"labels": json.dumps(list(labels)), "metadata": json.dumps(metadata or {})}
-    save_file({PROTOTYPES_TENSOR: prototypes.detach().float().cpu().contiguous()}, path, metadata=header)
-    return path
+    return write_prototypes_file(prototypes, labels, save_directory, metadata)
 
 
 def load_class_prototypes(directory: str) -> tuple[torch.Tensor, list[str], dict]:
@@ -240,12 +258,9 @@ def load_class_prototypes(directory: str) -> tuple[torch.Tensor, list[str], dict
             "checkpoint), or build them with `build_class_prototypes`/`zero_shot_prototypes` and save them with "
             "`save_class_prototypes(prototypes, labels, directory)`."
         )
-    with safe_open(path, framework="pt") as handle:
-        header = handle.metadata() or {}
-    prototypes = load_file(path)[PROTOTYPES_TENSOR]
-    labels = json.loads(header.get("labels", "[]"))
+    prototypes, labels, metadata = read_prototypes_file(path)
     if prototypes.ndim != 2 or prototypes.shape[0] != len(labels):
         raise ValueError(
             f"{path} holds {prototypes.shape[0]} prototypes but {len(labels)} labels; rebuild the prototypes."
         )
-    return prototypes, labels, json.loads(header.get("metadata", "{}"))
+    return prototypes, labels, metadata

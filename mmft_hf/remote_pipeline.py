@@ -12,21 +12,24 @@ This module must import only what every `transformers` user has (torch, transfor
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import json
 import os
 import re
 import shutil
+import urllib.request
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import Pipeline
-from transformers.image_utils import load_image
 from transformers.utils import cached_file, logging
+from transformers.utils.hub import is_offline_mode
 
 logger = logging.get_logger(__name__)
 
@@ -36,32 +39,76 @@ PROTOTYPES_TENSOR = "class_prototypes"
 REMOTE_MODULE_FILENAME = "remote_pipeline.py"
 REMOTE_CLASS_NAME = "MMFTClassificationPipeline"
 _BASE64 = re.compile(r"^[A-Za-z0-9+/=\s]{64,}$")
-_IGNORED_CALL_KWARGS = {"local_files_only"}  # `pipeline()` forwards it to every pipeline class
 
 
 def read_prototypes_file(path: str) -> tuple[torch.Tensor, list[str], dict]:
     """Reads a `class_prototypes.safetensors` file: `(prototypes [num_classes, dim], labels, metadata)`.
 
-    The format (one float32 tensor, label names and build facts as JSON metadata) is the one
-    `mmft_hf.prototypes.save_class_prototypes` writes; it is re-implemented here so this file stays self-contained.
+    The one implementation of the format (one float32 tensor, the label names and JSON build facts in the
+    safetensors metadata); `mmft_hf.prototypes.load_class_prototypes` validates around it.
     """
     with safe_open(path, framework="pt") as handle:
+        if PROTOTYPES_TENSOR not in handle.keys():
+            raise ValueError(
+                f"{path} has no {PROTOTYPES_TENSOR!r} tensor (found {sorted(handle.keys())}); rebuild the file."
+            )
         header = handle.metadata() or {}
-    tensors = load_file(path)
-    if PROTOTYPES_TENSOR not in tensors:
-        raise ValueError(f"{path} has no {PROTOTYPES_TENSOR!r} tensor (found {sorted(tensors)}); rebuild the file.")
-    return tensors[PROTOTYPES_TENSOR], json.loads(header.get("labels", "[]")), json.loads(header.get("metadata", "{}"))
+        prototypes = handle.get_tensor(PROTOTYPES_TENSOR)
+    return prototypes, json.loads(header.get("labels", "[]")), json.loads(header.get("metadata", "{}"))
 
 
 def write_prototypes_file(
     prototypes: torch.Tensor, labels: Sequence[str], save_directory: str, metadata: dict | None = None
 ) -> str:
-    """Writes `prototypes` and `labels` to `save_directory/class_prototypes.safetensors` and returns the path."""
+    """Writes `prototypes` and `labels` to `save_directory/class_prototypes.safetensors` and returns the path.
+
+    No checks: `mmft_hf.prototypes.save_class_prototypes` is the validating writer.
+    """
     os.makedirs(save_directory, exist_ok=True)
     path = os.path.join(save_directory, PROTOTYPES_FILENAME)
     header = {"labels": json.dumps(list(labels)), "metadata": json.dumps(metadata or {})}
     save_file({PROTOTYPES_TENSOR: prototypes.detach().float().cpu().contiguous()}, path, metadata=header)
     return path
+
+
+def _scale_to_uint8(image: Image.Image) -> Image.Image:
+    """Maps a 16/32-bit integer or float single-channel image to 8-bit "L" instead of clipping at 255."""
+    array = np.asarray(image)
+    if image.mode.startswith("I;16") or (image.mode == "I" and array.size and array.max() > 255):
+        array = np.clip(array.astype(np.float64), 0, 65535) / 257.0  # 16-bit range -> 8-bit range
+    elif image.mode == "F" and array.size and np.nanmax(array) <= 1.0:
+        array = array.astype(np.float64) * 255.0  # float images in [0, 1]
+    array = np.nan_to_num(np.clip(np.rint(array), 0, 255))
+    return Image.fromarray(array.astype(np.uint8), mode="L")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Converts any PIL image to 3-channel 8-bit RGB, the same way for training and for this pipeline.
+
+    - Images with transparency (RGBA, LA, PA, and P or L/RGB images with a `transparency` entry) are composited
+      onto a **white** background, as transformers' image processors do (`convert_to_rgb`). A plain
+      `convert("RGB")` would expose whatever colour hides under transparent pixels, often black.
+    - 16-bit ("I;16", "I") and float ("F") images are rescaled to 8 bits (16-bit range divided by 257, floats in
+      [0, 1] multiplied by 255); PIL's own conversion clips them at 255, turning most 16-bit images white.
+    - Everything else (L, 1, CMYK, YCbCr, LAB, HSV, P without transparency) uses PIL's `convert("RGB")`.
+
+    `mmft_hf.data.to_rgb` is this function (the training collator and evaluation use it).
+
+    Args:
+        image (`PIL.Image.Image`): the image.
+
+    Returns:
+        `PIL.Image.Image`: an RGB image of the same size (`image` itself when it already is RGB).
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        return _scale_to_uint8(image).convert("RGB")
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def _describe(image) -> str:
@@ -89,8 +136,21 @@ def _array_to_pil(array: np.ndarray) -> Image.Image:
     return Image.fromarray(array)
 
 
+def _decode(source, name: str) -> Image.Image:
+    """Opens and decodes a file path or file object now (a truncated file fails here, with `name`), as RGB."""
+    try:
+        with Image.open(source) as opened:
+            opened.load()
+            return to_rgb(ImageOps.exif_transpose(opened))
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise ValueError(f"Cannot read image {name}: {error}") from error
+
+
 def load_image_input(image, timeout: float | None = None) -> Image.Image:
     """Turns one pipeline input into an RGB PIL image, with an error that names the input when it cannot.
+
+    The conversion to RGB is `to_rgb`, the one training uses: transparency is composited on white and 16-bit or
+    float images are rescaled, so the pipeline sees the pixels the model was trained and evaluated on.
 
     Args:
         image: a PIL image, a local file path (`str` or `os.PathLike`), an http(s) URL, a base64 string or data URL,
@@ -101,11 +161,11 @@ def load_image_input(image, timeout: float | None = None) -> Image.Image:
         `PIL.Image.Image` in RGB mode, EXIF orientation applied.
     """
     if isinstance(image, Image.Image):
-        return load_image(image)
+        return to_rgb(ImageOps.exif_transpose(image))
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
-        return _array_to_pil(image).convert("RGB")
+        return to_rgb(_array_to_pil(image))
     if isinstance(image, os.PathLike):
         image = os.fspath(image)
     if not isinstance(image, str):
@@ -113,21 +173,26 @@ def load_image_input(image, timeout: float | None = None) -> Image.Image:
             f"Unsupported image input of type {type(image).__name__}: {_describe(image)}. Pass a PIL image, a local "
             "file path, a URL, a base64 string, a numpy array, or a list of these."
         )
-    if image.startswith(("http://", "https://", "data:image/")):
-        return load_image(image, timeout=timeout)
-    if os.path.isfile(image):
+    if image.startswith(("http://", "https://")):
+        request = urllib.request.Request(image, headers={"User-Agent": "mmft-classification-pipeline"})
         try:
-            with Image.open(image) as opened:
-                opened.load()  # decode now: a truncated file fails here, with its name, not later in the batch
-                return ImageOps.exif_transpose(opened).convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError) as error:
-            raise ValueError(f"Cannot read image file {image!r}: {error}") from error
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                data = response.read()
+        except OSError as error:
+            raise OSError(f"Cannot fetch image URL {_describe(image)}: {error}") from error
+        return _decode(io.BytesIO(data), f"URL {_describe(image)}")
+    if image.startswith("data:image/"):
+        try:
+            data = base64.b64decode(image.partition(",")[2])
+        except ValueError as error:
+            raise ValueError(f"Cannot read image data URL {_describe(image)}: {error}") from error
+        return _decode(io.BytesIO(data), f"data URL {_describe(image)}")
+    if os.path.isfile(image):
+        return _decode(image, f"file {image!r}")
     if _BASE64.match(image):
         try:
-            with Image.open(io.BytesIO(base64.b64decode(image, validate=False))) as opened:
-                opened.load()
-                return ImageOps.exif_transpose(opened).convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError):
+            return _decode(io.BytesIO(base64.b64decode(image, validate=False)), "base64 string")
+        except ValueError:
             pass  # not base64 after all: report the missing file below
     raise FileNotFoundError(
         f"Image file {_describe(image)} does not exist (and is neither a URL nor a base64-encoded image)."
@@ -149,6 +214,11 @@ class MMFTClassificationPipeline(Pipeline):
             `class_prototypes`).
         top_k (`int`, *optional*, defaults to 5): labels returned per image (clamped to the number of classes).
         dtype / torch_dtype (`torch.dtype` or `str`, *optional*): cast the model to this dtype (`"auto"` keeps it).
+        local_files_only (`bool`, *optional*, defaults to `False`): fetch the prototypes file from the local cache
+            only (`pipeline(..., local_files_only=True)` passes it here). The revision `pipeline()` resolved is
+            used too (through `config._commit_hash`). `token=` and `model_kwargs={"cache_dir": ...}` given to
+            `pipeline()` do not reach the pipeline class: the prototypes are fetched with the default token
+            (`HF_TOKEN` or `hf auth login`) and cache (`HF_HUB_CACHE`).
         device, batch_size: as for every pipeline.
     """
 
@@ -163,6 +233,7 @@ class MMFTClassificationPipeline(Pipeline):
         dtype = kwargs.pop("dtype", None)
         torch_dtype = kwargs.pop("torch_dtype", None)
         requested = dtype if dtype not in (None, "auto") else torch_dtype
+        self._local_files_only = bool(kwargs.pop("local_files_only", False))
         super().__init__(*args, **kwargs)
         if self.image_processor is None:
             raise ValueError(
@@ -174,6 +245,9 @@ class MMFTClassificationPipeline(Pipeline):
                 requested = getattr(torch, requested)
             self.model.to(dtype=requested)
         self.model.eval()
+        # exp(logit_scale), read once: the classifier's temperature (1 for a model without `logit_scale`)
+        scale = getattr(self.model, "logit_scale", None)
+        self.logit_scale = 1.0 if scale is None else scale.detach().float().exp().item()
         prototypes, labels, metadata = self._resolve_prototypes(class_prototypes, labels)
         self._set_prototypes(prototypes, labels, metadata)
 
@@ -204,12 +278,18 @@ class MMFTClassificationPipeline(Pipeline):
                 source,
                 PROTOTYPES_FILENAME,
                 revision=getattr(self.model.config, "_commit_hash", None),
+                local_files_only=self._local_files_only,
                 _raise_exceptions_for_missing_entries=False,
-                _raise_exceptions_for_connection_errors=False,
             )
         except OSError as error:
             raise FileNotFoundError(f"Could not fetch {PROTOTYPES_FILENAME} for {source!r}: {error}. {how}") from error
         if path is None:
+            if not os.path.isdir(source) and (self._local_files_only or is_offline_mode()):
+                raise FileNotFoundError(
+                    f"{PROTOTYPES_FILENAME} of {source!r} is not in the local cache, and offline mode "
+                    "(HF_HUB_OFFLINE=1 or local_files_only=True) stops it from being downloaded: load once online, "
+                    f"or pass a local directory. {how}"
+                )
             raise FileNotFoundError(f"No {PROTOTYPES_FILENAME} in {source!r}. {how}")
         return read_prototypes_file(path)
 
@@ -226,7 +306,7 @@ class MMFTClassificationPipeline(Pipeline):
             )
         if len(labels) == 0:
             raise ValueError("There are no classes: the prototypes and labels are empty.")
-        duplicates = sorted({label for label in labels if labels.count(label) > 1})
+        duplicates = sorted(label for label, count in Counter(labels).items() if count > 1)
         if duplicates:
             raise ValueError(f"Duplicate labels {duplicates}; each class needs a distinct name.")
         dim = self._embedding_dim()
@@ -249,7 +329,7 @@ class MMFTClassificationPipeline(Pipeline):
 
     # ------------------------------------------------------------------------------------------------ pipeline
     def _sanitize_parameters(self, top_k: int | None = None, timeout: float | None = None, **kwargs):
-        unknown = sorted(set(kwargs) - _IGNORED_CALL_KWARGS)
+        unknown = sorted(kwargs)
         if unknown:
             raise TypeError(f"Unknown arguments {unknown} for {TASK!r}; accepted: top_k, timeout, batch_size.")
         postprocess_params = {}
@@ -274,8 +354,7 @@ class MMFTClassificationPipeline(Pipeline):
             )
         # fp32 for the similarity: low-precision models would otherwise round scores near 1 together
         features = torch.nn.functional.normalize(features.float(), dim=-1)
-        scale = self.model.logit_scale.detach().float().exp() if hasattr(self.model, "logit_scale") else 1.0
-        return {"logits": scale * features @ self.class_prototypes.T}
+        return {"logits": self.logit_scale * features @ self.class_prototypes.T}
 
     def postprocess(self, model_outputs: dict[str, torch.Tensor], top_k: int = 5) -> list[dict]:
         probabilities = model_outputs["logits"][0].float().softmax(dim=-1)
@@ -285,6 +364,12 @@ class MMFTClassificationPipeline(Pipeline):
     # ------------------------------------------------------------------------------------------------- saving
     def save_pretrained(self, save_directory: str | os.PathLike, remote_code: bool = True, **kwargs) -> None:
         """Saves the model, its processor, the class prototypes and (by default) this pipeline's code.
+
+        The pipeline's model is left as it was: `config.id2label`/`label2id` (set to the prototype labels in the
+        saved config) and `config.custom_pipelines` are restored after saving. A peft `PeftModel` (anything with
+        `merge_and_unload`) is saved as a plain checkpoint merged from a copy, so the directory has a
+        `config.json` and loads with `pipeline(...)`; to save the adapter only, call the model's own
+        `save_pretrained`.
 
         Args:
             save_directory (`str` or `os.PathLike`): the output directory (created if missing).
@@ -299,21 +384,27 @@ class MMFTClassificationPipeline(Pipeline):
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory!r} is a file; pass a directory.")
         os.makedirs(save_directory, exist_ok=True)
-        config = self.model.config
+        model = self.model
+        if hasattr(model, "merge_and_unload"):  # peft: adapter files alone would have no config.json
+            model = copy.deepcopy(model).merge_and_unload()
+        config = model.config
+        label_maps = {name: getattr(config, name) for name in ("id2label", "label2id")}
         had_custom, previous = hasattr(config, "custom_pipelines"), getattr(config, "custom_pipelines", None)
-        config.id2label = dict(enumerate(self.labels))
-        config.label2id = {label: index for index, label in enumerate(self.labels)}
-        if remote_code:
-            module = REMOTE_MODULE_FILENAME[: -len(".py")]
-            config.custom_pipelines = {
-                TASK: {"impl": f"{module}.{REMOTE_CLASS_NAME}", "pt": ["AutoModel"], "type": "multimodal"}
-            }
-            shutil.copyfile(os.path.abspath(__file__), os.path.join(save_directory, REMOTE_MODULE_FILENAME))
-        elif had_custom:
-            del config.custom_pipelines
-        try:
-            self.model.save_pretrained(save_directory, **kwargs)
-        finally:  # saving must not change the in-memory model's config
+        try:  # saving must not change the in-memory model's config
+            config.id2label = dict(enumerate(self.labels))
+            config.label2id = {label: index for index, label in enumerate(self.labels)}
+            if remote_code:
+                module = REMOTE_MODULE_FILENAME[: -len(".py")]
+                config.custom_pipelines = {
+                    TASK: {"impl": f"{module}.{REMOTE_CLASS_NAME}", "pt": ["AutoModel"], "type": "multimodal"}
+                }
+                shutil.copyfile(os.path.abspath(__file__), os.path.join(save_directory, REMOTE_MODULE_FILENAME))
+            elif had_custom:
+                del config.custom_pipelines
+            model.save_pretrained(save_directory, **kwargs)
+        finally:
+            for name, value in label_maps.items():
+                setattr(config, name, value)
             if had_custom:
                 config.custom_pipelines = previous
             elif hasattr(config, "custom_pipelines"):

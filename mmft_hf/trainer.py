@@ -3,7 +3,6 @@ loss and evaluates it as a classifier built from class-averaged caption embeddin
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 from collections.abc import Sequence
@@ -19,12 +18,14 @@ from .class_texts import class_texts_from_captions
 from .collator import MMFTDataCollator
 from .data import validate_captioned_dataset
 from .distributed import gather_batch, global_logits
+from .hub import save_for_hub
 from .losses import mmft_loss
 from .model_card import MMFTModelCardData, create_model_card
 from .prompts import normalize_class_name
 from .prototypes import (
     OPENAI_IMAGENET_TEMPLATES,
     SINGLE_TEMPLATE,
+    _pooled,
     build_class_prototypes,
     save_class_prototypes,
     template_texts,
@@ -282,14 +283,9 @@ class MMFTTrainer(Trainer):
         """Encodes the prototype texts with the current text encoder: `[num_classes, dim]`, unit rows."""
         source = source or self.args.prototype_source
         model = _unwrap_peft(self.accelerator.unwrap_model(self.model))
-        was_training = model.training
-        model.eval()
-        try:
-            prototypes = build_class_prototypes(
-                model, self.processing_class.tokenizer, self.prototype_texts(source), self.args.prototype_batch_size
-            )
-        finally:
-            model.train(was_training)
+        prototypes = build_class_prototypes(
+            model, self.processing_class.tokenizer, self.prototype_texts(source), self.args.prototype_batch_size
+        )
         self._prototypes, self._prototypes_key = prototypes, (source, self.state.global_step)
         return prototypes
 
@@ -353,7 +349,7 @@ class MMFTTrainer(Trainer):
             with torch.no_grad():
                 for batch in loader:
                     features = model.get_image_features(pixel_values=batch["pixel_values"])
-                    features = getattr(features, "pooler_output", features).float()
+                    features = _pooled(features).float()
                     scores = torch.nn.functional.normalize(features, dim=-1) @ prototypes.T
                     gathered = self.accelerator.gather_for_metrics((scores.argmax(-1), batch["labels"]))
                     predictions.append(gathered[0].cpu())
@@ -441,11 +437,16 @@ class MMFTTrainer(Trainer):
             prototypes = self._prototypes_for_saving()
             if self.args.should_save:
                 unwrapped.save_pretrained(os.path.join(output_dir, "adapter"))
-                merged = copy.deepcopy(unwrapped).merge_and_unload()
-                merged.save_pretrained(output_dir)
-                self.processing_class.save_pretrained(output_dir)
                 metadata = {"source": self.args.prototype_source, "class_template": self.args.class_template}
-                save_class_prototypes(prototypes, self.class_names, output_dir, metadata=metadata)
+                save_for_hub(
+                    unwrapped,
+                    self.processing_class,
+                    prototypes,
+                    self.class_names,
+                    output_dir,
+                    remote_code=False,
+                    prototype_metadata=metadata,
+                )
                 torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
             if self.args.push_to_hub and not _internal_call:
                 self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
@@ -485,6 +486,7 @@ class MMFTTrainer(Trainer):
             "labels": list(self.class_names),
             "lora": lora,
             "remote_code": False,
+            "prototype_source": args.prototype_source,
         }
         provenance = (
             caption_provenance(self.prototype_dataset, args.caption_column) if args.text_source == "captions" else None

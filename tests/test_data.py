@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 from transformers.image_transforms import convert_to_rgb
 
+from mmft_hf import remote_pipeline
 from mmft_hf.data import (
     empty_caption_rows,
     load_image,
@@ -93,6 +94,10 @@ def test_random_resized_crop_rejects_bad_arguments():
 
 
 # ------------------------------------------------------------------------------------------------------ to_rgb
+def test_to_rgb_is_the_pipeline_conversion():
+    assert to_rgb is remote_pipeline.to_rgb  # one implementation: training and the published pipeline agree
+
+
 def test_to_rgb_composites_transparency_on_white_like_transformers():
     array = np.zeros((2, 3, 4), np.uint8)
     array[..., 0] = 200  # red underneath

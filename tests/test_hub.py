@@ -90,13 +90,17 @@ def assert_same_outputs(got, expected):
 
 
 def test_remote_file_imports_only_what_transformers_users_have():
-    allowed = {"__future__", "base64", "collections", "io", "json", "os", "re", "shutil"}
+    allowed = {"__future__", "base64", "collections", "copy", "io", "json", "os", "re", "shutil", "urllib"}
     allowed |= {"numpy", "torch", "PIL", "safetensors", "transformers"}
     assert set(get_imports(remote_pipeline.__file__)) <= allowed
 
 
 def test_save_pretrained_writes_remote_code_and_leaves_model_untouched(classifier, tmp_path):
+    config = classifier.model.config
+    id2label, label2id = dict(config.id2label), dict(config.label2id)
+    assert id2label != dict(enumerate(NAMES))  # the saved config gets the labels, the in-memory one keeps its own
     classifier.save_pretrained(tmp_path / "out")
+    assert (config.id2label, config.label2id) == (id2label, label2id)
     files = set(os.listdir(tmp_path / "out"))
     assert {"config.json", "model.safetensors", "remote_pipeline.py", "class_prototypes.safetensors"} <= files
     assert {"processor_config.json", "tokenizer.json"} <= files
@@ -186,6 +190,24 @@ def lora_model(base_dir, seed=0):
     return model
 
 
+def test_pipeline_save_pretrained_merges_a_peft_model(tiny_clip_dir, tiny_clip, tmp_path, image_paths):
+    _, processor = tiny_clip
+    peft_model = lora_model(tiny_clip_dir, seed=3)
+    classifier = MMFTClassificationPipeline(
+        model=peft_model, processor=processor, class_prototypes=random_prototypes(4, 16), labels=NAMES, device="cpu"
+    )
+    expected = classifier(image_paths, top_k=4)
+    classifier.save_pretrained(tmp_path / "out")
+    files = set(os.listdir(tmp_path / "out"))
+    assert {"config.json", "model.safetensors", "remote_pipeline.py"} <= files and "adapter_config.json" not in files
+    assert classifier.model is peft_model and peft_model.peft_config  # the caller's adapter is not merged away
+    loaded = pipeline(
+        "mmft-classification", model=str(tmp_path / "out"), pipeline_class=MMFTClassificationPipeline, device="cpu"
+    )
+    assert type(loaded.model) is CLIPModel
+    assert_same_outputs(loaded(image_paths, top_k=4), expected)
+
+
 def test_save_for_hub_merges_lora_by_default(tiny_clip_dir, tiny_clip, tmp_path, image_paths):
     _, processor = tiny_clip
     peft_model = lora_model(tiny_clip_dir)
@@ -211,6 +233,24 @@ def test_save_for_hub_merges_lora_by_default(tiny_clip_dir, tiny_clip, tmp_path,
     loaded = pipeline("mmft-classification", model=out, pipeline_class=MMFTClassificationPipeline, device="cpu")
     assert type(loaded.model) is CLIPModel
     assert_same_outputs(loaded(image_paths, top_k=4), expected)
+
+
+def test_save_for_hub_card_describes_what_was_saved(tiny_clip_dir, tiny_clip, tmp_path):
+    _, processor = tiny_clip
+    peft_model = lora_model(tiny_clip_dir)
+    prototypes = random_prototypes(4, 16)
+    card = MMFTModelCardData(model_id="me/clf", base_model=tiny_clip_dir, lora={"r": 4}, remote_code=False)
+    common = dict(card_data=card, prototype_metadata={"source": "single_template"})
+    merged = save_for_hub(peft_model, processor, prototypes, NAMES, tmp_path / "merged", **common)
+    text = (Path(merged) / "README.md").read_text()
+    assert "| LoRA | yes (r=4, merged=True) |" in text and "standard `CLIPModel`" in text
+    assert "trust_remote_code=True" in text  # remote code was written, whatever card_data said
+    assert 'the embedding of the prompt "a photo of a {class name}"' in text and "training-caption" not in text
+    adapter = save_for_hub(peft_model, processor, prototypes, NAMES, tmp_path / "adapter", merge_lora=False, **common)
+    text = (Path(adapter) / "README.md").read_text()
+    assert "| LoRA | yes (r=4, merged=False) |" in text and "standard `CLIPModel`" not in text
+    assert "PeftModel.from_pretrained" in text and "trust_remote_code" not in text
+    assert card.remote_code is False and card.lora == {"r": 4} and card.prototype_source is None  # not modified
 
 
 def test_save_for_hub_adapter_only(tiny_clip_dir, tiny_clip, tmp_path, image_paths):
@@ -250,6 +290,7 @@ class FakeHfApi:
     """Stands in for `huggingface_hub.HfApi`: records the calls and the uploaded folder, never reaches a Hub."""
 
     calls = []
+    revisions = []
 
     def __init__(self, token=None):
         self.token = token
@@ -258,16 +299,20 @@ class FakeHfApi:
         FakeHfApi.calls.append(("create_repo", repo_id, private, exist_ok))
         return type("RepoUrl", (), {"repo_id": repo_id})()
 
+    def create_branch(self, repo_id, *, branch, exist_ok=False):
+        FakeHfApi.calls.append(("create_branch", repo_id, branch, exist_ok))
+
     def upload_folder(self, repo_id, folder_path, commit_message, revision=None):
         files = sorted(os.listdir(folder_path))
         config = json.loads(Path(folder_path, "config.json").read_text())
         FakeHfApi.calls.append(("upload_folder", repo_id, files, commit_message, "custom_pipelines" in config))
+        FakeHfApi.revisions.append(revision)
         return "commit-info"
 
 
 def test_publish_uploads_the_saved_folder(tiny_clip, tmp_path, monkeypatch):
     monkeypatch.setattr(hub, "HfApi", FakeHfApi)
-    FakeHfApi.calls = []
+    FakeHfApi.calls, FakeHfApi.revisions = [], []
     model, processor = tiny_clip
     card = MMFTModelCardData(model_id="me/clf", per_class_accuracy={n: 0.25 for n in NAMES}, labels=NAMES)
     result = publish(model, processor, random_prototypes(4, 16), NAMES, "me/clf", card_data=card, private=True)
@@ -276,6 +321,19 @@ def test_publish_uploads_the_saved_folder(tiny_clip, tmp_path, monkeypatch):
     kind, repo_id, files, message, has_custom = FakeHfApi.calls[1]
     assert (kind, repo_id, message, has_custom) == ("upload_folder", "me/clf", "Upload MMFT classifier", True)
     assert {"README.md", "remote_pipeline.py", "class_prototypes.safetensors", "model.safetensors"} <= set(files)
+    assert FakeHfApi.revisions == [None] and len(FakeHfApi.calls) == 2  # no branch to create
+
+
+def test_publish_to_a_new_branch_with_shards(tiny_clip, monkeypatch):
+    monkeypatch.setattr(hub, "HfApi", FakeHfApi)
+    FakeHfApi.calls, FakeHfApi.revisions = [], []
+    model, processor = tiny_clip
+    publish(model, processor, random_prototypes(4, 16), NAMES, "me/clf", revision="v2", max_shard_size="100KB")
+    assert [call[0] for call in FakeHfApi.calls] == ["create_repo", "create_branch", "upload_folder"]
+    assert FakeHfApi.calls[1] == ("create_branch", "me/clf", "v2", True)  # exists already: fine
+    assert FakeHfApi.revisions == ["v2"]
+    files = FakeHfApi.calls[2][2]
+    assert "model.safetensors.index.json" in files and "model.safetensors" not in files  # sharded as asked
 
 
 def test_pipe_push_to_hub_saves_pipeline_code(classifier, monkeypatch):

@@ -1,4 +1,8 @@
+import configparser
+import fnmatch
+import importlib.resources
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -30,6 +34,7 @@ def full_card_data(**overrides):
         per_class_accuracy={"dotted": 0.5, "banded": 0.9, "zig|zag": 14 / 15},
         labels=["banded", "dotted", "zig|zag"],
         lora={"r": 4, "lora_alpha": 8, "merged": True},
+        prototype_source="captions",
         license="mit",
     )
     values.update(overrides)
@@ -90,6 +95,32 @@ def test_without_remote_code_only_the_mmft_snippet(tmp_path):
     assert "trust_remote_code" not in text and "pipeline_class=MMFTClassificationPipeline" in text
 
 
+@pytest.mark.parametrize("source", ["single_template", "ensemble", None])
+def test_prototype_sentences_follow_the_prototype_source(tmp_path, source):
+    create_model_card(full_card_data(prototype_source=source), tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert "training-caption" not in text and "captions' embeddings" not in text
+    assert model_card.PROTOTYPE_DESCRIPTIONS[source] in text
+    create_model_card(full_card_data(), tmp_path)  # "captions"
+    text = (tmp_path / "README.md").read_text()
+    assert "training-caption embeddings" in text and "averages of the *training* captions' embeddings" in text
+
+
+def test_adapter_only_card_does_not_claim_a_standard_clip_model(tmp_path):
+    create_model_card(full_card_data(lora={"r": 4, "merged": False}, remote_code=False), tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert "standard `CLIPModel`" not in text and 'CLIPModel.from_pretrained("me/mmft-dtd")' not in text
+    assert 'PeftModel.from_pretrained(CLIPModel.from_pretrained("openai/clip-vit-base-patch32"), directory)' in text
+    assert "| LoRA | yes (r=4, merged=False) |" in text
+    create_model_card(full_card_data(), tmp_path)  # merged
+    assert "standard `CLIPModel`" in (tmp_path / "README.md").read_text()
+
+
+def test_unknown_prototype_source_is_rejected():
+    with pytest.raises(ValueError, match="prototype_source"):
+        MMFTModelCardData(prototype_source="caption")
+
+
 @pytest.mark.parametrize("field", ["eval_accuracy", "per_class_accuracy"])
 def test_percentages_are_rejected(field):
     value = 87.5 if field == "eval_accuracy" else {"banded": 87.5}
@@ -98,6 +129,12 @@ def test_percentages_are_rejected(field):
 
 
 def test_packaged_template_is_the_documented_one():
-    packaged = (REPO_ROOT / "mmft_hf" / "templates" / "model_card.md").read_bytes()
-    assert (REPO_ROOT / "model_cards" / "model_card.md").read_bytes() == packaged  # model_cards/ links to it
-    assert model_card.TEMPLATE_PATH.read_bytes() == packaged
+    documented = REPO_ROOT / "model_cards" / "model_card.md"
+    assert os.readlink(documented) == "../mmft_hf/templates/model_card.md"  # a link to the packaged file, no copy
+    package_data = configparser.ConfigParser()
+    package_data.read(REPO_ROOT / "setup.cfg")
+    patterns = package_data["options.package_data"]["mmft_hf"].split()
+    assert any(fnmatch.fnmatch("templates/model_card.md", pattern) for pattern in patterns)  # shipped in wheels
+    packaged = importlib.resources.files("mmft_hf") / "templates" / "model_card.md"
+    assert packaged.is_file()
+    assert Path(os.fspath(packaged)).resolve() == model_card.TEMPLATE_PATH.resolve() == documented.resolve()

@@ -1,12 +1,15 @@
+import base64
 import logging
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPModel, pipeline
+from transformers import CLIPModel, CLIPProcessor, pipeline
 
 from mmft_hf import remote_pipeline
+from mmft_hf.collator import MMFTDataCollator
 from mmft_hf.pipeline import MMFTClassificationPipeline, resolve_templates
 from mmft_hf.prototypes import (
     OPENAI_IMAGENET_TEMPLATES,
@@ -286,3 +289,73 @@ def test_prototype_labels_are_authoritative_over_id2label(tiny_clip, tmp_path, c
         classifier = pipeline("mmft-classification", model=str(tmp_path / "clf"), device="cpu")
     assert classifier.labels == list(reversed(NAMES))
     assert "id2label" in caplog.text
+
+
+def test_preprocessing_sees_the_training_pixels(classifier_dir, tmp_path):
+    """Transparent and 16-bit images: the pipeline's pixels are the training collator's (to_rgb), not convert()."""
+    classifier = pipeline("mmft-classification", model=classifier_dir, device="cpu")
+    collator = MMFTDataCollator(
+        processor=CLIPProcessor.from_pretrained(classifier_dir), class_names=NAMES, train=False
+    )
+    rgba = np.zeros((20, 24, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:10, :, 3] = 255  # top half opaque red, bottom half transparent (black underneath)
+    sixteen = (np.arange(20 * 24, dtype=np.uint16).reshape(20, 24) * 130).astype(np.uint16)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(sixteen).save(tmp_path / "sixteen.png")
+    rgba_base64 = base64.b64encode((tmp_path / "rgba.png").read_bytes()).decode()
+    cases = {
+        "RGBA": (
+            Image.fromarray(rgba, "RGBA"),
+            [
+                Image.fromarray(rgba, "RGBA"),
+                tmp_path / "rgba.png",
+                rgba,
+                rgba_base64,
+                f"data:image/png;base64,{rgba_base64}",
+            ],
+        ),
+        "I;16": (Image.fromarray(sixteen), [Image.fromarray(sixteen), str(tmp_path / "sixteen.png")]),
+    }
+    for mode, (image, inputs) in cases.items():
+        assert image.mode == mode
+        expected = collator([{"image": image, "label": 0, "captions": ["c"]}])["pixel_values"]
+        assert not torch.equal(
+            expected, collator.processor.image_processor(image.convert("RGB"), return_tensors="pt")["pixel_values"]
+        )
+        for given in inputs:
+            got = classifier.preprocess(given)["pixel_values"]
+            assert torch.equal(got, expected), (mode, str(given)[:40])
+
+
+def test_local_files_only_reaches_the_prototypes_fetch(classifier_dir, monkeypatch):
+    calls = []
+    original = remote_pipeline.cached_file
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(remote_pipeline, "cached_file", recording)
+    classifier = pipeline("mmft-classification", model=classifier_dir, local_files_only=True, device="cpu")
+    assert [call["local_files_only"] for call in calls] == [True]
+    assert len(classifier(np.zeros((8, 8, 3), np.uint8))) == 4  # not taken for a call argument either
+    pipeline("mmft-classification", model=classifier_dir, device="cpu")
+    assert calls[-1]["local_files_only"] is False
+
+
+def test_offline_cache_miss_is_not_reported_as_a_missing_file(tiny_clip, tmp_path, monkeypatch):
+    """A Hub repository whose cache lacks the prototypes, with HF_HUB_OFFLINE=1 (set in conftest)."""
+    model, processor = tiny_clip
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--me--clf"
+    model.save_pretrained(repo / "snapshots" / commit)
+    processor.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match="not in the local cache") as error:
+        pipeline("mmft-classification", model="me/clf", device="cpu")
+    assert "No class_prototypes.safetensors in" not in str(error.value)
+    save_class_prototypes(random_prototypes(4, 16), NAMES, str(repo / "snapshots" / commit))
+    assert pipeline("mmft-classification", model="me/clf", device="cpu").labels == NAMES

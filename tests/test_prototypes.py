@@ -1,5 +1,6 @@
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 
 from mmft_hf.prototypes import (
     OPENAI_IMAGENET_TEMPLATES,
@@ -9,6 +10,7 @@ from mmft_hf.prototypes import (
     save_class_prototypes,
     zero_shot_prototypes,
 )
+from mmft_hf.remote_pipeline import write_prototypes_file
 
 
 def reference_prototype(model, tokenizer, texts):
@@ -81,3 +83,43 @@ def test_save_rejects_mismatched_labels(tmp_path):
 def test_load_without_prototypes_explains_how_to_build_them(tmp_path):
     with pytest.raises(FileNotFoundError, match="build_class_prototypes"):
         load_class_prototypes(str(tmp_path))
+
+
+def test_load_rejects_a_file_with_mismatched_labels(tmp_path):
+    write_prototypes_file(torch.zeros(3, 4), ["a", "b"], str(tmp_path))  # the unchecked writer
+    with pytest.raises(ValueError, match="holds 3 prototypes but 2 labels"):
+        load_class_prototypes(str(tmp_path))
+
+
+def dropout_lora(model, seed=0):
+    """LoRA with dropout 0.5 and non-zero B, so the text features are random in train mode."""
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def test_prototypes_are_deterministic_in_train_mode_and_modes_are_restored(tiny_clip):
+    model, processor = tiny_clip
+    model = dropout_lora(model)
+    class_texts = [["a red circle", "red"], ["a blue square"]]
+    model.eval()
+    with torch.no_grad():
+        expected = build_class_prototypes(model, processor.tokenizer, class_texts)
+    model.train()
+    frozen = model.base_model.model.vision_model  # a submodule the caller keeps in eval mode
+    frozen.eval()
+    torch.manual_seed(1)
+    first = build_class_prototypes(model, processor.tokenizer, class_texts)
+    second = build_class_prototypes(model, processor.tokenizer, class_texts)
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(second, expected)
+    torch.testing.assert_close(
+        encode_texts(model, processor.tokenizer, ["red"]), encode_texts(model, processor.tokenizer, ["red"])
+    )
+    assert model.training and model.base_model.model.text_model.training  # given back in train mode ...
+    assert not frozen.training and not any(module.training for module in frozen.modules())  # ... exactly as it was
