@@ -12,6 +12,10 @@ GEMINI_API_KEY=... python examples/generate_captions.py --preset dtd --captioner
 python examples/generate_captions.py --dataset_name org/my-images --domain flowers \
     --captioner transformers:Qwen/Qwen3.5-4B --push_to_hub --hub_repo_id me/captioned-flowers
 
+# a local OpenAI-compatible server (vLLM, llama.cpp) needs no key; GTSRB with descriptive names, one per line
+python examples/generate_captions.py --preset gtsrb --captioner openai:Qwen/Qwen3-VL-8B-Instruct \
+    --base_url http://localhost:8000/v1 --api_key_env none --class_names gtsrb_names.txt --output_dir captioned-gtsrb
+
 # two machines: each captions a shard into its own copy of the cache ... or all into one shared cache directory.
 # Then rerun without --num_shards: every caption is a cache hit, and the full dataset is written.
 python examples/generate_captions.py ... --num_shards 2 --shard_index 0 --cache_dir /shared/captions
@@ -44,15 +48,25 @@ class CaptioningArguments:
     image_column: str | None = field(default=None, metadata={"help": "Image column (default: image)."})
     label_column: str | None = field(default=None, metadata={"help": "ClassLabel column (default: label)."})
     domain: str | None = field(default=None, metadata={"help": "The prompt's domain word, e.g. textures."})
+    class_names: str | None = field(
+        default=None,
+        metadata={
+            "help": "A text file with one class name per line, in label-id order, overriding the source's names "
+            "(e.g. CLIP's descriptive GTSRB or ImageNet names)."
+        },
+    )
     captioner: str = field(
         default="openai:gemini-2.5-flash-lite", metadata={"help": "openai:MODEL or transformers:MODEL_OR_PATH."}
     )
     base_url: str | None = field(default=None, metadata={"help": "API root of an OpenAI-compatible server."})
-    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "Environment variable with the API key."})
+    api_key_env: str = field(
+        default="OPENAI_API_KEY",
+        metadata={"help": "Environment variable with the API key; 'none' (or '') for a local server without one."},
+    )
     max_concurrency: int = field(default=16, metadata={"help": "API requests in flight."})
     batch_size: int = field(default=8, metadata={"help": "Images per generate() call (transformers backend)."})
-    temperature: float = field(default=0.2, metadata={"help": "Sampling temperature."})
-    max_tokens: int = field(default=256, metadata={"help": "Caption token limit."})
+    temperature: float = field(default=0.2, metadata={"help": "Sampling temperature (both backends)."})
+    max_tokens: int = field(default=256, metadata={"help": "Caption token limit (both backends)."})
     caption_types: list[str] = field(
         default_factory=lambda: list(CAPTION_TYPES), metadata={"help": "Characteristics."}
     )
@@ -83,29 +97,41 @@ def load_source(args: CaptioningArguments) -> datasets.DatasetDict:
     return source
 
 
+def read_class_names(path: str) -> list[str]:
+    """Reads one class name per line of a UTF-8 text file, in label-id order (line `i` names label `i`)."""
+    with open(path, encoding="utf-8") as handle:
+        names = [line.strip() for line in handle.read().rstrip().splitlines()]
+    if not names or not all(names):
+        raise ValueError(f"--class_names file {path!r} needs one class name per line, without blank lines.")
+    return names
+
+
+def captioner_kwargs(args: CaptioningArguments) -> dict:
+    """The backend keyword arguments for `make_captioner(args.captioner, ...)`."""
+    if args.captioner.partition(":")[0] == "openai":
+        return dict(
+            base_url=args.base_url,
+            api_key_env=None if args.api_key_env.strip().lower() in ("", "none") else args.api_key_env,
+            max_concurrency=args.max_concurrency,
+            temperature=args.temperature,
+            max_tokens=args.max_tokens,
+        )
+    return dict(batch_size=args.batch_size, temperature=args.temperature, max_new_tokens=args.max_tokens)
+
+
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(CaptioningArguments).parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    preset = PRESETS[args.preset] if args.preset else None
     if args.preset and args.preset not in PRESETS:
         raise ValueError(f"Unknown preset {args.preset!r}; choose from {list(PRESETS)}.")
+    preset = PRESETS[args.preset] if args.preset else None
     domain = args.domain or (preset.domain if preset else None)
     if not domain:
         raise ValueError("Give --domain (the prompt's domain word) or --preset.")
     source = load_source(args)
     splits = args.split or (list(preset.splits) if preset and not args.dataset_name else list(source))
-    backend = args.captioner.partition(":")[0]
-    if backend == "openai":
-        kwargs = dict(
-            base_url=args.base_url,
-            api_key_env=args.api_key_env,
-            max_concurrency=args.max_concurrency,
-            temperature=args.temperature,
-            max_tokens=args.max_tokens,
-        )
-    else:
-        kwargs = dict(batch_size=args.batch_size)
-    captioner = make_captioner(args.captioner, **kwargs)
+    class_names = read_class_names(args.class_names) if args.class_names else None
+    captioner = make_captioner(args.captioner, **captioner_kwargs(args))
     captioned, summaries = {}, {}
     for split in splits:
         result = caption_dataset(
@@ -116,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
             captions_per_type=args.captions_per_type,
             image_column=args.image_column or (preset.image_column if preset else "image"),
             label_column=args.label_column or (preset.label_column if preset else "label"),
+            class_names=class_names,
             prompt_template=args.prompt_template,
             words=args.words,
             cache_dir=args.cache_dir,

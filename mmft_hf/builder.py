@@ -22,7 +22,16 @@ import datasets
 
 from .caption_cache import identity_json
 from .caption_stats import caption_stats
-from .captioning import _provenance, attach_provenance, caption_dataset, caption_provenance
+from .captioning import (
+    _VOLATILE_KEYS,
+    _counts,
+    _differing_settings,
+    _provenance,
+    _provenance_settings,
+    attach_provenance,
+    caption_dataset,
+    caption_provenance,
+)
 from .prompts import CAPTION_TYPES, DEFAULT_WORDS, DOMAINS, PROMPT_TEMPLATE, build_prompt, normalize_class_name
 
 CARD_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", "dataset_card.md")
@@ -208,7 +217,7 @@ class CaptionedImages(datasets.GeneratorBasedBuilder):
         for key in ("splits", "caption_types", "class_names"):  # hashable, stable config ids
             if kwargs.get(key) is not None and not isinstance(kwargs[key], str):
                 kwargs[key] = tuple(kwargs[key])
-        self._loaded_source = None
+        self._loaded_source = self._names = None
         super().__init__(*args, **kwargs)
 
     # ------------------------------------------------------------------ source
@@ -237,14 +246,17 @@ class CaptionedImages(datasets.GeneratorBasedBuilder):
         return self._loaded_source
 
     def _class_names(self) -> list[str]:
-        config, source = self.config, self._source()
-        feature = next(iter(source.values())).features[config.label_column]
-        if config.class_names:
-            return list(config.class_names)
-        if isinstance(feature, datasets.ClassLabel):
-            return list(feature.names)
-        # string labels: one ClassLabel over all splits, sorted for a stable id order
-        return sorted({str(value) for part in source.values() for value in part.unique(config.label_column)})
+        if self._names is None:
+            config, source = self.config, self._source()
+            feature = next(iter(source.values())).features[config.label_column]
+            if config.class_names:
+                self._names = list(config.class_names)
+            elif isinstance(feature, datasets.ClassLabel):
+                self._names = list(feature.names)
+            else:  # string labels: one ClassLabel over all splits, sorted for a stable id order
+                values = {str(value) for part in source.values() for value in part.unique(config.label_column)}
+                self._names = sorted(values)
+        return self._names
 
     def _captioner(self):
         if self._captioner_object is None:
@@ -255,43 +267,49 @@ class CaptionedImages(datasets.GeneratorBasedBuilder):
             self._captioner_object = make_captioner(self.config.captioner, **self.config.captioner_kwargs)
         return self._captioner_object
 
-    def _settings_provenance(self) -> dict:
+    def _features(self, captioner_identity: dict) -> datasets.Features:
+        """The output features, with the provenance (settings and `captioner_identity`) in the caption feature."""
         config = self.config
-        if config.captioner_identity:
-            identity = json.loads(config.captioner_identity)
-        else:
-            identity = {"spec": config.captioner, "kwargs": {k: v for k, v in config.captioner_kwargs.items()}}
-        settings = {
-            "prompt_template": config.prompt_template,
-            "domain": config.domain,
-            "caption_types": list(config.caption_types),
-            "captions_per_type": config.captions_per_type,
-            "caption_order": "type-major: all captions of caption_types[0], then caption_types[1], ...",
-            "words": config.words,
-            "class_names": list(config.class_names) if config.class_names else None,
-            "image_column": "image",
-            "label_column": "label",
-            "source": config.source or f"in-memory dataset {config.source_fingerprint}",
-        }
-        return _provenance(identity, settings, None, None)
+        settings = _provenance_settings(
+            prompt_template=config.prompt_template,
+            domain=config.domain,
+            caption_types=config.caption_types,
+            captions_per_type=config.captions_per_type,
+            words=config.words,
+            class_names=config.class_names or None,
+            image_column="image",
+            label_column="label",
+        )
+        settings["source"] = config.source or f"in-memory dataset {config.source_fingerprint}"
+        # default=str: captioner_kwargs may hold values such as a torch dtype
+        provenance = json.dumps(
+            _provenance(captioner_identity, settings, None, None), sort_keys=True, ensure_ascii=False, default=str
+        )
+        return datasets.Features(
+            {
+                "image": datasets.Image(),
+                "label": datasets.ClassLabel(names=self._class_names()),
+                "captions": datasets.List(datasets.Value("string", id=provenance)),
+            }
+        )
 
     # ------------------------------------------------------------------ builder API
     def _info(self) -> datasets.DatasetInfo:
-        if not self.config.domain:
+        config = self.config
+        if not config.domain:
             raise ValueError("CaptionedImages needs domain= (the prompt's domain word), or a preset config_name.")
-        provenance = json.dumps(self._settings_provenance(), sort_keys=True, ensure_ascii=False)
+        if config.captioner_identity:
+            identity = json.loads(config.captioner_identity)
+        else:  # the captioner is built only to caption (it may load a model): `_split_generators` records its identity
+            identity = {"spec": config.captioner, "kwargs": config.captioner_kwargs}
         return datasets.DatasetInfo(
-            description=f"Images with synthetic MMFT captions made by mmft-hf from {self.config.source or 'a dataset'}.",
-            features=datasets.Features(
-                {
-                    "image": datasets.Image(),
-                    "label": datasets.ClassLabel(names=self._class_names()),
-                    "captions": datasets.List(datasets.Value("string", id=provenance)),
-                }
-            ),
+            description=f"Images with synthetic MMFT captions made by mmft-hf from {config.source or 'a dataset'}.",
+            features=self._features(identity),
         )
 
     def _split_generators(self, dl_manager):
+        # preparing: build the captioner now and record its real identity instead of the spec
+        self.info.features = self._features(self._captioner().cache_identity())
         return [datasets.SplitGenerator(name=split, gen_kwargs={"split": split}) for split in self._source()]
 
     def _generate_examples(self, split: str):
@@ -312,14 +330,15 @@ class CaptionedImages(datasets.GeneratorBasedBuilder):
             strict=config.strict,
             max_passes=config.max_passes,
         )
-        names = self._class_names()
-        label_feature = part.features[config.label_column]
+        label_ids = None  # string labels: their ids in the ClassLabel of `_class_names`
+        if not isinstance(part.features[config.label_column], datasets.ClassLabel) and not config.class_names:
+            label_ids = {name: index for index, name in enumerate(self._class_names())}
         rows = captioned.select_columns([config.image_column, config.label_column, "captions"])
         rows = rows.cast_column(config.image_column, datasets.Image(decode=False))  # keep the original bytes
         for index, row in enumerate(rows):
             label = row[config.label_column]
-            if not isinstance(label_feature, datasets.ClassLabel) and not config.class_names:
-                label = names.index(str(label))
+            if label_ids is not None:
+                label = label_ids[str(label)]
             yield index, {"image": row[config.image_column], "label": label, "captions": row["captions"]}
 
 
@@ -368,39 +387,26 @@ def push_captioned(
     Returns:
         `str`: the local directory, or the Hub repo URL.
     """
-    from datasets.info import DatasetInfosDict
-    from datasets.table import embed_table_storage
-    from datasets.utils.metadata import MetadataConfigs
-    from huggingface_hub import DatasetCardData
-
     if isinstance(dataset_dict, datasets.Dataset):
         dataset_dict = datasets.DatasetDict({"train": dataset_dict})
     provenances = {s: caption_provenance(d, caption_column) for s, d in dataset_dict.items()}
     captioned = {s: p for s, p in provenances.items() if p is not None}
     if not captioned:
         raise ValueError(f"No split has caption provenance in column {caption_column!r}; caption it first.")
-    volatile = ("shard", "counts", "mmft_hf_version", "source")
     first_split, base = next(iter(captioned.items()))
     for split, provenance in captioned.items():
-        differing = sorted(
-            k for k in set(base) | set(provenance) if k not in volatile and base.get(k) != provenance.get(k)
-        )
+        differing = _differing_settings(base, provenance, ignore=(*_VOLATILE_KEYS, "source"))
         if differing:
             raise ValueError(f"Split {split!r} was captioned with other settings than {first_split!r}: {differing}.")
+    per_row = len(base["caption_types"]) * base["captions_per_type"]
     counts = {}
     splits = {}
     for split, part in dataset_dict.items():
         if caption_column not in part.column_names:
             part = part.add_column(caption_column, [[]] * len(part), feature=datasets.List(datasets.Value("string")))
-        column = [list(row) for row in part[caption_column]]
-        per_row = len(base["caption_types"]) * base["captions_per_type"]
-        counts[split] = {
-            "rows": len(column),
-            "captions": sum(map(len, column)),
-            "captions_expected": len(column) * per_row if split in captioned else 0,
-            "rows_incomplete": sum(0 < len(row) < per_row for row in column),
-            "rows_without_captions": sum(not row for row in column),
-        }
+        counts[split] = _counts([list(row) for row in part[caption_column]], per_row)
+        if split not in captioned:  # nothing was asked for
+            counts[split]["captions_expected"] = 0
         splits[split] = part
     provenance = {**base, "shard": None, "counts": counts, "source": source or base.get("source")}
     # one provenance (hence identical features) for every split: one config, one schema
@@ -410,8 +416,42 @@ def push_captioned(
         if part.features != features:
             raise ValueError(f"Split {split!r} has features {part.features}, unlike the others: {features}.")
 
-    local = _is_local_target(repo_id_or_local_dir)
-    out_dir = os.path.expanduser(repo_id_or_local_dir) if local else tempfile.mkdtemp(prefix="mmft-push-")
+    layout = dict(
+        splits=splits,
+        features=features,
+        provenance=provenance,
+        caption_column=caption_column,
+        tokenizer=tokenizer,
+        target=repo_id_or_local_dir,
+        pretty_name=pretty_name,
+        license=license,
+        max_shard_size=max_shard_size,
+    )
+    if _is_local_target(repo_id_or_local_dir):
+        out_dir = os.path.expanduser(repo_id_or_local_dir)
+        _write_hub_layout(out_dir, **layout)
+        return out_dir
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="mmft-push-") as out_dir:
+        _write_hub_layout(out_dir, **layout)
+        url = api.create_repo(repo_id_or_local_dir, repo_type="dataset", private=private, exist_ok=True)
+        api.upload_folder(
+            repo_id=repo_id_or_local_dir, folder_path=out_dir, repo_type="dataset", commit_message=commit_message
+        )
+    return str(url)
+
+
+def _write_hub_layout(
+    out_dir, *, splits, features, provenance, caption_column, tokenizer, target, pretty_name, license, max_shard_size
+):
+    """Writes the Parquet shards (images embedded) and the dataset card of `push_captioned` into `out_dir`."""
+    from datasets.info import DatasetInfosDict
+    from datasets.table import embed_table_storage
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCardData
+
     os.makedirs(os.path.join(out_dir, "data"), exist_ok=True)
     info = datasets.DatasetInfo(config_name="default", features=features, splits=datasets.SplitDict())
     info.download_size = info.dataset_size = 0
@@ -439,19 +479,9 @@ def push_captioned(
     MetadataConfigs(
         {"default": {"data_files": [{"split": split, "path": f"data/{split}-*"} for split in splits]}}
     ).to_dataset_card_data(card_data)
-    _render_card(
-        card_data, splits, provenance, caption_column, tokenizer, repo_id_or_local_dir, pretty_name, license
-    ).save(os.path.join(out_dir, "README.md"))
-    if local:
-        return out_dir
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    url = api.create_repo(repo_id_or_local_dir, repo_type="dataset", private=private, exist_ok=True)
-    api.upload_folder(
-        repo_id=repo_id_or_local_dir, folder_path=out_dir, repo_type="dataset", commit_message=commit_message
+    _render_card(card_data, splits, provenance, caption_column, tokenizer, target, pretty_name, license).save(
+        os.path.join(out_dir, "README.md")
     )
-    return str(url)
 
 
 def _render_card(card_data, splits, provenance, caption_column, tokenizer, target, pretty_name, license):

@@ -8,6 +8,7 @@ import datasets
 import numpy as np
 import torch
 
+from .data import to_rgb
 from .prompts import normalize_class_name
 from .prototypes import _max_text_length, _model_device, _pooled, encode_texts
 
@@ -106,12 +107,25 @@ def caption_stats(
     return report
 
 
+def _image_embeddings(model, processor, images: Sequence) -> torch.Tensor:
+    """L2-normalised image embeddings `[len(images), dim]` (float32), one forward pass."""
+    batch = [to_rgb(image) for image in images]
+    pixels = processor.image_processor(images=batch, return_tensors="pt")["pixel_values"].to(_model_device(model))
+    return torch.nn.functional.normalize(_pooled(model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+
+
+def _clip_scores(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> list[float]:
+    """`2.5 * max(cos, 0)` of row-aligned normalised embeddings."""
+    return (2.5 * (image_embeds * text_embeds).sum(-1).clamp(min=0)).tolist()
+
+
 @torch.no_grad()
 def clip_score(model, processor, images: Sequence, captions: Sequence[str], batch_size: int = 64) -> list[float]:
     """CLIPScore of each (image, caption) pair: `2.5 * max(cos(image, text), 0)` (Hessel et al., 2021).
 
-    Texts are truncated to the model's context length with the tokenizer, which keeps `<|endoftext|>` (CLIP pools
-    there). Works offline with any local CLIP-style model that has `get_image_features`/`get_text_features`.
+    Images are converted with [`mmft_hf.data.to_rgb`]; texts are truncated to the model's context length with the
+    tokenizer, which keeps `<|endoftext|>` (CLIP pools there). Works offline with any local CLIP-style model that
+    has `get_image_features`/`get_text_features`.
 
     Args:
         model: e.g. `CLIPModel`, in eval mode.
@@ -125,21 +139,17 @@ def clip_score(model, processor, images: Sequence, captions: Sequence[str], batc
     """
     if len(images) != len(captions):
         raise ValueError(f"Got {len(images)} images but {len(captions)} captions; pass one caption per image.")
-    device, scores = _model_device(model), []
     tokenizer = getattr(processor, "tokenizer", processor)
     _max_text_length(model, tokenizer)  # fails early on a tokenizer without a usable length
+    scores = []
     for start in range(0, len(images), batch_size):
-        batch = [image.convert("RGB") for image in images[start : start + batch_size]]
-        pixels = processor.image_processor(images=batch, return_tensors="pt")["pixel_values"].to(device)
-        image_embeds = torch.nn.functional.normalize(
-            _pooled(model.get_image_features(pixel_values=pixels)).float(), dim=-1
-        )
+        image_embeds = _image_embeddings(model, processor, images[start : start + batch_size])
         text_embeds = encode_texts(model, tokenizer, list(captions[start : start + batch_size]), batch_size=batch_size)
-        cosine = (image_embeds * text_embeds).sum(-1)
-        scores.extend((2.5 * cosine.clamp(min=0)).tolist())
+        scores.extend(_clip_scores(image_embeds, text_embeds))
     return scores
 
 
+@torch.no_grad()
 def dataset_clip_score(
     dataset: datasets.Dataset,
     model,
@@ -151,19 +161,44 @@ def dataset_clip_score(
 ) -> dict:
     """Mean CLIPScore per caption type (complete rows only, as in `caption_stats`) and over all captions.
 
+    Rows are read `batch_size` at a time: each image is decoded and embedded once, and scored against the
+    embeddings of all its captions, so memory is bounded by one batch.
+
+    Args:
+        dataset (`datasets.Dataset`): a captioned dataset.
+        model: e.g. `CLIPModel`, in eval mode.
+        processor: its `CLIPProcessor` (tokenizer + image processor).
+        caption_column (`str`, defaults to `"captions"`): the caption column.
+        image_column (`str`, defaults to `"image"`): the image column.
+        caption_types (`Sequence[str]`, *optional*): the type of each caption position; read from the provenance
+            when omitted. Without either, only `"all"` is reported.
+        batch_size (`int`, defaults to 64): images per forward pass (and texts per text forward pass).
+
     Returns:
         `dict`: `{type or "all": {"count", "mean", "min", "max", p5 .. p95}}`.
     """
     slot_types = _slot_types(dataset, caption_column, caption_types)
-    images, texts, kinds = [], [], []
-    for row in dataset.select_columns([image_column, caption_column]):
-        captions = row[caption_column] or []
-        complete = slot_types is not None and len(captions) == len(slot_types)
-        for position, caption in enumerate(captions):
-            images.append(row[image_column])
-            texts.append(caption)
-            kinds.append(slot_types[position] if complete else None)
-    scores = clip_score(model, processor, images, texts, batch_size=batch_size)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    _max_text_length(model, tokenizer)  # fails early on a tokenizer without a usable length
+    scores, kinds = [], []
+    for batch in dataset.select_columns([image_column, caption_column]).iter(batch_size=batch_size):
+        rows = [
+            (image, captions)
+            for image, captions in zip(batch[image_column], batch[caption_column], strict=True)
+            if captions
+        ]
+        if not rows:
+            continue
+        texts, owners = [], []
+        for owner, (_, captions) in enumerate(rows):
+            complete = slot_types is not None and len(captions) == len(slot_types)
+            for position, caption in enumerate(captions):
+                texts.append(caption)
+                owners.append(owner)
+                kinds.append(slot_types[position] if complete else None)
+        image_embeds = _image_embeddings(model, processor, [image for image, _ in rows])
+        text_embeds = encode_texts(model, tokenizer, texts, batch_size=batch_size)
+        scores.extend(_clip_scores(image_embeds[owners], text_embeds))
     report = {"all": _distribution(scores)}
     for kind in dict.fromkeys(k for k in kinds if k is not None):
         report[kind] = _distribution([s for s, k in zip(scores, kinds, strict=True) if k == kind])

@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 PROVENANCE_FORMAT = "mmft-hf-captions/1"
 _DESCRIPTION_MARKER = "mmft-hf caption provenance: "
 IMAGE_KEY = "sha256 of the image bytes as encoded in the dataset"
+CAPTION_ORDER = "type-major: all captions of caption_types[0], then caption_types[1], ..."
+# Provenance entries that differ between parts of one job (shards, splits) without the captions differing.
+_VOLATILE_KEYS = ("shard", "counts", "mmft_hf_version")
 
 
 @dataclass
@@ -173,6 +176,44 @@ def _image_bytes(value: dict, row: int, image_column: str) -> bytes:
                 f"Row {row}, column {image_column!r}: cannot read image file {value['path']!r}: {error}"
             ) from None
     raise ValueError(f"Row {row}, column {image_column!r}: the image has neither bytes nor a path.")
+
+
+def _provenance_settings(
+    *,
+    prompt_template: str,
+    domain: str,
+    caption_types: Sequence[str],
+    captions_per_type: int,
+    words: int,
+    class_names: Sequence[str] | None,
+    image_column: str,
+    label_column: str,
+) -> dict:
+    """The caption settings recorded in the provenance: everything that shapes the captions but the captioner.
+
+    Args:
+        prompt_template, domain, caption_types, captions_per_type, words, class_names, image_column, label_column:
+            as given to `caption_dataset`.
+
+    Returns:
+        `dict`: JSON-ready settings, including the caption order.
+    """
+    return {
+        "prompt_template": prompt_template,
+        "domain": domain,
+        "caption_types": list(caption_types),
+        "captions_per_type": captions_per_type,
+        "caption_order": CAPTION_ORDER,
+        "words": words,
+        "class_names": list(class_names) if class_names is not None else None,
+        "image_column": image_column,
+        "label_column": label_column,
+    }
+
+
+def _differing_settings(reference: dict, other: dict, ignore: Sequence[str] = _VOLATILE_KEYS) -> list[str]:
+    """The provenance keys whose values differ between `reference` and `other`, sorted, skipping `ignore`."""
+    return sorted(k for k in set(reference) | set(other) if k not in ignore and reference.get(k) != other.get(k))
 
 
 def _provenance(captioner_identity, settings: dict, shard, counts: dict) -> dict:
@@ -458,17 +499,16 @@ def caption_dataset(
     if strict and summary.failures:
         raise CaptioningError(summary.failures, summary)
 
-    settings = {
-        "prompt_template": prompt_template,
-        "domain": domain,
-        "caption_types": list(types),
-        "captions_per_type": captions_per_type,
-        "caption_order": "type-major: all captions of caption_types[0], then caption_types[1], ...",
-        "words": words,
-        "class_names": list(class_names) if class_names is not None else None,
-        "image_column": image_column,
-        "label_column": label_column,
-    }
+    settings = _provenance_settings(
+        prompt_template=prompt_template,
+        domain=domain,
+        caption_types=types,
+        captions_per_type=captions_per_type,
+        words=words,
+        class_names=class_names,
+        image_column=image_column,
+        label_column=label_column,
+    )
     shard = {"num_shards": num_shards, "shard_index": shard_index, "start": start, "stop": stop}
     result = part.add_column(caption_column, columns, feature=datasets.List(datasets.Value("string")))
     result = attach_provenance(
@@ -513,12 +553,10 @@ def merge_caption_shards(shards: Sequence[datasets.Dataset], caption_column: str
                 "shard_index=i) with n > 1."
             )
         provenances.append(provenance)
-    volatile = ("shard", "counts", "mmft_hf_version")
-    reference = {k: v for k, v in provenances[0].items() if k not in volatile}
+    reference = provenances[0]
     for position, provenance in enumerate(provenances[1:], start=1):
-        settings = {k: v for k, v in provenance.items() if k not in volatile}
-        if settings != reference:
-            differing = sorted(k for k in set(settings) | set(reference) if settings.get(k) != reference.get(k))
+        differing = _differing_settings(reference, provenance)
+        if differing:
             raise ValueError(f"Shard {position} was made with different settings ({differing}) than shard 0.")
     num_shards = provenances[0]["shard"]["num_shards"]
     indices = sorted(p["shard"]["shard_index"] for p in provenances)

@@ -3,6 +3,7 @@
 `start_fake_api(delay, plan)` starts it on a free port in a daemon thread. `plan` is a list of
 `(status, headers)` (or `(status, headers, body_override)`) consumed one per request; once empty, every request
 succeeds and echoes the prompt text back as the caption. Stop it with `server.shutdown(); server.server_close()`.
+`wait_until_quiet(server, quiet)` counts the requests once they have stopped arriving.
 """
 
 from __future__ import annotations
@@ -64,6 +65,23 @@ class FakeChatHandler(BaseHTTPRequestHandler):
 class FakeChatServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # the default 5 refuses bursts of concurrent connections
+
+
+def wait_until_quiet(server: FakeChatServer, quiet: float, timeout: float = 30.0) -> int:
+    """Waits until no new request has arrived for `quiet` seconds and returns the number of requests.
+
+    A request the client wrote just before it stopped (closed, killed) is recorded when a handler thread reads it,
+    which on a loaded machine can be a moment later: count after a quiet period, not right away.
+    """
+    deadline = time.monotonic() + timeout
+    count, since = len(server.requests), time.monotonic()
+    while time.monotonic() - since < quiet:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"requests kept arriving for {timeout} s")
+        time.sleep(0.02)
+        if len(server.requests) != count:
+            count, since = len(server.requests), time.monotonic()
+    return count
 
 
 def start_fake_api(delay: float = 0.0, plan=()) -> FakeChatServer:

@@ -9,6 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from PIL import Image
+from transformers import HfArgumentParser
 
 from mmft_hf.builder import PRESETS, CaptionedImages, make_captioner, push_captioned
 from mmft_hf.caption_stats import caption_stats, clip_score, dataset_clip_score
@@ -26,10 +28,17 @@ def source(image_files_dataset):
     return datasets.DatasetDict({"train": ds.select(range(8)), "test": ds.select(range(8, 12))})
 
 
-def test_presets_cover_the_benchmarks():
-    assert len(PRESETS) == 13 and set(PRESETS) == set(DOMAINS)
-    for name, preset in PRESETS.items():
-        assert preset.domain == DOMAINS[name] and preset.source.count("/") == 1 and preset.splits
+def test_every_benchmark_has_a_preset_config():
+    assert set(PRESETS) == set(DOMAINS)
+    for name, preset in PRESETS.items():  # `config_name=name` gives a config with the preset's source and columns
+        config = CaptionedImages.builder_configs[name]
+        assert (config.source, config.splits, config.domain, config.image_column, config.label_column) == (
+            preset.source,
+            preset.splits,
+            preset.domain,
+            preset.image_column,
+            preset.label_column,
+        )
 
 
 def test_builder_prepares_and_reuses_its_cache(source, tmp_path):
@@ -69,6 +78,42 @@ def test_builder_prepares_and_reuses_its_cache(source, tmp_path):
     other = CaptionedImages(captioner=third, **{**kwargs, "cache_dir": str(tmp_path / "hf2")})
     other.download_and_prepare()
     assert third.requests == [] and list(other.as_dataset()["test"]["captions"]) == list(dataset["test"]["captions"])
+
+
+def test_builder_with_a_spec_records_the_built_captioners_identity(source, tmp_path, monkeypatch):
+    built = []
+
+    def fake_make_captioner(spec, **kwargs):
+        assert (spec, kwargs) == ("transformers:tiny-vlm", {"torch_dtype": torch.float16})
+        built.append(FakeCaptioner(model=spec))
+        return built[-1]
+
+    monkeypatch.setattr("mmft_hf.builder.make_captioner", fake_make_captioner)
+    # string labels: the builder makes the ClassLabel (sorted names) and maps each row's label to its id
+    names = source["train"].features["label"].names
+    strings = source.map(lambda row: {"name": names[row["label"]]}).remove_columns("label")
+    builder = CaptionedImages(
+        source=strings,
+        label_column="name",
+        domain="textures",
+        captioner="transformers:tiny-vlm",
+        captioner_kwargs={"torch_dtype": torch.float16},  # not JSON: recorded as text until the captioner exists
+        dataset_name="captioned_spec",
+        cache_dir=str(tmp_path / "hf"),
+        caption_cache_dir=str(tmp_path / "captions"),
+    )
+    assert built == []  # building the builder does not build (load) the captioner
+    assert json.loads(builder.info.features["captions"].feature.id)["captioner"] == {
+        "spec": "transformers:tiny-vlm",
+        "kwargs": {"torch_dtype": "torch.float16"},
+    }
+    builder.download_and_prepare()
+    dataset = builder.as_dataset()
+    (fake,) = built
+    assert caption_provenance(dataset["train"])["captioner"] == fake.cache_identity()
+    assert dataset["train"].features["label"].names == ["banded", "dotted", "striped"]
+    assert list(dataset["train"]["label"]) == list(source["train"]["label"])
+    assert list(dataset["test"]["label"]) == list(source["test"]["label"])
 
 
 def test_builder_errors(source, tmp_path):
@@ -125,7 +170,7 @@ def test_push_captioned_local_layout_and_provenance(source, tmp_path, tiny_token
     assert "| train | 8 | 24 / 24 | 0 | 0 |" in readme and "| test | 4 | 0 / 0 | 0 | 4 |" in readme
     assert "terms of service" in readme
 
-    loaded = datasets.load_dataset(out)
+    loaded = datasets.load_dataset(out, cache_dir=str(tmp_path / "hf"))  # not the shared ~/.cache
     assert isinstance(loaded["train"].features["image"], datasets.Image)
     assert loaded["train"].features["label"] == datasets.ClassLabel(names=["banded", "dotted", "striped"])
     assert loaded["train"].features["captions"].feature.dtype == "string"
@@ -137,6 +182,33 @@ def test_push_captioned_local_layout_and_provenance(source, tmp_path, tiny_token
     for key in ("captioner", "prompt_template", "domain", "caption_types", "captions_per_type", "words"):
         assert provenance[key] == original[key]
     assert provenance["counts"]["train"]["captions"] == 24 and provenance["source"] == "local/textures"
+
+
+def test_push_captioned_to_the_hub_uploads_then_removes_its_staging_folder(source, tmp_path, monkeypatch):
+    train = caption_dataset(
+        source["train"], FakeCaptioner(), domain="textures", cache_dir=tmp_path / "c", show_progress=False
+    )
+    uploads = []
+
+    class FakeHfApi:
+        def __init__(self, token=None):
+            assert token == "hf_test"
+
+        def create_repo(self, repo_id, repo_type, private, exist_ok):
+            assert (repo_id, repo_type, exist_ok) == ("me/captioned", "dataset", True)
+            return f"https://huggingface.co/datasets/{repo_id}"
+
+        def upload_folder(self, repo_id, folder_path, repo_type, commit_message):
+            uploads.append(
+                (folder_path, sorted(os.listdir(folder_path)), sorted(os.listdir(Path(folder_path) / "data")))
+            )
+
+    monkeypatch.setattr("huggingface_hub.HfApi", FakeHfApi)
+    url = push_captioned(datasets.DatasetDict({"train": train}), "me/captioned", token="hf_test")
+    assert url == "https://huggingface.co/datasets/me/captioned"
+    ((folder, files, data),) = uploads
+    assert files == ["README.md", "data"] and data == ["train-00000-of-00001.parquet"]
+    assert not os.path.exists(folder)  # the staging copy is deleted after the upload
 
 
 def test_caption_stats_against_an_independent_count(synthetic_dataset, tiny_tokenizer):
@@ -162,31 +234,80 @@ def test_caption_stats_against_an_independent_count(synthetic_dataset, tiny_toke
     assert set(words_only) == {"rows", "rows_incomplete", "max_length", "all"} and "tokens" not in words_only["all"]
 
 
-def test_clip_score_matches_the_model_forward(synthetic_dataset, tiny_clip):
+def test_clip_score_matches_the_model_forward(synthetic_dataset, tiny_clip, monkeypatch):
     model, processor = tiny_clip
     model.eval()
     rows = synthetic_dataset["test"].select(range(6))
-    images, captions = list(rows["image"]), [c[0] for c in rows["captions"]]
-    scores = clip_score(model, processor, images, captions, batch_size=4)
-    with torch.no_grad():  # independent: the full forward's normalised embeddings
-        inputs = processor(text=captions, images=images, return_tensors="pt", padding=True, truncation=True)
-        output = model(**inputs)
-        cosine = (output.image_embeds * output.text_embeds).sum(-1)
-    expected = [2.5 * max(c, 0.0) for c in cosine.tolist()]
-    assert scores == pytest.approx(expected, abs=1e-5)
-    assert any(c < 0 for c in cosine.tolist()) or all(s > 0 for s in scores)
-    report = dataset_clip_score(rows, model, processor, caption_types=("visual", "shape", "texture"))
-    assert report["visual"]["count"] == 6 and report["visual"]["mean"] == pytest.approx(np.mean(expected), abs=1e-5)
+    images = list(rows["image"])
+
+    def reference(captions):  # independent: the full forward's normalised embeddings
+        with torch.no_grad():
+            inputs = processor(text=captions, images=images, return_tensors="pt", padding=True, truncation=True)
+            output = model(**inputs)
+        return (output.image_embeds * output.text_embeds).sum(-1).tolist()
+
+    cosine = reference([c[0] for c in rows["captions"]])
+    scores = clip_score(model, processor, images, [c[0] for c in rows["captions"]], batch_size=4)
+    assert scores == pytest.approx([2.5 * max(c, 0.0) for c in cosine], abs=1e-5)
+    assert min(cosine) < 0 and 0.0 in scores  # a negative cosine scores 0
+    # a 16-bit image scores as its 8-bit version (rescaled, not clipped to white)
+    gray = images[0].convert("L")
+    deep = Image.fromarray(np.asarray(gray, dtype=np.uint16) * 257)
+    caption = rows["captions"][0][:1]
+    assert clip_score(model, processor, [deep], caption) == pytest.approx(
+        clip_score(model, processor, [gray], caption)
+    )
+
+    types = ("visual", "shape", "texture")
+    expected = {
+        kind: [2.5 * max(c, 0.0) for c in reference([c[k] for c in rows["captions"]])] for k, kind in enumerate(types)
+    }
+    encoded = []
+    get_image_features = model.get_image_features
+
+    def counting(pixel_values, **kwargs):
+        encoded.append(len(pixel_values))
+        return get_image_features(pixel_values, **kwargs)
+
+    monkeypatch.setattr(model, "get_image_features", counting)
+    report = dataset_clip_score(rows, model, processor, caption_types=types, batch_size=4)
+    assert encoded == [4, 2]  # each image once, in batches of rows
+    for kind, values in expected.items():
+        assert report[kind]["count"] == 6 and report[kind]["mean"] == pytest.approx(np.mean(values), abs=1e-5)
+        assert report[kind]["max"] == pytest.approx(max(values), abs=1e-5)
     assert report["all"]["count"] == 18
+    assert report["all"]["mean"] == pytest.approx(np.mean(sum(expected.values(), [])), abs=1e-5)
 
 
-def test_generate_captions_example_end_to_end(source, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def generate_captions():
     sys.path.insert(0, str(ROOT / "examples"))
     try:
         import generate_captions
     finally:
         sys.path.pop(0)
+    return generate_captions
+
+
+def test_generate_captions_arguments(generate_captions):
+    def kwargs(*argv):
+        parser = HfArgumentParser(generate_captions.CaptioningArguments)
+        return generate_captions.captioner_kwargs(parser.parse_args_into_dataclasses(args=list(argv))[0])
+
+    local = kwargs("--captioner", "transformers:x", "--temperature", "0.7", "--max_tokens", "64", "--batch_size", "2")
+    assert local == {"batch_size": 2, "temperature": 0.7, "max_new_tokens": 64}
+    api = kwargs("--temperature", "0.7", "--max_tokens", "64", "--base_url", "http://localhost:8000/v1")
+    assert api["api_key_env"] == "OPENAI_API_KEY" and (api["temperature"], api["max_tokens"]) == (0.7, 64)
+    for no_key in ("none", "None", ""):  # a local server needs no key
+        assert kwargs("--api_key_env", no_key)["api_key_env"] is None
+    with pytest.raises(ValueError, match="Unknown preset 'dtdd'; choose from"):
+        generate_captions.main(["--preset", "dtdd"])
+
+
+def test_generate_captions_example_end_to_end(generate_captions, source, tmp_path, monkeypatch):
     source.save_to_disk(str(tmp_path / "src"))
+    names = ["wavy bands", "polka dots", "pinstripes"]
+    (tmp_path / "names.txt").write_text("\n".join(names) + "\n\n")
     server = start_fake_api()
     try:
         argv = [
@@ -211,6 +332,8 @@ def test_generate_captions_example_end_to_end(source, tmp_path, monkeypatch):
             str(tmp_path / "out"),
             "--max_concurrency",
             "4",
+            "--class_names",
+            str(tmp_path / "names.txt"),
         ]
         monkeypatch.setenv("FAKE_KEY", "sk-test")
         summary = generate_captions.main(argv)
@@ -219,7 +342,11 @@ def test_generate_captions_example_end_to_end(source, tmp_path, monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
-    loaded = datasets.load_dataset(str(tmp_path / "out"))
+    loaded = datasets.load_dataset(str(tmp_path / "out"), cache_dir=str(tmp_path / "hf"))
     assert list(loaded) == ["train"] and len(loaded["train"]) == 8
-    assert loaded["train"][0]["captions"] == [build_prompt("banded", "textures", k) for k in ("visual", "shape")]
+    for row in (0, 1):  # the prompts name the classes from --class_names
+        label = loaded["train"][row]["label"]
+        assert loaded["train"][row]["captions"] == [
+            build_prompt(names[label], "textures", k) for k in ("visual", "shape")
+        ]
     assert json.loads(loaded["train"].features["captions"].feature.id)["captioner"]["model"] == "fake-mllm"

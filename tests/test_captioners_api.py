@@ -9,10 +9,15 @@ import socket
 import time
 
 import pytest
-from fake_chat_server import start_fake_api
+from fake_chat_server import start_fake_api, wait_until_quiet
 from PIL import Image
 
-from mmft_hf.captioners import CaptionerAuthenticationError, CaptionRequest, OpenAICompatibleCaptioner
+from mmft_hf.captioners import (
+    CaptionerAuthenticationError,
+    CaptionRequest,
+    OpenAICompatibleCaptioner,
+    openai_compatible,
+)
 
 SECRET = "sk-test-DO-NOT-LEAK-8f3a2c"
 FAST = {"retry-after-ms": "10"}  # keeps SDK retries quick where the backoff itself is not under test
@@ -86,7 +91,14 @@ def test_success_echoes_prompt_with_usage_and_settings(api):
 
 
 @pytest.mark.parametrize(("image_format", "mime"), [("JPEG", "image/jpeg"), ("PNG", "image/png")])
-def test_image_arrives_as_bounded_rgb_data_url(api, image_format, mime):
+def test_image_arrives_as_bounded_rgb_data_url(api, monkeypatch, image_format, mime):
+    prepared, prepare_image = [], openai_compatible.prepare_image
+
+    def counting_prepare_image(image, max_image_side):
+        prepared.append(image)
+        return prepare_image(image, max_image_side)
+
+    monkeypatch.setattr(openai_compatible, "prepare_image", counting_prepare_image)
     server = api()
     captioner = make_captioner(server, max_image_side=64, image_format=image_format)
     big = Image.new("RGBA", (1000, 500), (0, 0, 255, 255))
@@ -97,7 +109,8 @@ def test_image_arrives_as_bounded_rgb_data_url(api, image_format, mime):
         user_parts(body)["text"]["text"]: user_parts(body)["image_url"]["image_url"]["url"]
         for *_, body in server.requests
     }
-    assert urls["visual"] == urls["shape"]  # one image, encoded once, sent with both prompts
+    assert urls["visual"] == urls["shape"]  # one image sent with both prompts...
+    assert len(prepared) == 2 and {id(image) for image in prepared} == {id(big), id(small)}  # ...encoded once
     for prompt, size in (("visual", (64, 32)), ("texture", (20, 10))):  # downscaled; never upscaled
         header, payload = urls[prompt].split(",", 1)
         assert header == f"data:{mime};base64"
@@ -130,8 +143,8 @@ def test_5xx_until_retries_run_out_is_a_failed_request(api):
 
 
 def test_slow_response_past_timeout_is_retried(api):
-    server = api(plan=[(200, {"X-Delay": "1.0"})])
-    captioner = make_captioner(server, timeout=0.3, max_retries=1)
+    server = api(plan=[(200, {"X-Delay": "2.0"})])  # the retry must finish within the timeout on a loaded machine
+    captioner = make_captioner(server, timeout=0.8, max_retries=1)
     ((_, result),) = list(captioner.caption(make_requests(1)))
     assert result.text == "describe image 0" and result.retries == 1 and len(server.requests) == 2
 
@@ -246,7 +259,8 @@ def test_requests_overlap_up_to_max_concurrency(api):
 
 
 def test_results_come_in_completion_order(api):
-    slow_first = [(200, {"X-Delay": "0.3"})]  # the first request to arrive is slow; the others overtake it
+    # the first request to arrive is slow; the others overtake it (with time to spare on a loaded machine)
+    slow_first = [(200, {"X-Delay": "2.0"})]
     server = api(plan=slow_first)
     captioner = make_captioner(server, max_concurrency=3)
     results = list(captioner.caption(make_requests(3)))
@@ -257,13 +271,15 @@ def test_results_come_in_completion_order(api):
 
 
 def test_closing_early_cancels_the_rest(api):
-    server = api(delay=0.2)
+    server = api(delay=0.3)
     iterator = make_captioner(server, max_concurrency=2).caption(make_requests(10))
     next(iterator)
     iterator.close()  # the consumer stops: in-flight requests are cancelled, nothing new is sent
-    sent = len(server.requests)
+    # Sent before the close: the first two, and at most one more per slot freed by a finished request. One written
+    # just before the close may be recorded a moment after it, hence the quiet period before counting.
+    sent = wait_until_quiet(server, quiet=0.15)
     assert sent <= 4
-    time.sleep(0.3)  # longer than one request: a leftover worker would have sent more by now
+    time.sleep(0.4)  # longer than one request: a leftover worker would have sent more by now
     assert len(server.requests) == sent
 
 

@@ -2,6 +2,7 @@
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -142,3 +143,11 @@ def test_prepare_image_modes_and_bounds():
     assert prepare_image(Image.new("RGB", (2000, 3)), 100).size == (100, 1)  # thin images keep >= 1 px
     with pytest.raises(TypeError, match="PIL"):
         prepare_image("cat.jpg", 768)
+
+
+def test_prepare_image_rescales_16_bit_images():
+    # a 16-bit scan at a quarter and at three quarters of the range: PIL's own conversion clips both to white
+    deep = Image.fromarray(np.array([[16384, 49152]], dtype=np.uint16))
+    out = prepare_image(deep, 768)
+    assert out.mode == "RGB" and [out.getpixel((x, 0)) for x in range(2)] == [(64, 64, 64), (191, 191, 191)]
+    assert deep.mode == "I;16" and deep.getpixel((0, 0)) == 16384  # the caller's image is untouched

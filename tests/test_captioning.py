@@ -21,7 +21,7 @@ from mmft_hf.captioning import (
     shard_bounds,
 )
 from mmft_hf.prompts import build_prompt
-from tests.fake_chat_server import start_fake_api
+from tests.fake_chat_server import start_fake_api, wait_until_quiet
 
 TYPES = ("visual", "shape", "texture")
 
@@ -34,11 +34,11 @@ class FakeCaptioner:
     """
 
     issued = 0  # shared counter: caption numbers are unique in a test session
+    _lock = threading.Lock()  # guards `issued`, which instances on other threads share
 
     def __init__(self, model="fake", fail=None, text=None, raise_after=None, delay=0.0):
         self.model, self.fail, self.text, self.raise_after, self.delay = model, fail, text, raise_after, delay
         self.requests = []
-        self.lock = threading.Lock()
 
     def cache_identity(self):
         return {"backend": "fake", "model": self.model, "temperature": 0.2}
@@ -49,7 +49,7 @@ class FakeCaptioner:
             if self.raise_after is not None and len(self.requests) >= self.raise_after:
                 raise PermissionError("HTTP 401: invalid API key")
             time.sleep(self.delay)
-            with self.lock:
+            with FakeCaptioner._lock:
                 self.requests.append(request)
                 FakeCaptioner.issued += 1
                 number = FakeCaptioner.issued
@@ -388,8 +388,9 @@ def test_sigkill_mid_run_then_resume_loses_nothing(tmp_path):
             worker.kill()
             worker.wait()
     stored = _count_cached(cache_file)
-    with server.lock:
-        first_run_requests = len(server.requests)
+    # a request sent just before the kill may be recorded a moment later: count once none has arrived for longer
+    # than the server takes to answer one
+    first_run_requests = wait_until_quiet(server, quiet=0.5)
     assert 5 <= stored < 24, "the kill must land mid-run"
     assert first_run_requests >= stored
 

@@ -3,7 +3,6 @@ import pytest
 from mmft_hf.prompts import (
     CAPTION_TYPES,
     DOMAINS,
-    PROMPT_TEMPLATE,
     build_prompt,
     normalize_class_name,
     validate_caption_types,
@@ -86,7 +85,6 @@ def test_bad_templates(template, message):
 
 
 def test_bad_arguments():
-    assert PROMPT_TEMPLATE.count("{") == 4
     with pytest.raises(ValueError, match="words"):
         build_prompt("cat", "pets", "visual", words=0)
     with pytest.raises(ValueError, match="domain"):

@@ -8,6 +8,8 @@ import re
 
 from PIL import Image
 
+from ..data import to_rgb
+
 # A reasoning model may emit its chain of thought before the answer; an unclosed block (output cut off by the
 # token limit) runs to the end of the text, so nothing of it can leak into a caption.
 _THINK_BLOCK = re.compile(r"<think>.*?(?:</think>|\Z)", flags=re.DOTALL | re.IGNORECASE)
@@ -35,27 +37,27 @@ def strip_thinking(text: str) -> str:
 def prepare_image(image: Image.Image, max_image_side: int | None) -> Image.Image:
     """Converts an image to RGB and downscales it so that its longer side is at most `max_image_side`.
 
-    Transparent pixels are composited onto white (a plain `convert("RGB")` turns them black, which changes what a
-    captioner sees); grayscale, palette and CMYK images are converted. Images are never upscaled.
+    The conversion is [`mmft_hf.data.to_rgb`], the one training uses: transparent pixels are composited onto white
+    (a plain `convert("RGB")` turns them black, which changes what a captioner sees), 16-bit and float images are
+    rescaled to 8 bits (not clipped to white), and grayscale, palette and CMYK images are converted. Images are
+    never upscaled.
 
     Args:
         image (`PIL.Image.Image`): the input image, any mode.
         max_image_side (`int`, *optional*): the longest side allowed, in pixels; `None` keeps the size.
 
     Returns:
-        `PIL.Image.Image`: an RGB image (a new object; the input is left untouched).
+        `PIL.Image.Image`: an RGB image with its pixels loaded (a new object, so an unreadable file fails here; the
+        input is left untouched).
     """
     if not isinstance(image, Image.Image):
         raise TypeError(f"Expected a PIL.Image.Image, got {type(image).__name__}; decode the image column first.")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        rgb = Image.new("RGB", rgba.size, (255, 255, 255))
-        rgb.paste(rgba, mask=rgba.getchannel("A"))
-    else:
-        rgb = image.convert("RGB")  # always a copy, also for RGB input
+    if max_image_side is not None and max_image_side < 1:
+        raise ValueError(f"max_image_side must be a positive number of pixels or None, got {max_image_side}.")
+    rgb = to_rgb(image)
+    if rgb is image:  # already RGB: `to_rgb` hands the input back
+        rgb = image.copy()
     if max_image_side is not None:
-        if max_image_side < 1:
-            raise ValueError(f"max_image_side must be a positive number of pixels or None, got {max_image_side}.")
         width, height = rgb.size
         longest = max(width, height)
         if longest > max_image_side:
