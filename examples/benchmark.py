@@ -41,6 +41,8 @@ from mmft_hf.evaluation import (
     RESULTS_FILENAME,
     append_result,
     cell_key,
+    check_method_arguments,
+    finished_cells,
     load_benchmark_splits,
     parse_method,
     parse_shots,
@@ -79,8 +81,8 @@ class BenchmarkArguments:
     train_split: str | None = field(default=None, metadata={"help": "Training split (default: train)."})
     validation_split: str | None = field(
         default=None,
-        metadata={"help": "Official validation split; default 'validation' when the preset/dataset has a separate "
-                  "test split, else a seeded --validation_fraction of train."},
+        metadata={"help": "Official validation split; a split named here must exist. Default: 'validation' where "
+                  "the dataset has it and it is not the test split, else a seeded --validation_fraction of train."},
     )  # fmt: skip
     test_split: str | None = field(default=None, metadata={"help": "Test split (default: the preset's, else test)."})
     validation_fraction: float = field(default=0.1, metadata={"help": "Held-out share of train without a val split."})
@@ -141,8 +143,11 @@ def load_raw(name: str, location: str | None, bench: BenchmarkArguments) -> tupl
                 raw[split] = raw[split].rename_column(original, canonical)
     splits = list(preset.splits) if preset else list(raw)
     test = bench.test_split or (splits[-1] if preset else "test")
-    validation = bench.validation_split or ("validation" if "validation" in raw and test != "validation" else None)
-    return raw, {"train_split": bench.train_split or "train", "validation_split": validation, "test_split": test}
+    return raw, {
+        "train_split": bench.train_split or "train",
+        "validation_split": bench.validation_split,  # None: `load_benchmark_splits` looks for "validation"
+        "test_split": test,
+    }
 
 
 def model_loader(bench: BenchmarkArguments, raw: datasets.DatasetDict, train_split: str):
@@ -179,14 +184,14 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     entries = parse_datasets(bench.dataset)
     methods = [m.strip() for m in bench.methods.split(",") if m.strip()]
-    for method in methods:
-        parse_method(method)  # fail before any work on a typo
+    for method in methods:  # fail before any work on a typo or an unsupported combination
+        check_method_arguments(parse_method(method), training_args)
     seeds = [int(s) for s in bench.seeds.split(",") if s.strip()]
     cells = plan_cells(list(entries), methods, parse_shots(bench.shots), seeds)
     results_path = os.path.join(training_args.output_dir, RESULTS_FILENAME)
-    done = {cell_key(record) for record in read_results(results_path)}  # every rank reads it before any rank writes
+    is_main = training_args.process_index == 0  # sets up the process group `finished_cells` broadcasts over
+    done = finished_cells(results_path)  # read by rank 0 before any rank writes, the same on every rank
     pending = [cell for cell in cells if cell_key(cell) not in done]
-    is_main = training_args.process_index == 0
     if bench.dry_run:
         if is_main:
             for cell in cells:
@@ -206,7 +211,12 @@ def main(argv: list[str] | None = None) -> dict:
             loaded[name] = (raw, split_names, model_loader(bench, raw, split_names["train_split"]))
         raw, split_names, load_model = loaded[name]
         splits, protocol = load_benchmark_splits(
-            raw, cell["shots"], cell["seed"], validation_fraction=bench.validation_fraction, **split_names
+            raw,
+            cell["shots"],
+            cell["seed"],
+            validation_fraction=bench.validation_fraction,
+            label_column=training_args.label_column,
+            **split_names,
         )
         args = dataclasses.replace(
             training_args, output_dir=cell_dir(training_args.output_dir, cell), seed=cell["seed"]

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import datasets
 from transformers import AutoModel, AutoProcessor, HfArgumentParser, set_seed
 
-from mmft_hf import MMFTTrainer, MMFTTrainingArguments, sample_few_shot, train_validation_split
+from mmft_hf import MMFTTrainer, MMFTTrainingArguments
+from mmft_hf.evaluation import load_benchmark_splits
 from mmft_hf.synthetic import DEMO_TRAINING_ARGUMENTS, build_demo_clip, make_synthetic_dataset
 
 logger = logging.getLogger("finetune")
@@ -51,41 +52,45 @@ class DataArguments:
     dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
     train_split: str = field(default="train", metadata={"help": "Split with the captioned training images."})
     validation_split: str | None = field(
-        default="validation",
-        metadata={"help": "Validation split; if the dataset lacks it, a seeded --validation_fraction of train."},
-    )
-    test_split: str | None = field(default="test", metadata={"help": "Test split, evaluated at the end if present."})
+        default=None,
+        metadata={"help": "Validation split; a split named here must exist. Default: 'validation' where the dataset "
+                  "has it, else a seeded --validation_fraction of train."},
+    )  # fmt: skip
+    test_split: str | None = field(
+        default=None,
+        metadata={"help": "Split evaluated at the end; a split named here must exist. Default: 'test' where the "
+                  "dataset has it, else the validation split."},
+    )  # fmt: skip
     validation_fraction: float = field(default=0.1, metadata={"help": "Held-out share of train when no val split."})
     num_shots: int | None = field(default=None, metadata={"help": "Images per class kept for training (k-shot)."})
     demo_num_classes: int = field(default=8, metadata={"help": "Classes of the synthetic demo dataset."})
     demo_train_per_class: int = field(default=64, metadata={"help": "Training images per class in the demo."})
 
 
-def load_splits(data_args: DataArguments, seed: int, cache_dir: str | None) -> datasets.DatasetDict:
-    """train / validation (official or seeded split of train) / optional test, with k-shot sampling of train."""
+def load_splits(data_args: DataArguments, training_args: MMFTTrainingArguments, cache_dir: str | None):
+    """Train / validation / optional test by the benchmark's protocol (`mmft_hf.evaluation.load_benchmark_splits`):
+    the official validation split or a seeded, class-stratified hold-out of train, then k-shot sampling of train.
+
+    Returns:
+        `(datasets.DatasetDict, protocol)`: `protocol` says where the validation split came from.
+    """
     if data_args.dataset_name is None:
         raw = make_synthetic_dataset(
             num_classes=data_args.demo_num_classes, train_per_class=data_args.demo_train_per_class, seed=0
         )
     else:
         raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
-    if data_args.train_split not in raw:
-        raise ValueError(
-            f"Split {data_args.train_split!r} not in the dataset (it has {list(raw)}); set --train_split."
-        )
-    splits = {"train": raw[data_args.train_split]}
-    if data_args.validation_split and data_args.validation_split in raw:
-        splits["validation"] = raw[data_args.validation_split]
-    else:
-        held_out = train_validation_split(
-            splits["train"], validation_fraction=data_args.validation_fraction, seed=seed
-        )
-        splits["train"], splits["validation"] = held_out["train"], held_out["validation"]
-    if data_args.num_shots:
-        splits["train"] = sample_few_shot(splits["train"], data_args.num_shots, seed=seed)
-    if data_args.test_split and data_args.test_split in raw:
-        splits["test"] = raw[data_args.test_split]
-    return datasets.DatasetDict(splits)
+    test_split = data_args.test_split or ("test" if "test" in raw else None)
+    return load_benchmark_splits(
+        raw,
+        shots=data_args.num_shots,
+        seed=training_args.seed,
+        train_split=data_args.train_split,
+        validation_split=data_args.validation_split,
+        test_split=test_split,
+        validation_fraction=data_args.validation_fraction,
+        label_column=training_args.label_column,
+    )
 
 
 def load_model(model_args: ModelArguments, train_dataset: datasets.Dataset):
@@ -113,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
     if demo:
         logger.info("No model or dataset given: running the offline demo (synthetic shapes, small CLIP).")
     set_seed(training_args.seed)
-    splits = load_splits(data_args, training_args.seed, model_args.cache_dir)
+    splits, protocol = load_splits(data_args, training_args, model_args.cache_dir)
+    logger.info(f"Splits: {', '.join(f'{name} {len(split)} rows' for name, split in splits.items())} ({protocol}).")
     model, processor = load_model(model_args, splits["train"])
     trainer = MMFTTrainer(
         model=model,

@@ -21,32 +21,33 @@ import glob
 import json
 import math
 import os
-import random
 import re
 import resource
 import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 
 import datasets
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from transformers import Trainer
 from transformers.utils import logging
 
-from .captioning import caption_provenance
-from .collator import _crop_size
-from .data import load_image, random_resized_crop, sample_few_shot, to_rgb, train_validation_split
-from .prompts import CAPTION_TYPES
+from .captioning import attach_provenance, caption_provenance
+from .collator import MMFTDataCollator
+from .data import sample_few_shot, train_validation_split
+from .prompts import CAPTION_TYPES, normalize_class_name, validate_caption_types
 from .prototypes import OPENAI_IMAGENET_TEMPLATES, zero_shot_prototypes
-from .trainer import MMFTTrainer
+from .trainer import ROW_INDEX_COLUMN, MMFTTrainer, decay_parameter_names, with_row_errors
 from .training_args import PROTOTYPE_SOURCES, MMFTTrainingArguments
 
 logger = logging.get_logger(__name__)
 
 FULL = "full"
+DEFAULT_VALIDATION_SPLIT = "validation"  # used when present and no validation split is named
 ZERO_SHOT = 0  # the `shots` value of a zero-shot cell: it trains on nothing, so it is run once (seed 0)
 LOW_SEED_MARK = "†"
 RESULTS_FILENAME = "results.jsonl"
@@ -110,7 +111,8 @@ def parse_method(name: str) -> MethodSpec:
         name (`str`): see `METHOD_HELP`.
 
     Raises:
-        `ValueError`: for an unknown method or option, naming the accepted ones.
+        `ValueError`: for an unknown method or option, naming the accepted ones, or malformed caption types (empty,
+            duplicated); whether the dataset has the types is checked when a cell selects them.
     """
     if name in BASE_METHODS:
         return BASE_METHODS[name]
@@ -126,7 +128,10 @@ def parse_method(name: str) -> MethodSpec:
                 raise ValueError(f"Method {name!r}: the SupCon weight in {option!r} must be in [0, 1].")
             overrides["supcon_weight"] = weight
         elif option.startswith("types") and len(option) > 5:
-            caption_types = tuple(option[5:].split("+"))
+            try:
+                caption_types = validate_caption_types(option[5:].split("+"))
+            except ValueError as error:
+                raise ValueError(f"Method {name!r}: {error}") from None
         elif option == "notemplate":
             overrides["class_template"] = None
         elif option.startswith("infer") and option[5:] in PROTOTYPE_SOURCES:
@@ -153,24 +158,41 @@ def parse_shots(text: str) -> list[int | str]:
 def protocol_splits(
     raw: datasets.DatasetDict,
     train_split: str = "train",
-    validation_split: str | None = "validation",
-    test_split: str = "test",
-) -> tuple[str, str | None, str]:
-    """Checks which named splits exist; returns `(train, validation or None, test)`.
+    validation_split: str | None = None,
+    test_split: str | None = "test",
+) -> tuple[str, str | None, str | None]:
+    """Checks the named splits and resolves the validation split; returns `(train, validation, test)`.
+
+    Args:
+        raw (`datasets.DatasetDict`): the dataset.
+        train_split (`str`, defaults to `"train"`): must exist.
+        validation_split (`str`, *optional*): a named split must exist. `None` picks `"validation"` when the
+            dataset has it and it is neither the train nor the test split, else returns `None` (the caller then holds
+            out part of train).
+        test_split (`str`, *optional*, defaults to `"test"`): must exist when named; `None` means no test split.
 
     Raises:
-        `ValueError`: if the train or the test split is missing (selecting or reporting on a substitute would break
-            the protocol), naming the splits the dataset has.
+        `ValueError`: if a named split is missing (selecting or reporting on a substitute would break the protocol),
+            naming the splits the dataset has, or if the validation split is the train or the test split.
     """
-    for role, name in (("train", train_split), ("test", test_split)):
-        if name not in raw:
+    hints = {
+        "train": "",
+        "validation": f" Leave it unset to use {DEFAULT_VALIDATION_SPLIT!r} where the dataset has it, else a seeded "
+        "hold-out of train.",
+        "test": " The protocol needs a held-out test split.",
+    }
+    for role, name in (("train", train_split), ("validation", validation_split), ("test", test_split)):
+        if name is not None and name not in raw:
             raise ValueError(
-                f"The {role} split {name!r} is not in the dataset (it has {list(raw)}); set --{role}_split. "
-                "The protocol needs a held-out test split."
+                f"The {role} split {name!r} is not in the dataset (it has {list(raw)}); set --{role}_split."
+                + hints[role]
             )
+    if validation_split is None:
+        found = DEFAULT_VALIDATION_SPLIT in raw and DEFAULT_VALIDATION_SPLIT not in (train_split, test_split)
+        return train_split, DEFAULT_VALIDATION_SPLIT if found else None, test_split
     if validation_split in (train_split, test_split):
         raise ValueError(f"The validation split {validation_split!r} must differ from the train and test splits.")
-    return train_split, (validation_split if validation_split and validation_split in raw else None), test_split
+    return train_split, validation_split, test_split
 
 
 def load_benchmark_splits(
@@ -178,8 +200,8 @@ def load_benchmark_splits(
     shots: int | str | None,
     seed: int,
     train_split: str = "train",
-    validation_split: str | None = "validation",
-    test_split: str = "test",
+    validation_split: str | None = None,
+    test_split: str | None = "test",
     validation_fraction: float = 0.1,
     label_column: str = "label",
 ) -> tuple[datasets.DatasetDict, str]:
@@ -190,14 +212,21 @@ def load_benchmark_splits(
         shots (`int`, `"full"` or `None`): images per class kept for training; `"full"`/`None` keeps all, `0`
             (zero-shot) keeps all too (the training rows then only name the classes).
         seed (`int`): seeds the validation hold-out (when there is no official one) and the k-shot sample.
-        train_split / validation_split / test_split (`str`): split names; a missing validation split is replaced
-            by a seeded, class-stratified `validation_fraction` of train.
+        train_split (`str`, defaults to `"train"`): the training split.
+        validation_split (`str`, *optional*): the official validation split; a named split must exist. `None` uses
+            `"validation"` where the dataset has it (and it is not the test split), else a seeded, class-stratified
+            `validation_fraction` of train.
+        test_split (`str`, *optional*, defaults to `"test"`): must exist when named; `None` returns no `"test"`.
         validation_fraction (`float`, defaults to 0.1): held-out share of train when there is no validation split.
         label_column (`str`, defaults to `"label"`): the `ClassLabel` column.
 
     Returns:
-        `(DatasetDict with "train", "validation", "test", protocol)`; `protocol` is `"official validation split"` or
-        `"seeded 90/10 train/validation split"` (with the fraction), recorded with every result.
+        `(DatasetDict with "train", "validation" and, unless test_split is None, "test", protocol)`; `protocol` is
+        `"official validation split"` or `"seeded 90/10 train/validation split"` (with the fraction), recorded with
+        every result.
+
+    Raises:
+        `ValueError`: see `protocol_splits`.
     """
     train_name, validation_name, test_name = protocol_splits(raw, train_split, validation_split, test_split)
     train = raw[train_name]
@@ -210,7 +239,10 @@ def load_benchmark_splits(
         protocol = f"seeded {kept}/{100 - kept} train/validation split"
     if shots not in (None, FULL, ZERO_SHOT):
         train = sample_few_shot(train, int(shots), seed=seed, label_column=label_column)
-    return datasets.DatasetDict({"train": train, "validation": validation, "test": raw[test_name]}), protocol
+    splits = {"train": train, "validation": validation}
+    if test_name is not None:
+        splits["test"] = raw[test_name]
+    return datasets.DatasetDict(splits), protocol
 
 
 def select_caption_types(
@@ -223,11 +255,13 @@ def select_caption_types(
 
     The types and the number of captions per type come from the dataset's caption provenance, else `all_types`
     (default `("visual", "shape", "texture")`). A row with an incomplete caption list cannot be attributed to types;
-    it keeps no caption (it trains on the class template alone) and the count is logged.
+    it keeps no caption (it trains on the class template alone) and the count is logged. The returned dataset's
+    provenance (when the dataset has one) lists the kept types only.
 
     Raises:
         `ValueError`: for a type the dataset was not captioned with, or lists that do not fit the type count.
     """
+    keep = validate_caption_types(keep)
     provenance = caption_provenance(dataset, caption_column) or {}
     types = list(all_types or provenance.get("caption_types") or CAPTION_TYPES)
     unknown = [kind for kind in keep if kind not in types]
@@ -254,7 +288,11 @@ def select_caption_types(
     def keep_types(batch):
         return {caption_column: [[c[i] for i in slots] if len(c) == expected else [] for c in batch[caption_column]]}
 
-    return dataset.map(keep_types, batched=True, desc="Selecting caption types")
+    selected = dataset.map(keep_types, batched=True, desc="Selecting caption types")
+    if provenance:
+        kept = [kind for kind in types if kind in keep]
+        selected = attach_provenance(selected, {**provenance, "caption_types": kept}, caption_column)
+    return selected
 
 
 # ---------------------------------------------------------------------------------------------- CE fine-tuning
@@ -290,21 +328,15 @@ class ZeroShotLinearClassifier(torch.nn.Module):
         return outputs
 
 
-def _image_transform(batch: dict, image_processor, image_column: str, label_column: str, crop=None) -> dict:
-    """`datasets` on-the-fly transform: images → `pixel_values` (with the training crop when `crop` is given)."""
-    images = [to_rgb(load_image(value)) for value in batch[image_column]]
-    if crop is not None:
-        size, scale, rng = crop
-        images = [random_resized_crop(image, size, scale=scale, rng=rng) for image in images]
-    pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
-    return {"pixel_values": list(pixel_values), "labels": list(batch[label_column])}
+@dataclass
+class _ImagesAndLabels:
+    """An `MMFTDataCollator` batch without the texts: the CE baseline reads images exactly as MMFT does."""
 
+    collator: MMFTDataCollator
 
-def _stack(rows: list[dict]) -> dict[str, torch.Tensor]:
-    return {
-        "pixel_values": torch.stack([row["pixel_values"] for row in rows]),
-        "labels": torch.tensor([int(row["labels"]) for row in rows]),
-    }
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.collator(rows)
+        return {"pixel_values": batch["pixel_values"], "labels": batch["labels"]}
 
 
 def _accuracy(eval_prediction) -> dict[str, float]:
@@ -312,28 +344,94 @@ def _accuracy(eval_prediction) -> dict[str, float]:
     return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())}
 
 
-def build_ce_trainer(model, processor, splits: datasets.DatasetDict, args: MMFTTrainingArguments, class_names):
-    """A plain `transformers.Trainer` for CE fine-tuning: `ZeroShotLinearClassifier` (head from the 80-template
-    zero-shot prototypes), training crop as for MMFT, `eval_accuracy` on the validation split for selection."""
+class CETrainer(Trainer):
+    """The `transformers.Trainer` of the CE baseline: MMFT's weight-decay rule, and a collator of its own (no random
+    crop) for evaluation and test batches.
+
+    Args:
+        eval_data_collator: collates evaluation and test batches; `data_collator` collates training batches.
+        *args, **kwargs: passed to `transformers.Trainer`.
+    """
+
+    def __init__(self, *args, eval_data_collator, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_data_collator = eval_data_collator
+
+    def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
+        return decay_parameter_names(self, model)
+
+    def _evaluation_loader(self, make_loader, dataset):
+        training_collator, self.data_collator = self.data_collator, self.eval_data_collator
+        try:
+            return make_loader(dataset)
+        finally:
+            self.data_collator = training_collator
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        return self._evaluation_loader(super().get_eval_dataloader, eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        return self._evaluation_loader(super().get_test_dataloader, test_dataset)
+
+
+def check_method_arguments(method: MethodSpec, args: MMFTTrainingArguments) -> None:
+    """Raises `ValueError` for a method the arguments cannot run: `ce` with `use_lora` (the CE baseline fine-tunes
+    the whole image tower and a linear head; it has no LoRA variant)."""
+    if method.kind == "ce" and args.use_lora:
+        raise ValueError(
+            f"Method {method.name!r} does not support --use_lora (it fine-tunes the whole image tower); run it "
+            "without --use_lora, in a separate --output_dir from the LoRA methods."
+        )
+
+
+def build_ce_trainer(
+    model, processor, splits: datasets.DatasetDict, args: MMFTTrainingArguments, class_names: Sequence[str]
+) -> CETrainer:
+    """The trainer of the CE baseline: a `ZeroShotLinearClassifier` fine-tuned with cross-entropy.
+
+    The head starts as the `zeroshot_ensemble` classifier: the 80-template prototypes of the class names normalised
+    as `MMFTTrainer` does (`normalize_class_name`). Images go through `MMFTDataCollator` as in MMFT (training crop,
+    per-worker random streams, decoding errors that name the row). Weight decay follows
+    `args.weight_decay_all_parameters`; `eval_accuracy` on the validation split drives the selection.
+
+    Args:
+        model (`PreTrainedModel`): a CLIP-style dual encoder (see `ZeroShotLinearClassifier`).
+        processor (`ProcessorMixin`): its processor (tokenizer and image processor).
+        splits (`datasets.DatasetDict`): `train`, `validation` and `test`.
+        args (`MMFTTrainingArguments`): the cell's arguments.
+        class_names (`Sequence[str]`): the dataset's class names, by label id.
+
+    Returns:
+        `CETrainer`, with the prepared test split as `trainer.test_dataset`.
+
+    Raises:
+        `ValueError`: with `args.use_lora` (see `check_method_arguments`).
+    """
+    check_method_arguments(BASE_METHODS["ce"], args)
+    text_class_names = [normalize_class_name(name) for name in class_names]
     model.eval()
-    prototypes = zero_shot_prototypes(model, processor.tokenizer, class_names, OPENAI_IMAGENET_TEMPLATES)
+    prototypes = zero_shot_prototypes(model, processor.tokenizer, text_class_names, OPENAI_IMAGENET_TEMPLATES)
     classifier = ZeroShotLinearClassifier(model, prototypes)
-    image_processor = processor.image_processor
-    columns = {"image_column": args.image_column, "label_column": args.label_column}
-    crop = (_crop_size(image_processor), (args.crop_scale_min, 1.0), random.Random(f"ce-crop:{args.seed}"))
-    train = splits["train"].with_transform(
-        partial(_image_transform, image_processor=image_processor, crop=crop, **columns)
+    common = dict(
+        class_names=text_class_names,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        caption_column=None,
+        index_column=ROW_INDEX_COLUMN,
     )
-    evaluation = partial(_image_transform, image_processor=image_processor, **columns)
-    trainer = Trainer(
+    train_collator = MMFTDataCollator(processor, crop_scale=(args.crop_scale_min, 1.0), seed=args.seed, **common)
+    eval_collator = MMFTDataCollator(processor, train=False, **common)
+    prepared = {name: with_row_errors(split, args.image_column) for name, split in splits.items()}
+    trainer = CETrainer(
         model=classifier,
         args=args,
-        train_dataset=train,
-        eval_dataset=splits["validation"].with_transform(evaluation),
-        data_collator=_stack,
+        train_dataset=prepared["train"],
+        eval_dataset=prepared["validation"],
+        data_collator=_ImagesAndLabels(train_collator),
+        eval_data_collator=_ImagesAndLabels(eval_collator),
         compute_metrics=_accuracy,
     )
-    trainer.test_dataset = splits["test"].with_transform(evaluation)
+    trainer.test_dataset = prepared["test"]
     return trainer
 
 
@@ -356,6 +454,18 @@ def read_results(path: str) -> list[dict]:
             except json.JSONDecodeError:
                 logger.warning(f"{path}:{number} is not valid JSON (an interrupted write?); that cell will rerun.")
     return records
+
+
+def finished_cells(path: str) -> set[tuple]:
+    """The `cell_key`s of the records in the results file `path`, as the main process reads them.
+
+    Under several processes only the main process reads the file and broadcasts the keys, so every process skips
+    the same cells (processes reading a shared file themselves can see different states of it). Call it after the
+    accelerate state is set up (e.g. after reading `TrainingArguments.process_index`) and on every process.
+    """
+    keys = [[cell_key(record) for record in read_results(path)] if PartialState().is_main_process else None]
+    broadcast_object_list(keys, from_process=0)
+    return set(keys[0])
 
 
 def append_result(path: str, record: dict) -> None:
@@ -390,11 +500,6 @@ def peak_memory() -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_peak_rss"
 
 
-def _best_step(trainer) -> int | None:
-    checkpoint = trainer.state.best_model_checkpoint
-    return int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else None
-
-
 def run_cell(
     splits: datasets.DatasetDict,
     method: MethodSpec,
@@ -413,7 +518,8 @@ def run_cell(
     `args.output_dir` is the cell's run directory and `args.seed` its seed. Zero-shot methods only evaluate the test
     split. Trained methods select on the validation split (`load_best_model_at_end`, `metric_for_best_model=
     "accuracy"`), then evaluate the test split once with the best checkpoint, whose files are then deleted unless
-    `keep_checkpoints`.
+    `keep_checkpoints`. A cell never resumes, so its checkpoints hold the model alone (`save_only_model`), not the
+    optimizer, scheduler and RNG states (except under DeepSpeed or FSDP, which cannot reload such a checkpoint).
 
     Args:
         splits (`datasets.DatasetDict`): `train`, `validation`, `test` from `load_benchmark_splits`.
@@ -430,7 +536,7 @@ def run_cell(
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    args = dataclasses.replace(args, **method.overrides)
+    args = dataclasses.replace(args, **method.overrides, save_only_model=not (args.deepspeed or args.fsdp))
     if args.load_best_model_at_end is False or args.metric_for_best_model not in ("accuracy", "eval_accuracy"):
         raise ValueError("The protocol selects on validation accuracy: keep load_best_model_at_end and "
                          "metric_for_best_model='accuracy'.")  # fmt: skip
@@ -441,14 +547,15 @@ def run_cell(
     validation_accuracy = best_step = None
     train_steps = 0
     if method.kind == "zeroshot":
+        # template prototypes need only the class names: the captions are left unread
         trainer = MMFTTrainer(
             model=model,
             args=args,
-            eval_dataset=splits["validation"],
-            prototype_dataset=train,
+            eval_dataset=splits["test"],
+            prototype_dataset=train.select_columns([args.image_column, args.label_column]),
             processing_class=processor,
         )
-        metrics = trainer.evaluate(splits["test"], metric_key_prefix="test", prototype_source=method.prototype_source)
+        metrics = trainer.evaluate(metric_key_prefix="test", prototype_source=method.prototype_source)
         accuracy = metrics["test_accuracy"]
     else:
         if method.kind == "ce":
@@ -468,7 +575,7 @@ def run_cell(
             test = splits["test"]
         trainer.train()
         train_steps = trainer.state.global_step
-        validation_accuracy, best_step = trainer.state.best_metric, _best_step(trainer)
+        validation_accuracy, best_step = trainer.state.best_metric, trainer.state.best_global_step
         # the single look at the test split, with the validation-selected weights
         accuracy = trainer.evaluate(test, metric_key_prefix="test")["test_accuracy"]
         if not keep_checkpoints and args.should_save:

@@ -76,6 +76,14 @@ def with_row_errors(dataset, image_column: str):
     return dataset
 
 
+def decay_parameter_names(trainer: Trainer, model: torch.nn.Module) -> list[str]:
+    """The parameters `trainer` applies weight decay to: every one with `args.weight_decay_all_parameters` (the MMFT
+    reference), else `transformers.Trainer`'s choice (biases and LayerNorm weights exempt)."""
+    if trainer.args.weight_decay_all_parameters:
+        return [name for name, _ in model.named_parameters()]
+    return Trainer.get_decay_parameter_names(trainer, model)
+
+
 class MMFTTrainer(Trainer):
     """Fine-tunes a CLIP-style dual encoder with `w * SupCon + (1 - w) * CLIP` on (image, caption) pairs.
 
@@ -232,9 +240,7 @@ class MMFTTrainer(Trainer):
         return model
 
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
-        if self.args.weight_decay_all_parameters:
-            return [name for name, _ in model.named_parameters()]
-        return super().get_decay_parameter_names(model)
+        return decay_parameter_names(self, model)
 
     # ---- loss ----
 

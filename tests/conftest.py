@@ -1,11 +1,21 @@
-"""Shared offline fixtures: a tiny CLIP built from configs and tiny labelled image datasets on real files."""
+"""Shared offline fixtures (a tiny CLIP built from configs, tiny labelled image datasets on real files) and a
+launcher for multi-process runs."""
 
+import atexit
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read once at `import huggingface_hub`: set before any HF import
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# datasets keys the cache of a local folder on its name and card, not its files: keep each test session's cache
+# apart, so a same-named folder from an earlier run is never served from the user's cache
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="mmft-hf-datasets-cache-")
+atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 import datasets  # noqa: E402
 import pytest  # noqa: E402
@@ -20,6 +30,47 @@ from mmft_hf.synthetic import (  # noqa: E402
 )
 
 torch.set_num_threads(1)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_torchrun(nproc: int, script, *args, cwd=None, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Runs `script args` in `nproc` CPU processes with `torch.distributed.run --standalone` and checks it succeeds.
+
+    `--standalone` binds its rendezvous port itself (no free port picked here and bound later by another process).
+    The processes run offline, one thread each, with this checkout importable. A failure or a timeout fails the
+    test with the captured output; on a timeout the launcher gets SIGTERM, which it passes on to its workers (each
+    runs in a session of its own), then SIGKILL if it has not exited within 30 s.
+    """
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    command += [str(script), *map(str, args)]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")]),
+    }
+    # files, not pipes: a worker that outlives the launcher cannot keep the output from being read
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        process = subprocess.Popen(command, env=env, cwd=cwd, stdout=stdout, stderr=stderr, text=True)
+        try:
+            problem = None if process.wait(timeout=timeout) == 0 else f"exited with {process.returncode}"
+        except subprocess.TimeoutExpired:
+            problem = f"timed out after {timeout} s"
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        stdout.seek(0)
+        stderr.seek(0)
+        output, errors = stdout.read(), stderr.read()
+    if problem:
+        pytest.fail(f"{' '.join(command)} {problem}.\n{output[-3000:]}\n{errors[-6000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, output, errors)
 
 
 @pytest.fixture(scope="session")

@@ -3,22 +3,23 @@
 import importlib.util
 import json
 import math
-import os
-import socket
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
+from conftest import run_torchrun
 
 from mmft_hf import evaluation
+from mmft_hf.captioning import PROVENANCE_FORMAT, attach_provenance, caption_provenance
+from mmft_hf.data import to_rgb
 from mmft_hf.evaluation import (
     LOW_SEED_MARK,
     ZeroShotLinearClassifier,
     aggregate,
+    build_ce_trainer,
     load_benchmark_splits,
     parse_method,
     parse_shots,
@@ -94,6 +95,11 @@ def test_methods_set_what_defines_them():
     for bad in ("mfmt", "mmft-w2", "mmft-colour", "flyp-w0.5", "mmft-inferbest"):
         with pytest.raises(ValueError, match="mmft-<option>|must be in"):
             parse_method(bad)
+    # malformed caption types fail when the method is parsed, before any cell runs
+    with pytest.raises(ValueError, match="'mmft-typesshape\\+shape': caption_types has duplicates"):
+        parse_method("mmft-typesshape+shape")
+    with pytest.raises(ValueError, match="Invalid caption type ''"):
+        parse_method("mmft-typesshape+")
     assert parse_shots("1, 2,16,full") == [1, 2, 16, "full"]
     for bad in ("0", "-1", "1,x"):
         with pytest.raises(ValueError, match="positive integers or 'full'"):
@@ -132,6 +138,16 @@ def test_splits_follow_the_protocol(synthetic_dataset):
 
     with pytest.raises(ValueError, match="test split 'test' is not in the dataset"):
         load_benchmark_splits(datasets.DatasetDict({"train": synthetic_dataset["train"]}), shots=1, seed=1)
+    # a named validation split must exist; only the default falls back to a hold-out of train
+    with pytest.raises(ValueError, match="validation split 'validation' is not in the dataset"):
+        load_benchmark_splits(no_validation, shots=1, seed=1, validation_split="validation")
+    # no test split asked for: none returned
+    untested, protocol = load_benchmark_splits(synthetic_dataset, shots=1, seed=1, test_split=None)
+    assert list(untested) == ["train", "validation"] and protocol == "official validation split"
+    # "validation" as the test split (Food-101's layout) is not also used as the validation split
+    food = datasets.DatasetDict({"train": train, "validation": synthetic_dataset["test"]})
+    _, protocol = load_benchmark_splits(food, shots=1, seed=1, test_split="validation")
+    assert protocol == "seeded 90/10 train/validation split"
 
 
 def test_select_caption_types_keeps_type_major_slots(synthetic_dataset):
@@ -144,6 +160,15 @@ def test_select_caption_types_keeps_type_major_slots(synthetic_dataset):
     assert list(select_caption_types(train, ["visual"])["captions"])[:2] == [[rows[0][0]], [rows[1][0]]]
     with pytest.raises(ValueError, match="not in this dataset's types"):
         select_caption_types(train, ["petals"])
+
+
+def test_selected_caption_types_update_the_provenance(synthetic_dataset):
+    provenance = {"format": PROVENANCE_FORMAT, "caption_types": ["visual", "shape", "texture"],
+                  "captions_per_type": 1, "domain": "shapes"}  # fmt: skip
+    train = attach_provenance(synthetic_dataset["train"].select(range(4)), provenance)
+    kept = select_caption_types(train, ["texture", "shape"])
+    assert caption_provenance(kept) == {**provenance, "caption_types": ["shape", "texture"]}  # stored order
+    assert caption_provenance(train) == provenance  # the input keeps its own
 
 
 # ---------------------------------------------------------------------------------------------- CE classifier
@@ -165,6 +190,84 @@ def test_ce_head_starts_as_the_ensemble_zero_shot_classifier(tiny_clip, syntheti
     torch.testing.assert_close(outputs["logits"], expected)
     torch.testing.assert_close(outputs["loss"], torch.nn.functional.cross_entropy(expected, labels))
     assert not any("text" in name for name, _ in classifier.named_parameters())  # no unused params under DDP
+
+
+def with_class_names(dataset: datasets.Dataset, names: list[str]) -> datasets.Dataset:
+    return dataset.cast_column("label", datasets.ClassLabel(names=names))
+
+
+def test_ce_head_starts_from_the_trainers_ensemble_classifier_with_normalised_names(
+    tiny_clip, synthetic_dataset, tmp_path
+):
+    """MMFTTrainer builds its texts from normalised class names; the CE head must start from the same classifier
+    as the `zeroshot_ensemble` method, not from prototypes of the raw names."""
+    model, processor = tiny_clip
+    names = ["Foo_Bar", "001.Baz-Qux", "Red_Circle", "blue-triangle"]
+    split = with_class_names(synthetic_dataset["validation"], names)
+    zeroshot_args = quick_args(tmp_path, text_source="class_name", prototype_source="ensemble")
+    zeroshot = MMFTTrainer(
+        model=model, args=zeroshot_args, eval_dataset=split, prototype_dataset=split, processing_class=processor
+    )
+    expected = model.logit_scale.exp().detach() * zeroshot.compute_class_prototypes()
+    trainer = build_ce_trainer(model, processor, datasets.DatasetDict(train=split, validation=split, test=split),
+                               quick_args(tmp_path), names)  # fmt: skip
+    torch.testing.assert_close(trainer.model.head.weight.detach(), expected)
+    # negative control: prototypes of the raw names are another classifier
+    raw = model.logit_scale.exp().detach() * zero_shot_prototypes(
+        model, processor.tokenizer, names, OPENAI_IMAGENET_TEMPLATES
+    )
+    assert (raw - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("decay_all", [True, False])
+def test_ce_baseline_follows_weight_decay_all_parameters(decay_all, tiny_clip, synthetic_dataset, tmp_path):
+    model, processor = tiny_clip
+    splits = datasets.DatasetDict(train=synthetic_dataset["train"], validation=synthetic_dataset["validation"],
+                                  test=synthetic_dataset["test"])  # fmt: skip
+    args = quick_args(tmp_path, weight_decay=0.1, weight_decay_all_parameters=decay_all)
+    trainer = build_ce_trainer(model, processor, splits, args, synthetic_dataset["train"].features["label"].names)
+    optimizer = trainer.create_optimizer()
+    undecayed = {id(p) for group in optimizer.param_groups if group["weight_decay"] == 0 for p in group["params"]}
+    names = {id(p): name for name, p in trainer.model.named_parameters()}
+    undecayed = sorted(names[key] for key in undecayed)
+    if decay_all:  # biases and LayerNorm weights too, as in MMFTTrainer
+        assert undecayed == []
+    else:
+        assert "head.bias" in undecayed and not any(name.endswith("fc1.weight") for name in undecayed)
+
+
+def test_ce_baseline_refuses_lora(tiny_clip, synthetic_dataset, tmp_path):
+    model, processor = tiny_clip
+    splits = datasets.DatasetDict(train=synthetic_dataset["train"], validation=synthetic_dataset["validation"],
+                                  test=synthetic_dataset["test"])  # fmt: skip
+    with pytest.raises(ValueError, match="'ce' does not support --use_lora"):
+        build_ce_trainer(model, processor, splits, quick_args(tmp_path, use_lora=True), ["a", "b", "c", "d"])
+    benchmark = load_benchmark_script()
+    with pytest.raises(ValueError, match="'ce' does not support --use_lora"):  # before any cell runs
+        benchmark.main(["--methods", "zeroshot,ce", "--use_lora", "true", "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_ce_images_go_through_the_mmft_collator(tiny_clip, image_files_dataset, tmp_path):
+    """CE batches come from `MMFTDataCollator`: a corrupt file names its row; evaluation has no random crop."""
+    model, processor = tiny_clip
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    row = {"image": [str(bad)], "label": [1], "captions": [["a broken file"]]}
+    broken = datasets.concatenate_datasets(
+        [image_files_dataset, datasets.Dataset.from_dict(row, features=image_files_dataset.features)]
+    )
+    splits = datasets.DatasetDict(train=broken, validation=image_files_dataset, test=image_files_dataset)
+    args = quick_args(tmp_path, per_device_train_batch_size=len(broken), per_device_eval_batch_size=4)
+    trainer = build_ce_trainer(model, processor, splits, args, image_files_dataset.features["label"].names)
+    with pytest.raises(ValueError, match=r"Row 12 \('__mmft_row__'\): the image .*bad\.png.* cannot be read"):
+        next(iter(trainer.get_train_dataloader()))
+    first, second = (next(iter(trainer.get_eval_dataloader())) for _ in range(2))
+    torch.testing.assert_close(first["pixel_values"], second["pixel_values"])
+    assert sorted(first) == ["labels", "pixel_values"]
+    images = [to_rgb(image) for image in image_files_dataset.select(range(4))["image"]]
+    expected = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(first["pixel_values"], expected)
 
 
 # ------------------------------------------------------------------------------------------------- selection
@@ -220,6 +323,37 @@ def test_selection_uses_validation_and_test_is_evaluated_once_at_the_end(
     assert first["train_steps"] == second["train_steps"] == 12
     assert first["best_step"] == second["best_step"] and first["best_step"] in (4, 8, 12)
     assert first["validation_accuracy"] == second["validation_accuracy"]
+
+
+@pytest.mark.parametrize("method", ["mmft", "ce"])
+def test_cell_checkpoints_hold_the_model_only(method, tiny_clip, synthetic_dataset, tmp_path):
+    """A cell never resumes: its kept checkpoints have no optimizer, scheduler or RNG state."""
+    model, processor = tiny_clip
+    splits = datasets.DatasetDict(train=synthetic_dataset["train"], validation=synthetic_dataset["validation"],
+                                  test=synthetic_dataset["test"])  # fmt: skip
+    args = quick_args(tmp_path, num_train_epochs=2, save_total_limit=None)
+    record = run_cell(splits, parse_method(method), args, lambda: (model, processor), dataset="s", shots="full",
+                      seed=1, protocol="p", backbone="tiny", keep_checkpoints=True)  # fmt: skip
+    checkpoints = sorted((tmp_path / "cell").glob("checkpoint-*"))
+    assert [path.name for path in checkpoints] == ["checkpoint-4", "checkpoint-8"]
+    assert record["best_step"] in (4, 8)
+    for checkpoint in checkpoints:
+        files = {path.name for path in checkpoint.iterdir()}
+        assert "model.safetensors" in files and "trainer_state.json" in files
+        assert not files & {"optimizer.pt", "scheduler.pt", "rng_state.pth"}, files
+
+
+def test_zero_shot_cell_leaves_the_captions_unread(tiny_clip, synthetic_dataset, tmp_path):
+    """Template prototypes need only the class names: an unusable caption column does not matter."""
+    model, processor = tiny_clip
+    train = synthetic_dataset["train"]
+    captions = [None, *train["captions"][1:]]  # validating the captions would reject row 0
+    train = train.remove_columns("captions").add_column("captions", captions, feature=train.features["captions"])
+    splits = datasets.DatasetDict(train=train, validation=synthetic_dataset["validation"],
+                                  test=synthetic_dataset["test"])  # fmt: skip
+    record = run_cell(splits, parse_method("zeroshot_ensemble"), quick_args(tmp_path), lambda: (model, processor),
+                      dataset="s", shots=0, seed=0, protocol="p", backbone="tiny")  # fmt: skip
+    assert record["test_samples"] == 16 and 0.0 <= record["accuracy"] <= 1.0
 
 
 # ----------------------------------------------------------------------------------------------- aggregation
@@ -305,23 +439,52 @@ def test_end_to_end_synthetic_run_is_resumable(tiny_clip_dir, tmp_path, monkeypa
     assert len(read_results(str(out / "results.jsonl"))) == 5
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def test_benchmark_reads_the_label_column_argument(tiny_clip_dir, synthetic_dataset, tmp_path):
+    """A dataset whose labels are in another column and that has no validation split: the seeded hold-out and the
+    k-shot sample use `--label_column`."""
+    location = tmp_path / "shapes"
+    no_validation = datasets.DatasetDict(train=synthetic_dataset["train"], test=synthetic_dataset["test"])
+    no_validation.rename_column("label", "category").save_to_disk(str(location))
+    out = tmp_path / "results"
+    benchmark = load_benchmark_script()
+    summary = benchmark.main(["--dataset", f"shapes={location}", "--methods", "zeroshot", "--label_column",
+                              "category", "--model_name_or_path", tiny_clip_dir, "--output_dir", str(out),
+                              *QUICK_FLAGS])  # fmt: skip
+    (record,) = summary["ran"]
+    assert record["protocol"] == "seeded 90/10 train/validation split" and record["test_samples"] == 16
+
+
+FINISHED_CELLS_SCRIPT = """
+import json, sys
+from accelerate import PartialState
+from mmft_hf.evaluation import finished_cells
+
+state = PartialState(cpu=True)
+results, missing, out = sys.argv[1:]
+keys = finished_cells(results if state.is_main_process else missing)  # rank 1 cannot see the file
+with open(f"{out}/rank{state.process_index}.json", "w") as handle:
+    json.dump(sorted(list(key) for key in keys), handle)
+state.destroy_process_group()  # exiting with the group alive can abort (SIGABRT) in gloo as the peer leaves
+"""
+
+
+def test_every_rank_skips_the_cells_rank_zero_read(tmp_path):
+    results = tmp_path / "results.jsonl"
+    for seed in (1, 2):
+        evaluation.append_result(str(results), {"dataset": "d", "method": "mmft", "shots": 4, "seed": seed})
+    script = tmp_path / "finished_cells_check.py"
+    script.write_text(FINISHED_CELLS_SCRIPT)
+    run_torchrun(2, script, results, tmp_path / "missing.jsonl", tmp_path, cwd=tmp_path, timeout=120)
+    expected = [["d", "mmft", "4", 1], ["d", "mmft", "4", 2]]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected, rank
 
 
 def test_two_process_launch_writes_one_result_from_rank_zero(tiny_clip_dir, tmp_path):
     out = tmp_path / "ddp"
-    python_path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": python_path}  # fmt: skip
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(SCRIPT), "--dataset", "synthetic", "--methods", "mmft",
-               "--shots", "2", "--seeds", "1", "--model_name_or_path", tiny_clip_dir, "--output_dir", str(out),
-               *SYNTHETIC_FLAGS, *QUICK_FLAGS, "--per_device_train_batch_size", "4"]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    run_torchrun(2, SCRIPT, "--dataset", "synthetic", "--methods", "mmft", "--shots", "2", "--seeds", "1",
+                 "--model_name_or_path", tiny_clip_dir, "--output_dir", out, *SYNTHETIC_FLAGS, *QUICK_FLAGS,
+                 "--per_device_train_batch_size", "4", cwd=tmp_path)  # fmt: skip
     records = read_results(str(out / "results.jsonl"))
     assert len(records) == 1  # only rank 0 writes
     record = records[0]

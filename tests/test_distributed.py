@@ -1,15 +1,12 @@
 """Global-batch loss: a real two-process DDP run (gloo, CPU) must reproduce one process on the full batch."""
 
 import importlib.util
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import run_torchrun
 
 from mmft_hf.distributed import gather_batch, global_logits
 from mmft_hf.losses import mmft_loss
@@ -24,12 +21,6 @@ def load_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_gather_batch_is_a_no_op_without_process_group():
@@ -66,30 +57,7 @@ def test_global_logits_match_clip_model(tiny_clip):
 
 def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
     output = tmp_path / "rank0.pt"
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        str(SCRIPT),
-        str(output),
-        "--supcon-weight",
-        str(SUPCON_WEIGHT),
-    ]
-    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, f"torch.distributed.run failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    run_torchrun(2, SCRIPT, output, "--supcon-weight", SUPCON_WEIGHT, cwd=REPO, timeout=180)
     distributed = torch.load(output)
     assert distributed["world_size"] == 2
 
@@ -120,3 +88,10 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
                 msg=lambda m, s=split, n=name: f"{s} {n}: {m}",
             )
     assert expected_grads["logit_scale"].grad.abs() > 1e-3  # the learnable temperature is part of the check
+
+
+def test_torchrun_timeout_kills_the_run_and_shows_its_output(tmp_path):
+    script = tmp_path / "hang.py"
+    script.write_text("import time\nprint('worker started', flush=True)\ntime.sleep(300)\n")
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)timed out after 10 s\..*worker started"):
+        run_torchrun(1, script, cwd=tmp_path, timeout=10)

@@ -4,13 +4,12 @@ optimiser step must equal a one-process step on the same global batch."""
 import importlib.util
 import json
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
+import pytest
 import torch
+from conftest import run_torchrun
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPModel
@@ -59,6 +58,26 @@ def test_demo_defaults_yield_to_explicit_flags():
     assert not demo and args.learning_rate == 1e-5 and args.num_train_epochs == 50  # the paper's defaults
 
 
+def test_splits_follow_the_benchmark_protocol_and_the_label_column(tmp_path, synthetic_dataset):
+    """Labels in another column and no validation split: the seeded hold-out and the k-shot sample read
+    `--label_column`; a split named on the command line must exist."""
+    finetune = load_finetune_module()
+    root = tmp_path / "shapes"
+    for split in ("train", "test"):
+        dataset = synthetic_dataset[split].rename_column("label", "category")
+        dataset.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    base = ["--output_dir", str(tmp_path / "out"), "--dataset_name", str(root), "--label_column", "category"]
+    _, data_args, training_args, _ = finetune.parse_arguments([*base, "--num_shots", "2", "--seed", "3"])
+    splits, protocol = finetune.load_splits(data_args, training_args, None)
+    assert protocol == "seeded 90/10 train/validation split" and list(splits) == ["train", "validation", "test"]
+    assert sorted(splits["train"]["category"]) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert len(splits["validation"]) == 3 and len(splits["test"]) == 16  # about 10 % of the 32 training rows
+    for flag, name in (("--validation_split", "dev"), ("--test_split", "heldout")):
+        _, data_args, training_args, _ = finetune.parse_arguments([*base, flag, name])
+        with pytest.raises(ValueError, match=f"split '{name}' is not in the dataset"):
+            finetune.load_splits(data_args, training_args, None)
+
+
 def write_solid_color_dataset(root: Path) -> Path:
     """8 one-color images (crops of a flat image are identical, so augmentation cannot differ between runs)."""
     colors = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)] * 2
@@ -80,26 +99,15 @@ def write_solid_color_dataset(root: Path) -> Path:
     return root
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_finetune(nproc: int, batch_size: int, data_dir: Path, model_dir: str, out: Path) -> None:
-    command = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        str(FINETUNE),
+    run_torchrun(
+        nproc, FINETUNE,
         "--model_name_or_path", model_dir, "--dataset_name", str(data_dir),
         "--output_dir", str(out), "--use_cpu", "true", "--max_steps", "1",
         "--per_device_train_batch_size", str(batch_size), "--optim", "sgd", "--learning_rate", "0.5",
         "--weight_decay", "0", "--eval_strategy", "no", "--save_strategy", "no",
         "--load_best_model_at_end", "false", "--disable_tqdm", "true", "--seed", "0",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    )  # fmt: skip
 
 
 def test_two_processes_train_like_one_process_on_the_global_batch(tmp_path, tiny_clip_dir):
