@@ -10,7 +10,7 @@ should be >= 0.9 when compute dominates. Also timed: building a 1,000-class clas
 Model: `mmft_hf.synthetic.build_clip` with 224x224 images, patch 32, hidden size 256, 4 layers per tower,
 projection 256 (random weights: speed does not depend on them). Offline, CPU unless CUDA is present.
 
-On an idle 2-core machine the ratio was 0.92-0.98. On a loaded one, fresh large allocations (glibc mmap + page
+On an idle 2-core machine the ratio was 0.89-0.99 over four runs. On a loaded one, fresh large allocations (glibc mmap + page
 faults) dominated both loops and hit the pipeline harder (it concatenates per-image tensors into a new batch
 buffer): 0.86. Keeping freed memory in the heap removes that effect:
 `MALLOC_MMAP_THRESHOLD_=2000000000 MALLOC_TRIM_THRESHOLD_=2000000000` before the command (1.03 then).
