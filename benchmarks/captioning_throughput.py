@@ -28,8 +28,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the package (also when not in
 from fake_chat_server import start_fake_api  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from mmft_hf.captioners import CaptionRequest, OpenAICompatibleCaptioner, TransformersCaptioner  # noqa: E402
-from mmft_hf.captioners.images import image_to_data_url, prepare_image  # noqa: E402
+from mmft_hf.captioning.captioners import CaptionRequest, OpenAICompatibleCaptioner, TransformersCaptioner  # noqa: E402
+from mmft_hf.captioning.captioners.images import image_to_data_url, prepare_image  # noqa: E402
 
 
 def make_requests(count: int, side: int = 256) -> list[CaptionRequest]:

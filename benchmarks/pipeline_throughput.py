@@ -31,8 +31,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import CLIPModel, pipeline  # noqa: E402
 
-import mmft_hf.pipeline  # noqa: E402, F401  (registers the task)
-from mmft_hf.prototypes import load_class_prototypes, save_class_prototypes  # noqa: E402
+import mmft_hf.classification.pipeline  # noqa: E402, F401  (registers the task)
+from mmft_hf.classification.prototypes import load_class_prototypes, save_class_prototypes  # noqa: E402
 from mmft_hf.synthetic import build_clip, build_word_tokenizer  # noqa: E402
 
 

@@ -3,40 +3,46 @@
 Importing the package registers the `"mmft-classification"` pipeline task with transformers.
 """
 
-from . import pipeline  # registers the "mmft-classification" pipeline task
-from .builder import PRESETS, CaptionedImages, CaptionedImagesConfig, push_captioned
-from .caption_stats import caption_stats, clip_score, dataset_clip_score
-from .captioners import (
+from .captioning.builder import PRESETS, CaptionedImages, CaptionedImagesConfig, push_captioned
+from .captioning.caption import (
+    CaptioningError,
+    CaptioningSummary,
+    caption_dataset,
+    caption_provenance,
+    merge_caption_shards,
+)
+from .captioning.captioners import (
     CaptionerAuthenticationError,
     CaptionRequest,
     CaptionResult,
     OpenAICompatibleCaptioner,
     TransformersCaptioner,
 )
-from .captioning import CaptioningError, CaptioningSummary, caption_dataset, caption_provenance, merge_caption_shards
-from .class_texts import class_texts_from_captions, prototypes_from_captioned_dataset
-from .collator import MMFTDataCollator
-from .data import (
-    empty_caption_rows,
-    random_resized_crop,
-    sample_few_shot,
-    train_validation_split,
-    validate_captioned_dataset,
-)
-from .distributed import gather_batch, global_logits
-from .hub import publish, save_for_hub
-from .losses import clip_loss, mmft_loss, supcon_loss
-from .model_card import MMFTModelCardData, create_model_card
-from .pipeline import MMFTClassificationPipeline
-from .prompts import CAPTION_TYPES, DOMAINS, PROMPT_TEMPLATE, build_prompt, normalize_class_name
-from .prototypes import (
+from .captioning.prompts import CAPTION_TYPES, DOMAINS, PROMPT_TEMPLATE, build_prompt, normalize_class_name
+from .captioning.stats import caption_stats, clip_score, dataset_clip_score
+from .classification import pipeline  # registers the "mmft-classification" pipeline task
+from .classification.class_texts import class_texts_from_captions, prototypes_from_captioned_dataset
+from .classification.pipeline import MMFTClassificationPipeline
+from .classification.prototypes import (
     OPENAI_IMAGENET_TEMPLATES,
     build_class_prototypes,
     load_class_prototypes,
     save_class_prototypes,
     zero_shot_prototypes,
 )
-from .trainer import MMFTTrainer
-from .training_args import MMFTTrainingArguments
+from .model_card import MMFTModelCardData, create_model_card
+from .publishing import publish, save_for_hub
+from .training.arguments import MMFTTrainingArguments
+from .training.collator import MMFTDataCollator
+from .training.data import (
+    empty_caption_rows,
+    random_resized_crop,
+    sample_few_shot,
+    train_validation_split,
+    validate_captioned_dataset,
+)
+from .training.distributed import gather_batch, global_logits
+from .training.losses import clip_loss, mmft_loss, supcon_loss
+from .training.trainer import MMFTTrainer
 
 __version__ = "0.1.0"

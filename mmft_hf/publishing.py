@@ -23,9 +23,9 @@ from collections.abc import Sequence
 import torch
 from huggingface_hub import HfApi
 
+from .classification.pipeline import MMFTClassificationPipeline
+from .classification.prototypes import model_device, save_class_prototypes
 from .model_card import PROTOTYPE_DESCRIPTIONS, create_model_card
-from .pipeline import MMFTClassificationPipeline
-from .prototypes import _model_device, save_class_prototypes
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def save_for_hub(
                 model=model,
                 class_prototypes=class_prototypes,
                 labels=list(labels),
-                device=_model_device(model),
+                device=model_device(model),
                 **_processor_kwargs(processor),
             )
             pipe.prototype_metadata = prototype_metadata

@@ -12,11 +12,12 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import CLIPModel, pipeline
 from transformers.dynamic_module_utils import get_imports
 
-from mmft_hf import hub, remote_pipeline
-from mmft_hf.hub import publish, save_for_hub
+from mmft_hf import publishing
+from mmft_hf.classification import remote_pipeline
+from mmft_hf.classification.pipeline import MMFTClassificationPipeline
+from mmft_hf.classification.prototypes import load_class_prototypes, save_class_prototypes
 from mmft_hf.model_card import MMFTModelCardData
-from mmft_hf.pipeline import MMFTClassificationPipeline
-from mmft_hf.prototypes import load_class_prototypes, save_class_prototypes
+from mmft_hf.publishing import publish, save_for_hub
 
 NAMES = ["red circle", "green square", "blue triangle", "yellow cross"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -311,7 +312,7 @@ class FakeHfApi:
 
 
 def test_publish_uploads_the_saved_folder(tiny_clip, tmp_path, monkeypatch):
-    monkeypatch.setattr(hub, "HfApi", FakeHfApi)
+    monkeypatch.setattr(publishing, "HfApi", FakeHfApi)
     FakeHfApi.calls, FakeHfApi.revisions = [], []
     model, processor = tiny_clip
     card = MMFTModelCardData(model_id="me/clf", per_class_accuracy={n: 0.25 for n in NAMES}, labels=NAMES)
@@ -325,7 +326,7 @@ def test_publish_uploads_the_saved_folder(tiny_clip, tmp_path, monkeypatch):
 
 
 def test_publish_to_a_new_branch_with_shards(tiny_clip, monkeypatch):
-    monkeypatch.setattr(hub, "HfApi", FakeHfApi)
+    monkeypatch.setattr(publishing, "HfApi", FakeHfApi)
     FakeHfApi.calls, FakeHfApi.revisions = [], []
     model, processor = tiny_clip
     publish(model, processor, random_prototypes(4, 16), NAMES, "me/clf", revision="v2", max_shard_size="100KB")

@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 
 import datasets
 
-from .caption_cache import identity_json
-from .caption_stats import caption_stats
-from .captioning import (
+from .cache import identity_json
+from .caption import (
     _VOLATILE_KEYS,
     _counts,
     _differing_settings,
@@ -33,8 +32,9 @@ from .captioning import (
     caption_provenance,
 )
 from .prompts import CAPTION_TYPES, DEFAULT_WORDS, DOMAINS, PROMPT_TEMPLATE, build_prompt, normalize_class_name
+from .stats import caption_stats
 
-CARD_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", "dataset_card.md")
+CARD_TEMPLATE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "templates", "dataset_card.md")
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass, field
 import datasets
 from tqdm.auto import tqdm
 
-from .caption_cache import CaptionCache, caption_key, default_cache_dir, identity_json
+from ..images import IMAGE_DECODE_ERRORS, load_image
+from .cache import CaptionCache, caption_key, default_cache_dir, identity_json
 from .captioners.base import CaptionRequest
-from .data import IMAGE_DECODE_ERRORS, load_image
 from .prompts import (
     CAPTION_TYPES,
     DEFAULT_WORDS,
@@ -290,8 +290,8 @@ def caption_dataset(
 
     Args:
         dataset (`datasets.Dataset`): one split with an `Image` column and a label column.
-        captioner (`Captioner`): a backend implementing `mmft_hf.captioners.base.Captioner`.
-        domain (`str`): the domain word of the prompt, e.g. `"textures"` (see `mmft_hf.prompts.DOMAINS`).
+        captioner (`Captioner`): a backend implementing `mmft_hf.captioning.captioners.base.Captioner`.
+        domain (`str`): the domain word of the prompt, e.g. `"textures"` (see `mmft_hf.captioning.prompts.DOMAINS`).
         caption_types (`Sequence[str]`, defaults to `("visual", "shape", "texture")`): characteristic words.
         captions_per_type (`int`, defaults to 1): distinct captions per image and type.
         image_column (`str`, defaults to `"image"`): the `Image` column.

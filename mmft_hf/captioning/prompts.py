@@ -20,7 +20,7 @@ EXTRA_CAPTION_TYPES = ("context", "spatial", "petals", "color", "symbols")
 
 TEMPLATE_FIELDS = ("class_name", "domain", "characteristic", "words")
 
-# Domain word per benchmark (method.md §2). Keys are the preset names used by `mmft_hf.builder.PRESETS`.
+# Domain word per benchmark (method.md §2). Keys are the preset names used by `mmft_hf.captioning.builder.PRESETS`.
 DOMAINS = {
     "oxford_pets": "pets",
     "flowers102": "flowers",

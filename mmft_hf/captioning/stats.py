@@ -8,9 +8,9 @@ import datasets
 import numpy as np
 import torch
 
-from .data import to_rgb
+from ..encoders import encode_texts, max_text_length, model_device, pooled_output
+from ..images import to_rgb
 from .prompts import normalize_class_name
-from .prototypes import _max_text_length, _model_device, _pooled, encode_texts
 
 PERCENTILES = (5, 25, 50, 75, 95)
 
@@ -30,7 +30,7 @@ def _distribution(values: Sequence[float]) -> dict:
 
 
 def _slot_types(dataset: datasets.Dataset, caption_column: str, caption_types) -> list[str] | None:
-    from .captioning import caption_provenance
+    from .caption import caption_provenance
 
     if caption_types is None:
         provenance = caption_provenance(dataset, caption_column)
@@ -110,8 +110,8 @@ def caption_stats(
 def _image_embeddings(model, processor, images: Sequence) -> torch.Tensor:
     """L2-normalised image embeddings `[len(images), dim]` (float32), one forward pass."""
     batch = [to_rgb(image) for image in images]
-    pixels = processor.image_processor(images=batch, return_tensors="pt")["pixel_values"].to(_model_device(model))
-    return torch.nn.functional.normalize(_pooled(model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+    pixels = processor.image_processor(images=batch, return_tensors="pt")["pixel_values"].to(model_device(model))
+    return torch.nn.functional.normalize(pooled_output(model.get_image_features(pixel_values=pixels)).float(), dim=-1)
 
 
 def _clip_scores(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> list[float]:
@@ -123,7 +123,7 @@ def _clip_scores(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> list[
 def clip_score(model, processor, images: Sequence, captions: Sequence[str], batch_size: int = 64) -> list[float]:
     """CLIPScore of each (image, caption) pair: `2.5 * max(cos(image, text), 0)` (Hessel et al., 2021).
 
-    Images are converted with [`mmft_hf.data.to_rgb`]; texts are truncated to the model's context length with the
+    Images are converted with [`mmft_hf.images.to_rgb`]; texts are truncated to the model's context length with the
     tokenizer, which keeps `<|endoftext|>` (CLIP pools there). Works offline with any local CLIP-style model that
     has `get_image_features`/`get_text_features`.
 
@@ -140,7 +140,7 @@ def clip_score(model, processor, images: Sequence, captions: Sequence[str], batc
     if len(images) != len(captions):
         raise ValueError(f"Got {len(images)} images but {len(captions)} captions; pass one caption per image.")
     tokenizer = getattr(processor, "tokenizer", processor)
-    _max_text_length(model, tokenizer)  # fails early on a tokenizer without a usable length
+    max_text_length(model, tokenizer)  # fails early on a tokenizer without a usable length
     scores = []
     for start in range(0, len(images), batch_size):
         image_embeds = _image_embeddings(model, processor, images[start : start + batch_size])
@@ -179,7 +179,7 @@ def dataset_clip_score(
     """
     slot_types = _slot_types(dataset, caption_column, caption_types)
     tokenizer = getattr(processor, "tokenizer", processor)
-    _max_text_length(model, tokenizer)  # fails early on a tokenizer without a usable length
+    max_text_length(model, tokenizer)  # fails early on a tokenizer without a usable length
     scores, kinds = [], []
     for batch in dataset.select_columns([image_column, caption_column]).iter(batch_size=batch_size):
         rows = [

@@ -11,8 +11,8 @@ classifier("cat.jpg", top_k=3)  # [{"label": ..., "score": ...}, ...]
 zero_shot = pipeline("mmft-classification", model=clip_dir, class_names=["cat", "dog"], templates="ensemble")
 ```
 
-The class extends the self-contained `mmft_hf.remote_pipeline.MMFTClassificationPipeline` (the file published for
-`trust_remote_code=True`) with zero-shot prototypes built by `mmft_hf.prototypes`.
+The class extends the self-contained `mmft_hf.classification.remote_pipeline.MMFTClassificationPipeline` (the file published for
+`trust_remote_code=True`) with zero-shot prototypes built by `mmft_hf.classification.prototypes`.
 """
 
 from __future__ import annotations

@@ -7,12 +7,12 @@ names as JSON metadata), so a classifier loads without captions, a trainer or pi
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
+from ..encoders import encode_texts, eval_mode, max_text_length, model_device, pooled_output  # noqa: F401
 from .remote_pipeline import PROTOTYPES_FILENAME, read_prototypes_file, write_prototypes_file
 
 # OpenAI CLIP's 80 ImageNet prompt templates (from the CLIP repository's zero-shot notebook, MIT licence).
@@ -104,65 +104,6 @@ SINGLE_TEMPLATE = ("a photo of a {}",)
 TEMPLATE_PRESETS = {"single": SINGLE_TEMPLATE, "ensemble": OPENAI_IMAGENET_TEMPLATES}
 
 
-def _pooled(features) -> torch.Tensor:
-    """`get_*_features` returns a tensor in transformers v4 and a `BaseModelOutputWithPooling` in v5."""
-    return features if isinstance(features, torch.Tensor) else features.pooler_output
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) inside the block; every submodule's previous mode is restored after it."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-def _max_text_length(model: torch.nn.Module, tokenizer) -> int:
-    config = getattr(model.config, "text_config", model.config)
-    limits = [tokenizer.model_max_length, getattr(config, "max_position_embeddings", None)]
-    return min(limit for limit in limits if isinstance(limit, int) and limit > 0)
-
-
-@torch.no_grad()
-def encode_texts(model: torch.nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-    """Encodes `texts` with the text tower of `model` in batches and L2-normalises each embedding.
-
-    The model runs in eval mode (no dropout, so the result is deterministic) and is given back in the mode it was
-    in.
-
-    Args:
-        model (`torch.nn.Module`): a dual encoder with `get_text_features` (e.g. `CLIPModel`).
-        tokenizer: the model's tokenizer; texts are truncated to the model's context length, keeping the EOS.
-        texts (`Sequence[str]`): the texts.
-        batch_size (`int`, defaults to 256): texts encoded per forward pass (bounds memory).
-
-    Returns:
-        `torch.Tensor` of shape `[len(texts), dim]`, float32, on the model's device.
-    """
-    device, max_length = _model_device(model), _max_text_length(model, tokenizer)
-    chunks = []
-    with _eval_mode(model):
-        for start in range(0, len(texts), batch_size):
-            tokens = tokenizer(
-                list(texts[start : start + batch_size]),
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-                return_tensors="pt",
-            ).to(device)
-            embeddings = _pooled(model.get_text_features(**tokens)).float()
-            chunks.append(torch.nn.functional.normalize(embeddings, dim=-1))
-    return torch.cat(chunks) if chunks else torch.empty(0, 0, device=device)
-
-
 @torch.no_grad()
 def build_class_prototypes(
     model: torch.nn.Module,
@@ -191,7 +132,7 @@ def build_class_prototypes(
     flat_texts = [text for texts in class_texts for text in texts]
     owners = torch.tensor([index for index, texts in enumerate(class_texts) for _ in texts])
     sums = None
-    with _eval_mode(model):
+    with eval_mode(model):
         for start in range(0, len(flat_texts), batch_size):
             embeddings = encode_texts(model, tokenizer, flat_texts[start : start + batch_size], batch_size)
             if sums is None:
@@ -225,7 +166,7 @@ def save_class_prototypes(
 ) -> str:
     """Checks and writes `prototypes` and their `labels` to `save_directory/class_prototypes.safetensors`.
 
-    The file format is `mmft_hf.remote_pipeline.write_prototypes_file`'s, which the published pipeline reads.
+    The file format is `mmft_hf.classification.remote_pipeline.write_prototypes_file`'s, which the published pipeline reads.
 
     Args:
         prototypes (`torch.Tensor`): `[num_classes, dim]` class embeddings.

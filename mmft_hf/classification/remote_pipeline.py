@@ -6,7 +6,7 @@ No captions, trainer or dataset are needed at inference, and the prototypes are 
 
 This module must import only what every `transformers` user has (torch, transformers, PIL, numpy, safetensors):
 `Pipeline.save_pretrained`/`push_to_hub` copy it into the model repository, where `mmft_hf` may not be installed.
-`mmft_hf.pipeline.MMFTClassificationPipeline` subclasses it (adding zero-shot prototypes from class names).
+`mmft_hf.classification.pipeline.MMFTClassificationPipeline` subclasses it (adding zero-shot prototypes from class names).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def read_prototypes_file(path: str) -> tuple[torch.Tensor, list[str], dict]:
     """Reads a `class_prototypes.safetensors` file: `(prototypes [num_classes, dim], labels, metadata)`.
 
     The one implementation of the format (one float32 tensor, the label names and JSON build facts in the
-    safetensors metadata); `mmft_hf.prototypes.load_class_prototypes` validates around it.
+    safetensors metadata); `mmft_hf.classification.prototypes.load_class_prototypes` validates around it.
     """
     with safe_open(path, framework="pt") as handle:
         if PROTOTYPES_TENSOR not in handle.keys():
@@ -62,7 +62,7 @@ def write_prototypes_file(
 ) -> str:
     """Writes `prototypes` and `labels` to `save_directory/class_prototypes.safetensors` and returns the path.
 
-    No checks: `mmft_hf.prototypes.save_class_prototypes` is the validating writer.
+    No checks: `mmft_hf.classification.prototypes.save_class_prototypes` is the validating writer.
     """
     os.makedirs(save_directory, exist_ok=True)
     path = os.path.join(save_directory, PROTOTYPES_FILENAME)
@@ -92,7 +92,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
       [0, 1] multiplied by 255); PIL's own conversion clips them at 255, turning most 16-bit images white.
     - Everything else (L, 1, CMYK, YCbCr, LAB, HSV, P without transparency) uses PIL's `convert("RGB")`.
 
-    `mmft_hf.data.to_rgb` is this function (the training collator and evaluation use it).
+    `mmft_hf.images.to_rgb` is an identical copy (this file must be self-contained on the Hub).
 
     Args:
         image (`PIL.Image.Image`): the image.
@@ -267,8 +267,8 @@ class MMFTClassificationPipeline(Pipeline):
             )
         source = getattr(self.model, "name_or_path", None) or getattr(self.model.config, "_name_or_path", "")
         how = (
-            "Build them with `mmft_hf.prototypes.zero_shot_prototypes` (or `prototypes_from_captioned_dataset`) and "
-            "save them with `mmft_hf.prototypes.save_class_prototypes(prototypes, labels, directory)`, pass "
+            "Build them with `mmft_hf.classification.prototypes.zero_shot_prototypes` (or `prototypes_from_captioned_dataset`) and "
+            "save them with `mmft_hf.classification.prototypes.save_class_prototypes(prototypes, labels, directory)`, pass "
             "`class_prototypes=` and `labels=`, or (with mmft_hf) `class_names=[...]` for zero-shot CLIP."
         )
         if not source:

@@ -35,7 +35,7 @@ import datasets
 import torch
 from transformers import AutoModel, AutoProcessor, HfArgumentParser
 
-from mmft_hf.builder import PRESETS
+from mmft_hf.captioning.builder import PRESETS
 from mmft_hf.evaluation import (
     METHOD_HELP,
     RESULTS_FILENAME,
@@ -53,7 +53,7 @@ from mmft_hf.evaluation import (
     run_cell,
 )
 from mmft_hf.synthetic import DEMO_TRAINING_ARGUMENTS, build_demo_clip, make_synthetic_dataset
-from mmft_hf.training_args import MMFTTrainingArguments
+from mmft_hf.training.arguments import MMFTTrainingArguments
 
 logger = logging.getLogger("benchmark")
 

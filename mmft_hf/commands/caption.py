@@ -26,15 +26,14 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
 import datasets
 from transformers import HfArgumentParser
 
-from mmft_hf.builder import PRESETS, make_captioner, push_captioned
-from mmft_hf.captioning import caption_dataset
-from mmft_hf.prompts import CAPTION_TYPES, DEFAULT_WORDS, PROMPT_TEMPLATE
+from mmft_hf.captioning.builder import PRESETS, make_captioner, push_captioned
+from mmft_hf.captioning.caption import caption_dataset
+from mmft_hf.captioning.prompts import CAPTION_TYPES, DEFAULT_WORDS, PROMPT_TEMPLATE
 
 logger = logging.getLogger("generate_captions")
 
@@ -175,4 +174,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -18,31 +18,24 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
-import math
 import os
 import re
 import resource
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import datasets
-import numpy as np
 import torch
-from accelerate import PartialState
-from accelerate.utils import broadcast_object_list
-from transformers import Trainer
 from transformers.utils import logging
 
-from .captioning import attach_provenance, caption_provenance
-from .collator import MMFTDataCollator
-from .data import sample_few_shot, train_validation_split
-from .prompts import CAPTION_TYPES, normalize_class_name, validate_caption_types
-from .prototypes import OPENAI_IMAGENET_TEMPLATES, zero_shot_prototypes
-from .trainer import ROW_INDEX_COLUMN, MMFTTrainer, decay_parameter_names, with_row_errors
-from .training_args import PROTOTYPE_SOURCES, MMFTTrainingArguments
+from ..captioning.caption import attach_provenance, caption_provenance
+from ..captioning.prompts import CAPTION_TYPES, validate_caption_types
+from ..training.arguments import PROTOTYPE_SOURCES, MMFTTrainingArguments
+from ..training.data import sample_few_shot, train_validation_split
+from ..training.trainer import MMFTTrainer
+from .ce_baseline import build_ce_trainer, check_ce_arguments
 
 logger = logging.get_logger(__name__)
 
@@ -50,7 +43,6 @@ FULL = "full"
 DEFAULT_VALIDATION_SPLIT = "validation"  # used when present and no validation split is named
 ZERO_SHOT = 0  # the `shots` value of a zero-shot cell: it trains on nothing, so it is run once (seed 0)
 LOW_SEED_MARK = "†"
-RESULTS_FILENAME = "results.jsonl"
 
 
 # ------------------------------------------------------------------------------------------------------ methods
@@ -295,185 +287,11 @@ def select_caption_types(
     return selected
 
 
-# ---------------------------------------------------------------------------------------------- CE fine-tuning
-class ZeroShotLinearClassifier(torch.nn.Module):
-    """Image tower + a linear head initialised from zero-shot text prototypes (WiSE-FT's CE fine-tuning baseline).
-
-    `logits = head(normalize(visual_projection(vision_model(x).pooler_output)))` with `head.weight` initialised to
-    `exp(logit_scale) * prototypes` and a zero bias, so before training it predicts exactly what zero-shot CLIP
-    predicts. Only the image tower is kept (the text tower would be unused parameters under DDP).
-
-    Args:
-        model (`PreTrainedModel`): a dual encoder with `vision_model`, `visual_projection` and `logit_scale`.
-        prototypes (`torch.Tensor`): `[num_classes, dim]` unit-norm zero-shot text embeddings.
-    """
-
-    def __init__(self, model: torch.nn.Module, prototypes: torch.Tensor):
-        super().__init__()
-        for name in ("vision_model", "visual_projection", "logit_scale"):
-            if not hasattr(model, name):
-                raise ValueError(f"CE fine-tuning needs a CLIP-style model with `{name}`; {type(model).__name__}.")
-        self.vision_model, self.visual_projection = model.vision_model, model.visual_projection
-        self.head = torch.nn.Linear(prototypes.shape[1], prototypes.shape[0])
-        with torch.no_grad():
-            self.head.weight.copy_(model.logit_scale.exp().detach() * prototypes.to(self.head.weight))
-            self.head.bias.zero_()
-
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        features = self.visual_projection(self.vision_model(pixel_values=pixel_values).pooler_output)
-        logits = self.head(torch.nn.functional.normalize(features, dim=-1))
-        outputs = {"logits": logits}
-        if labels is not None:
-            outputs["loss"] = torch.nn.functional.cross_entropy(logits.float(), labels)
-        return outputs
-
-
-@dataclass
-class _ImagesAndLabels:
-    """An `MMFTDataCollator` batch without the texts: the CE baseline reads images exactly as MMFT does."""
-
-    collator: MMFTDataCollator
-
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        batch = self.collator(rows)
-        return {"pixel_values": batch["pixel_values"], "labels": batch["labels"]}
-
-
-def _accuracy(eval_prediction) -> dict[str, float]:
-    logits, labels = eval_prediction.predictions, eval_prediction.label_ids
-    return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())}
-
-
-class CETrainer(Trainer):
-    """The `transformers.Trainer` of the CE baseline: MMFT's weight-decay rule, and a collator of its own (no random
-    crop) for evaluation and test batches.
-
-    Args:
-        eval_data_collator: collates evaluation and test batches; `data_collator` collates training batches.
-        *args, **kwargs: passed to `transformers.Trainer`.
-    """
-
-    def __init__(self, *args, eval_data_collator, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.eval_data_collator = eval_data_collator
-
-    def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
-        return decay_parameter_names(self, model)
-
-    def _evaluation_loader(self, make_loader, dataset):
-        training_collator, self.data_collator = self.data_collator, self.eval_data_collator
-        try:
-            return make_loader(dataset)
-        finally:
-            self.data_collator = training_collator
-
-    def get_eval_dataloader(self, eval_dataset=None):
-        return self._evaluation_loader(super().get_eval_dataloader, eval_dataset)
-
-    def get_test_dataloader(self, test_dataset):
-        return self._evaluation_loader(super().get_test_dataloader, test_dataset)
-
-
 def check_method_arguments(method: MethodSpec, args: MMFTTrainingArguments) -> None:
     """Raises `ValueError` for a method the arguments cannot run: `ce` with `use_lora` (the CE baseline fine-tunes
     the whole image tower and a linear head; it has no LoRA variant)."""
-    if method.kind == "ce" and args.use_lora:
-        raise ValueError(
-            f"Method {method.name!r} does not support --use_lora (it fine-tunes the whole image tower); run it "
-            "without --use_lora, in a separate --output_dir from the LoRA methods."
-        )
-
-
-def build_ce_trainer(
-    model, processor, splits: datasets.DatasetDict, args: MMFTTrainingArguments, class_names: Sequence[str]
-) -> CETrainer:
-    """The trainer of the CE baseline: a `ZeroShotLinearClassifier` fine-tuned with cross-entropy.
-
-    The head starts as the `zeroshot_ensemble` classifier: the 80-template prototypes of the class names normalised
-    as `MMFTTrainer` does (`normalize_class_name`). Images go through `MMFTDataCollator` as in MMFT (training crop,
-    per-worker random streams, decoding errors that name the row). Weight decay follows
-    `args.weight_decay_all_parameters`; `eval_accuracy` on the validation split drives the selection.
-
-    Args:
-        model (`PreTrainedModel`): a CLIP-style dual encoder (see `ZeroShotLinearClassifier`).
-        processor (`ProcessorMixin`): its processor (tokenizer and image processor).
-        splits (`datasets.DatasetDict`): `train`, `validation` and `test`.
-        args (`MMFTTrainingArguments`): the cell's arguments.
-        class_names (`Sequence[str]`): the dataset's class names, by label id.
-
-    Returns:
-        `CETrainer`, with the prepared test split as `trainer.test_dataset`.
-
-    Raises:
-        `ValueError`: with `args.use_lora` (see `check_method_arguments`).
-    """
-    check_method_arguments(BASE_METHODS["ce"], args)
-    text_class_names = [normalize_class_name(name) for name in class_names]
-    model.eval()
-    prototypes = zero_shot_prototypes(model, processor.tokenizer, text_class_names, OPENAI_IMAGENET_TEMPLATES)
-    classifier = ZeroShotLinearClassifier(model, prototypes)
-    common = dict(
-        class_names=text_class_names,
-        image_column=args.image_column,
-        label_column=args.label_column,
-        caption_column=None,
-        index_column=ROW_INDEX_COLUMN,
-    )
-    train_collator = MMFTDataCollator(processor, crop_scale=(args.crop_scale_min, 1.0), seed=args.seed, **common)
-    eval_collator = MMFTDataCollator(processor, train=False, **common)
-    prepared = {name: with_row_errors(split, args.image_column) for name, split in splits.items()}
-    trainer = CETrainer(
-        model=classifier,
-        args=args,
-        train_dataset=prepared["train"],
-        eval_dataset=prepared["validation"],
-        data_collator=_ImagesAndLabels(train_collator),
-        eval_data_collator=_ImagesAndLabels(eval_collator),
-        compute_metrics=_accuracy,
-    )
-    trainer.test_dataset = prepared["test"]
-    return trainer
-
-
-# ------------------------------------------------------------------------------------------------------- cells
-def cell_key(record: dict) -> tuple:
-    return (record["dataset"], record["method"], str(record["shots"]), int(record["seed"]))
-
-
-def read_results(path: str) -> list[dict]:
-    """The records of a results JSONL file (`[]` if it does not exist). A torn last line (a killed run) is skipped."""
-    if not os.path.exists(path):
-        return []
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                logger.warning(f"{path}:{number} is not valid JSON (an interrupted write?); that cell will rerun.")
-    return records
-
-
-def finished_cells(path: str) -> set[tuple]:
-    """The `cell_key`s of the records in the results file `path`, as the main process reads them.
-
-    Under several processes only the main process reads the file and broadcasts the keys, so every process skips
-    the same cells (processes reading a shared file themselves can see different states of it). Call it after the
-    accelerate state is set up (e.g. after reading `TrainingArguments.process_index`) and on every process.
-    """
-    keys = [[cell_key(record) for record in read_results(path)] if PartialState().is_main_process else None]
-    broadcast_object_list(keys, from_process=0)
-    return set(keys[0])
-
-
-def append_result(path: str, record: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, sort_keys=True) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    if method.kind == "ce":
+        check_ce_arguments(args)
 
 
 def plan_cells(
@@ -604,126 +422,3 @@ def run_cell(
         "peak_memory_mib": round(memory, 1),
         "peak_memory_kind": memory_kind,
     }
-
-
-# ------------------------------------------------------------------------------------------------ aggregation
-def _shots_order(shots) -> tuple:
-    return (1, math.inf) if str(shots) == FULL else (0, int(shots))
-
-
-def _shots_label(shots) -> str:
-    if str(shots) == FULL:
-        return "full"
-    return "0-shot" if int(shots) == ZERO_SHOT else f"{shots}-shot"
-
-
-def aggregate(records: Iterable[dict]) -> dict[tuple, dict]:
-    """Mean and standard error (sample std / √n) of the test accuracy, in %, per (dataset, method, shots).
-
-    Returns:
-        `{(dataset, method, shots): {"mean", "se", "n"}}`; `se` is `None` for a single run.
-    """
-    groups: dict[tuple, list[float]] = {}
-    for record in records:
-        key = (record["dataset"], record["method"], str(record["shots"]))
-        groups.setdefault(key, []).append(100.0 * record["accuracy"])
-    stats = {}
-    for key, values in groups.items():
-        n = len(values)
-        se = float(np.std(values, ddof=1) / math.sqrt(n)) if n > 1 else None
-        stats[key] = {"mean": float(np.mean(values)), "se": se, "n": n}
-    return stats
-
-
-def _format(stat: dict | None, deterministic: bool, min_seeds: int) -> str:
-    if stat is None:
-        return ""
-    text = f"{stat['mean']:.2f}" if stat["se"] is None else f"{stat['mean']:.2f} ± {stat['se']:.2f}"
-    return text + (LOW_SEED_MARK if stat["n"] < min_seeds and not deterministic else "")
-
-
-def render_table(records: Sequence[dict], min_seeds: int = 3) -> str:
-    """Markdown table(s) of test accuracy (%), mean ± standard error over seeds.
-
-    One dataset: rows are methods, columns shot counts. Several datasets: one table per shot count with a column per
-    dataset plus **Average** (the mean of the per-dataset means, only where every dataset has the cell). Cells from
-    fewer than `min_seeds` runs are marked `†`; zero-shot cells (one deterministic run) are not.
-    """
-    stats = aggregate(records)
-    datasets_ = list(dict.fromkeys(record["dataset"] for record in records))
-    methods = list(dict.fromkeys(record["method"] for record in records))
-    shots = sorted({str(record["shots"]) for record in records}, key=_shots_order)
-    zeroshot = {m for m in methods if m in BASE_METHODS and BASE_METHODS[m].kind == "zeroshot"}
-    backbones = sorted({str(record.get("backbone")) for record in records})
-    lines = []
-    if len(datasets_) == 1:
-        lines += [f"**{datasets_[0]}** (backbone: {', '.join(backbones)})", ""]
-        lines += ["| method | " + " | ".join(_shots_label(k) for k in shots) + " |"]
-        lines += ["|---|" + "---:|" * len(shots)]
-        for method in methods:
-            cells = [_format(stats.get((datasets_[0], method, k)), method in zeroshot, min_seeds) for k in shots]
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    else:
-        for k in shots:
-            lines += [f"**{_shots_label(k)}** (backbone: {', '.join(backbones)})", ""]
-            lines += ["| method | " + " | ".join(datasets_) + " | Average |", "|---|" + "---:|" * (len(datasets_) + 1)]
-            for method in methods:
-                found = [stats.get((d, method, k)) for d in datasets_]
-                if not any(found):
-                    continue
-                cells = [_format(stat, method in zeroshot, min_seeds) for stat in found]
-                average = f"{np.mean([s['mean'] for s in found]):.2f}" if all(found) else ""
-                lines.append(f"| {method} | " + " | ".join(cells) + f" | {average} |")
-            lines.append("")
-    lines += [
-        "",
-        f"Test top-1 accuracy (%), mean ± standard error (sample std / √n) over seeds; {LOW_SEED_MARK}: fewer than "
-        f"{min_seeds} seeds. Zero-shot rows are a single deterministic run. Model selection on the validation split.",
-    ]
-    return "\n".join(lines).replace("\n\n\n", "\n\n")
-
-
-def plot_results(records: Sequence[dict], path: str) -> str:
-    """Saves accuracy vs shots (one line per method, standard-error bars, one panel per dataset) as a PNG.
-
-    Zero-shot methods are drawn as dashed horizontal lines. Uses matplotlib's Agg backend (no display needed).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    stats = aggregate(records)
-    datasets_ = list(dict.fromkeys(record["dataset"] for record in records))
-    methods = list(dict.fromkeys(record["method"] for record in records))
-    shots = [k for k in sorted({str(r["shots"]) for r in records}, key=_shots_order) if k != str(ZERO_SHOT)]
-    figure, axes = plt.subplots(1, len(datasets_), figsize=(5 * len(datasets_), 4), squeeze=False)
-    for axis, dataset in zip(axes[0], datasets_):
-        for index, method in enumerate(methods):
-            color = f"C{index % 10}"
-            flat = stats.get((dataset, method, str(ZERO_SHOT)))
-            if flat is not None:
-                axis.axhline(flat["mean"], linestyle="--", color=color, label=method)
-                continue
-            points = [(x, stats[(dataset, method, k)]) for x, k in enumerate(shots) if (dataset, method, k) in stats]
-            if points:
-                axis.errorbar(
-                    [x for x, _ in points],
-                    [s["mean"] for _, s in points],
-                    yerr=[s["se"] or 0.0 for _, s in points],
-                    marker="o",
-                    capsize=3,
-                    color=color,
-                    label=method,
-                )
-        axis.set_xticks(range(len(shots)), [_shots_label(k) for k in shots])
-        axis.set_title(dataset)
-        axis.set_xlabel("training images per class")
-        axis.set_ylabel("test accuracy (%)")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize="small")
-    figure.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path

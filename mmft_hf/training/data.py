@@ -7,24 +7,20 @@ problems raise a `ValueError` that names the row, the column and the fix.
 
 from __future__ import annotations
 
-import io
 import math
-import os
 import random
 import types
 from collections.abc import Sequence
 
 import datasets
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from transformers.utils import logging
 
-from .remote_pipeline import to_rgb  # noqa: F401  (re-exported: `mmft_hf.data.to_rgb` is the training conversion)
+from ..images import IMAGE_DECODE_ERRORS, describe_image_source, load_image, to_rgb  # noqa: F401  (re-exported)
 
 logger = logging.get_logger(__name__)
 
-# Errors PIL raises for unreadable, truncated or unsupported files (SyntaxError comes from some legacy plugins).
-IMAGE_DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 _MAX_ROWS_IN_MESSAGE = 10
 
 
@@ -87,59 +83,6 @@ def random_resized_crop(
     # `box` crops and resizes in one resampling pass, the same pixels as crop() followed by resize().
     box = (left, top, left + crop_width, top + crop_height)
     return image.resize((width_out, height_out), Image.BICUBIC, box=box)
-
-
-def load_image(value) -> Image.Image:
-    """Decodes an image column value: a PIL image, a path, or a `datasets.Image(decode=False)` dict.
-
-    Files are decoded eagerly (`Image.load()`), so a corrupt or truncated file fails here rather than later, and
-    EXIF orientation is applied as `datasets.Image` does when it decodes.
-
-    Args:
-        value (`PIL.Image.Image`, `str`, `os.PathLike` or `dict`): the value; a dict has `bytes` and/or `path`.
-
-    Returns:
-        `PIL.Image.Image`: the decoded image.
-
-    Raises:
-        `ValueError`: for an empty file or a value of another type; PIL's own errors for undecodable files.
-    """
-    if isinstance(value, Image.Image):
-        value.load()  # lazily opened images decode here
-        return value
-    if isinstance(value, dict):
-        data, path = value.get("bytes"), value.get("path")
-        if data is None and path is None:
-            raise ValueError("the image value has neither 'bytes' nor 'path'.")
-        if data is not None:
-            if len(data) == 0:
-                raise ValueError("the image bytes are empty (0 bytes).")
-            source = io.BytesIO(data)
-        else:
-            source = path
-    elif isinstance(value, (str, os.PathLike)):
-        source = value
-    else:
-        raise ValueError(f"expected a PIL image, a path or a dict with 'bytes'/'path', got {type(value).__name__}.")
-    if not isinstance(source, io.BytesIO) and os.path.isfile(source) and os.path.getsize(source) == 0:
-        raise ValueError(f"the image file {os.fspath(source)!r} is empty (0 bytes).")
-    image = Image.open(source)
-    image.load()
-    if image.getexif().get(Image.ExifTags.Base.Orientation) is not None:
-        image = ImageOps.exif_transpose(image)
-    return image
-
-
-def describe_image_source(value) -> str:
-    """A short description of where an image came from (its file path when known), for error messages."""
-    path = None
-    if isinstance(value, dict):
-        path = value.get("path")
-    elif isinstance(value, (str, os.PathLike)):
-        path = os.fspath(value)
-    elif isinstance(value, Image.Image):
-        path = getattr(value, "filename", None) or None
-    return f" (file {path!r})" if path else ""
 
 
 # ------------------------------------------------------------------------------------------------ labels & splits

@@ -1,7 +1,7 @@
 """The MMFT training loss: a CLIP (InfoNCE) term plus a supervised-contrastive term over same-class pairs.
 
 Pure functions of logits and labels (see `method.md` §5). They know nothing of models or datasets; the caller
-builds the logits, usually over the global batch with `mmft_hf.distributed.gather_batch` and `global_logits`.
+builds the logits, usually over the global batch with `mmft_hf.training.distributed.gather_batch` and `global_logits`.
 
 Notation: B pairs (image i, caption i, label y_i); `logits_per_image[i, j] = s * <u_i, v_j>` and
 `logits_per_text[j, i]` the text-to-image logits (its transpose for CLIP; the functions never assume it).
@@ -140,7 +140,7 @@ def mmft_loss(
 
     ```python
     >>> import torch
-    >>> from mmft_hf.losses import mmft_loss
+    >>> from mmft_hf.training.losses import mmft_loss
     >>> logits = 100 * torch.eye(4)
     >>> mmft_loss(logits, logits.T, torch.tensor([0, 0, 1, 1])).item() > 0
     True

@@ -13,24 +13,24 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer
 from transformers.utils import logging
 
-from .captioning import caption_provenance
-from .class_texts import class_texts_from_captions
-from .collator import MMFTDataCollator
-from .data import validate_captioned_dataset
-from .distributed import gather_batch, global_logits
-from .hub import save_for_hub
-from .losses import mmft_loss
-from .model_card import MMFTModelCardData, create_model_card
-from .prompts import normalize_class_name
-from .prototypes import (
+from ..captioning.caption import caption_provenance
+from ..captioning.prompts import normalize_class_name
+from ..classification.class_texts import class_texts_from_captions
+from ..classification.prototypes import (
     OPENAI_IMAGENET_TEMPLATES,
     SINGLE_TEMPLATE,
-    _pooled,
     build_class_prototypes,
+    pooled_output,
     save_class_prototypes,
     template_texts,
 )
-from .training_args import MMFTTrainingArguments
+from ..model_card import MMFTModelCardData, create_model_card
+from ..publishing import save_for_hub
+from .arguments import MMFTTrainingArguments
+from .collator import MMFTDataCollator
+from .data import validate_captioned_dataset
+from .distributed import gather_batch, global_logits
+from .losses import mmft_loss
 
 logger = logging.get_logger(__name__)
 
@@ -355,7 +355,7 @@ class MMFTTrainer(Trainer):
             with torch.no_grad():
                 for batch in loader:
                     features = model.get_image_features(pixel_values=batch["pixel_values"])
-                    features = _pooled(features).float()
+                    features = pooled_output(features).float()
                     scores = torch.nn.functional.normalize(features, dim=-1) @ prototypes.T
                     gathered = self.accelerator.gather_for_metrics((scores.argmax(-1), batch["labels"]))
                     predictions.append(gathered[0].cpu())

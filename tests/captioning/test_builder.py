@@ -1,6 +1,5 @@
 import json
 import os
-import sys
 from pathlib import Path
 
 import datasets
@@ -12,14 +11,15 @@ import yaml
 from PIL import Image
 from transformers import HfArgumentParser
 
-from mmft_hf.builder import PRESETS, CaptionedImages, make_captioner, push_captioned
-from mmft_hf.caption_stats import caption_stats, clip_score, dataset_clip_score
-from mmft_hf.captioning import caption_dataset, caption_provenance
-from mmft_hf.prompts import DOMAINS, build_prompt
+from mmft_hf.captioning.builder import PRESETS, CaptionedImages, make_captioner, push_captioned
+from mmft_hf.captioning.caption import caption_dataset, caption_provenance
+from mmft_hf.captioning.prompts import DOMAINS, build_prompt
+from mmft_hf.captioning.stats import caption_stats, clip_score, dataset_clip_score
+from mmft_hf.commands import caption as caption_command
+from tests.captioning.test_caption import FakeCaptioner
 from tests.fake_chat_server import start_fake_api
-from tests.test_captioning import FakeCaptioner
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -88,7 +88,7 @@ def test_builder_with_a_spec_records_the_built_captioners_identity(source, tmp_p
         built.append(FakeCaptioner(model=spec))
         return built[-1]
 
-    monkeypatch.setattr("mmft_hf.builder.make_captioner", fake_make_captioner)
+    monkeypatch.setattr("mmft_hf.captioning.builder.make_captioner", fake_make_captioner)
     # string labels: the builder makes the ClassLabel (sorted names) and maps each row's label to its id
     names = source["train"].features["label"].names
     strings = source.map(lambda row: {"name": names[row["label"]]}).remove_columns("label")
@@ -281,12 +281,7 @@ def test_clip_score_matches_the_model_forward(synthetic_dataset, tiny_clip, monk
 
 @pytest.fixture(scope="module")
 def generate_captions():
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import generate_captions
-    finally:
-        sys.path.pop(0)
-    return generate_captions
+    return caption_command
 
 
 def test_generate_captions_arguments(generate_captions):

@@ -11,16 +11,16 @@ import datasets
 import pytest
 from PIL import Image
 
-from mmft_hf.caption_cache import CACHE_FILENAME
-from mmft_hf.captioners.base import CaptionResult
-from mmft_hf.captioning import (
+from mmft_hf.captioning.cache import CACHE_FILENAME
+from mmft_hf.captioning.caption import (
     CaptioningError,
     caption_dataset,
     caption_provenance,
     merge_caption_shards,
     shard_bounds,
 )
-from mmft_hf.prompts import build_prompt
+from mmft_hf.captioning.captioners.base import CaptionResult
+from mmft_hf.captioning.prompts import build_prompt
 from tests.fake_chat_server import start_fake_api, wait_until_quiet
 
 TYPES = ("visual", "shape", "texture")
@@ -352,7 +352,7 @@ def _count_cached(path):
 
 
 def test_sigkill_mid_run_then_resume_loses_nothing(tmp_path):
-    from mmft_hf.captioners.openai_compatible import OpenAICompatibleCaptioner
+    from mmft_hf.captioning.captioners.openai_compatible import OpenAICompatibleCaptioner
 
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a_b", "c"])})
     images = [Image.new("RGB", (16 + i, 16), (30 * i, 10, 200 - 20 * i)) for i in range(8)]
@@ -361,7 +361,7 @@ def test_sigkill_mid_run_then_resume_loses_nothing(tmp_path):
     )
     server = start_fake_api(delay=0.25)
     cache_file = tmp_path / "cache" / CACHE_FILENAME
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     worker = subprocess.Popen(
         [
@@ -421,7 +421,7 @@ def test_sigkill_mid_run_then_resume_loses_nothing(tmp_path):
 
 
 def test_real_backend_authentication_error_stops_the_run(labelled, tmp_path):
-    from mmft_hf.captioners.openai_compatible import CaptionerAuthenticationError, OpenAICompatibleCaptioner
+    from mmft_hf.captioning.captioners.openai_compatible import CaptionerAuthenticationError, OpenAICompatibleCaptioner
 
     server = start_fake_api(plan=[(401, {})] * 40)
     try:
@@ -440,7 +440,7 @@ def test_cache_open_retries_while_another_shard_holds_the_lock(tmp_path, monkeyp
     """Two shards opening one fresh cache at once: switching to WAL can fail at once with "database is locked"."""
     import sqlite3
 
-    from mmft_hf import caption_cache
+    from mmft_hf.captioning import cache as caption_cache
 
     real_connect, refusals = sqlite3.connect, []
 

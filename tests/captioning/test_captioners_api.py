@@ -12,7 +12,7 @@ import pytest
 from fake_chat_server import start_fake_api, wait_until_quiet
 from PIL import Image
 
-from mmft_hf.captioners import (
+from mmft_hf.captioning.captioners import (
     CaptionerAuthenticationError,
     CaptionRequest,
     OpenAICompatibleCaptioner,

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from tiny_vlm import save_tiny_vlm
 
-from mmft_hf.captioners import CaptionRequest, CaptionResult, TransformersCaptioner
-from mmft_hf.captioners.images import prepare_image, strip_thinking
+from mmft_hf.captioning.captioners import CaptionRequest, CaptionResult, TransformersCaptioner
+from mmft_hf.captioning.captioners.images import prepare_image, strip_thinking
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 import pytest
 
-from mmft_hf.prompts import (
+from mmft_hf.captioning.prompts import (
     CAPTION_TYPES,
     DOMAINS,
     build_prompt,

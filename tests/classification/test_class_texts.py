@@ -2,8 +2,8 @@ import datasets
 import pytest
 import torch
 
-from mmft_hf.class_texts import class_texts_from_captions, prototypes_from_captioned_dataset
-from mmft_hf.prototypes import build_class_prototypes
+from mmft_hf.classification.class_texts import class_texts_from_captions, prototypes_from_captioned_dataset
+from mmft_hf.classification.prototypes import build_class_prototypes
 
 
 def test_class_texts_prefix_fallback_and_order():

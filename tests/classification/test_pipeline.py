@@ -8,16 +8,16 @@ import torch
 from PIL import Image
 from transformers import CLIPModel, CLIPProcessor, pipeline
 
-from mmft_hf import remote_pipeline
-from mmft_hf.collator import MMFTDataCollator
-from mmft_hf.pipeline import MMFTClassificationPipeline, resolve_templates
-from mmft_hf.prototypes import (
+from mmft_hf.classification import remote_pipeline
+from mmft_hf.classification.pipeline import MMFTClassificationPipeline, resolve_templates
+from mmft_hf.classification.prototypes import (
     OPENAI_IMAGENET_TEMPLATES,
     PROTOTYPES_FILENAME,
     load_class_prototypes,
     save_class_prototypes,
     zero_shot_prototypes,
 )
+from mmft_hf.training.collator import MMFTDataCollator
 
 NAMES = ["red circle", "green square", "blue triangle", "yellow cross"]
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from mmft_hf.prototypes import (
+from mmft_hf.classification.prototypes import (
     OPENAI_IMAGENET_TEMPLATES,
     build_class_prototypes,
     encode_texts,
@@ -10,7 +10,7 @@ from mmft_hf.prototypes import (
     save_class_prototypes,
     zero_shot_prototypes,
 )
-from mmft_hf.remote_pipeline import write_prototypes_file
+from mmft_hf.classification.remote_pipeline import write_prototypes_file
 
 
 def reference_prototype(model, tokenizer, texts):

@@ -1,10 +1,8 @@
 """The evaluation harness: protocol splits, methods, one cell, resumable end-to-end runs, aggregation and DDP."""
 
-import importlib.util
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import datasets
@@ -13,13 +11,15 @@ import torch
 from conftest import run_torchrun
 
 from mmft_hf import evaluation
-from mmft_hf.captioning import PROVENANCE_FORMAT, attach_provenance, caption_provenance
-from mmft_hf.data import to_rgb
+from mmft_hf.captioning.caption import PROVENANCE_FORMAT, attach_provenance, caption_provenance
+from mmft_hf.classification.prototypes import OPENAI_IMAGENET_TEMPLATES, zero_shot_prototypes
+from mmft_hf.commands import benchmark as benchmark_command
 from mmft_hf.evaluation import (
     LOW_SEED_MARK,
     ZeroShotLinearClassifier,
     aggregate,
     build_ce_trainer,
+    ce_baseline,
     load_benchmark_splits,
     parse_method,
     parse_shots,
@@ -29,11 +29,11 @@ from mmft_hf.evaluation import (
     run_cell,
     select_caption_types,
 )
-from mmft_hf.prototypes import OPENAI_IMAGENET_TEMPLATES, zero_shot_prototypes
-from mmft_hf.trainer import MMFTTrainer
-from mmft_hf.training_args import MMFTTrainingArguments
+from mmft_hf.training.arguments import MMFTTrainingArguments
+from mmft_hf.training.data import to_rgb
+from mmft_hf.training.trainer import MMFTTrainer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "examples" / "benchmark.py"
 # the synthetic dataset the `synthetic_dataset` fixture (and so `tiny_clip_dir`'s vocabulary) is made of
 SYNTHETIC_FLAGS = [
@@ -50,11 +50,7 @@ QUICK_FLAGS = ["--num_train_epochs", "1", "--learning_rate", "1e-3", "--per_devi
 
 
 def load_benchmark_script():
-    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_command
 
 
 def quick_args(tmp_path, **overrides) -> MMFTTrainingArguments:
@@ -278,7 +274,7 @@ def test_selection_uses_validation_and_test_is_evaluated_once_at_the_end(
     """Every evaluation during training sees the validation split (16 rows); the test split (12 rows here, so it
     is told apart) is evaluated exactly once, last. Shuffling the test labels changes nothing about selection."""
     calls = []
-    for cls in (MMFTTrainer, evaluation.Trainer):
+    for cls in (MMFTTrainer, ce_baseline.Trainer):
         original = cls.evaluate
 
         def spy(self, eval_dataset=None, *args, _original=original, **kwargs):

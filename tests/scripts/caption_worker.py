@@ -7,8 +7,8 @@ import sys
 
 import datasets
 
-from mmft_hf.captioners.openai_compatible import OpenAICompatibleCaptioner
-from mmft_hf.captioning import caption_dataset
+from mmft_hf.captioning.caption import caption_dataset
+from mmft_hf.captioning.captioners.openai_compatible import OpenAICompatibleCaptioner
 
 
 def main():

@@ -17,9 +17,9 @@ import argparse
 
 import torch
 
-from mmft_hf.distributed import gather_batch, global_logits
-from mmft_hf.losses import mmft_loss
 from mmft_hf.synthetic import build_clip, build_word_tokenizer
+from mmft_hf.training.distributed import gather_batch, global_logits
+from mmft_hf.training.losses import mmft_loss
 
 LABELS = [0, 1, 0, 2, 1, 3, 0, 2]  # positives within and across ranks; label 3 has none (excluded anchor)
 SPLITS = {"even": (4, 4), "uneven": (5, 3)}

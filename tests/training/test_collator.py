@@ -1,4 +1,4 @@
-"""Tests for mmft_hf.collator.MMFTDataCollator with the tiny CLIP and real image files."""
+"""Tests for mmft_hf.training.collator.MMFTDataCollator with the tiny CLIP and real image files."""
 
 import logging
 import random
@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-import mmft_hf.collator as collator_module
-from mmft_hf.collator import MMFTDataCollator
-from mmft_hf.data import to_rgb
+import mmft_hf.training.collator as collator_module
 from mmft_hf.synthetic import build_clip, build_word_tokenizer
+from mmft_hf.training.collator import MMFTDataCollator
+from mmft_hf.training.data import to_rgb
 
 NAMES = ["banded", "dotted", "striped"]
 
@@ -207,7 +207,7 @@ def test_truncation_keeps_eos_counts_and_warns_once(tiny_clip, caplog):
     rows = [_row([long_caption]), _row(["short"]), _row([long_caption + " banded"])]
     collator = MMFTDataCollator(processor=processor, class_names=NAMES, train=False)
     assert collator.max_length == 77
-    with caplog.at_level(logging.WARNING, logger="mmft_hf.collator"):
+    with caplog.at_level(logging.WARNING, logger="mmft_hf.training.collator"):
         batch = collator(rows)
         collator(rows[:2])
     assert (collator.num_texts, collator.num_truncated) == (5, 3)

@@ -1,4 +1,4 @@
-"""Tests for mmft_hf.data: crop, RGB conversion, image loading, few-shot sampling, the split and dataset checks."""
+"""Tests for mmft_hf.training.data: crop, RGB conversion, image loading, few-shot sampling, the split and dataset checks."""
 
 import logging
 import random
@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from transformers.image_transforms import convert_to_rgb
 
-from mmft_hf import remote_pipeline
-from mmft_hf.data import (
+from mmft_hf import images
+from mmft_hf.training.data import (
     empty_caption_rows,
     load_image,
     random_resized_crop,
@@ -94,8 +94,8 @@ def test_random_resized_crop_rejects_bad_arguments():
 
 
 # ------------------------------------------------------------------------------------------------------ to_rgb
-def test_to_rgb_is_the_pipeline_conversion():
-    assert to_rgb is remote_pipeline.to_rgb  # one implementation: training and the published pipeline agree
+def test_to_rgb_is_the_shared_conversion():
+    assert to_rgb is images.to_rgb  # one implementation for captioning, training and the pipeline
 
 
 def test_to_rgb_composites_transparency_on_white_like_transformers():

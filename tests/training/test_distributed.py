@@ -8,10 +8,10 @@ import torch
 import torch.distributed as dist
 from conftest import run_torchrun
 
-from mmft_hf.distributed import gather_batch, global_logits
-from mmft_hf.losses import mmft_loss
+from mmft_hf.training.distributed import gather_batch, global_logits
+from mmft_hf.training.losses import mmft_loss
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tests" / "scripts" / "distributed_loss_check.py"
 SUPCON_WEIGHT = 0.5  # large enough that both terms shape the gradients
 

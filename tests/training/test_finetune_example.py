@@ -1,7 +1,6 @@
 """End-to-end runs of examples/finetune.py: the offline demo in-process, and a real two-process run whose first
 optimiser step must equal a one-process step on the same global batch."""
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -15,16 +14,14 @@ from safetensors.torch import load_file
 from transformers import CLIPModel
 
 from mmft_hf import load_class_prototypes
+from mmft_hf.commands import finetune as finetune_command
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 FINETUNE = REPO_ROOT / "examples" / "finetune.py"
 
 
 def load_finetune_module():
-    spec = importlib.util.spec_from_file_location("finetune_example", FINETUNE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return finetune_command
 
 
 def test_offline_demo_trains_evaluates_and_saves(tmp_path):

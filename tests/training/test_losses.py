@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-import mmft_hf.losses as losses
-from mmft_hf.losses import clip_loss, mmft_loss, supcon_loss
+import mmft_hf.training.losses as losses
+from mmft_hf.training.losses import clip_loss, mmft_loss, supcon_loss
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reference: scalar loops over i, j straight from the definitions (differentiable, so gradients can be compared).

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from transformers import CLIPModel
 
 from mmft_hf import MMFTTrainer, MMFTTrainingArguments, load_class_prototypes, mmft_loss
-from mmft_hf.prototypes import OPENAI_IMAGENET_TEMPLATES
+from mmft_hf.classification.prototypes import OPENAI_IMAGENET_TEMPLATES
 
 
 def make_args(tmp_path, **overrides) -> MMFTTrainingArguments:
@@ -327,7 +327,7 @@ def test_corrupt_image_fails_with_its_row_and_file(tiny_clip, image_files_datase
 
 
 def test_model_card_data_comes_from_the_run_and_the_caption_provenance(tiny_clip, synthetic_dataset, tmp_path):
-    from mmft_hf.captioning import PROVENANCE_FORMAT, attach_provenance
+    from mmft_hf.captioning.caption import PROVENANCE_FORMAT, attach_provenance
 
     provenance = {
         "format": PROVENANCE_FORMAT,

@@ -8,7 +8,7 @@ import re
 
 from PIL import Image
 
-from ..data import to_rgb
+from ...images import to_rgb
 
 # A reasoning model may emit its chain of thought before the answer; an unclosed block (output cut off by the
 # token limit) runs to the end of the text, so nothing of it can leak into a caption.
@@ -37,7 +37,7 @@ def strip_thinking(text: str) -> str:
 def prepare_image(image: Image.Image, max_image_side: int | None) -> Image.Image:
     """Converts an image to RGB and downscales it so that its longer side is at most `max_image_side`.
 
-    The conversion is [`mmft_hf.data.to_rgb`], the one training uses: transparent pixels are composited onto white
+    The conversion is [`mmft_hf.images.to_rgb`], the one training uses: transparent pixels are composited onto white
     (a plain `convert("RGB")` turns them black, which changes what a captioner sees), 16-bit and float images are
     rescaled to 8 bits (not clipped to white), and grayscale, palette and CMYK images are converted. Images are
     never upscaled.

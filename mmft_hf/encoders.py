@@ -1,0 +1,67 @@
+"""Embedding texts with the text tower of any dual encoder (CLIP, SigLIP, VisionTextDualEncoder), in batches."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+
+
+def pooled_output(features) -> torch.Tensor:
+    """`get_*_features` returns a tensor in transformers v4 and a `BaseModelOutputWithPooling` in v5."""
+    return features if isinstance(features, torch.Tensor) else features.pooler_output
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) inside the block; every submodule's previous mode is restored after it."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def max_text_length(model: torch.nn.Module, tokenizer) -> int:
+    config = getattr(model.config, "text_config", model.config)
+    limits = [tokenizer.model_max_length, getattr(config, "max_position_embeddings", None)]
+    return min(limit for limit in limits if isinstance(limit, int) and limit > 0)
+
+
+@torch.no_grad()
+def encode_texts(model: torch.nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """Encodes `texts` with the text tower of `model` in batches and L2-normalises each embedding.
+
+    The model runs in eval mode (no dropout, so the result is deterministic) and is given back in the mode it was
+    in.
+
+    Args:
+        model (`torch.nn.Module`): a dual encoder with `get_text_features` (e.g. `CLIPModel`).
+        tokenizer: the model's tokenizer; texts are truncated to the model's context length, keeping the EOS.
+        texts (`Sequence[str]`): the texts.
+        batch_size (`int`, defaults to 256): texts encoded per forward pass (bounds memory).
+
+    Returns:
+        `torch.Tensor` of shape `[len(texts), dim]`, float32, on the model's device.
+    """
+    device, max_length = model_device(model), max_text_length(model, tokenizer)
+    chunks = []
+    with eval_mode(model):
+        for start in range(0, len(texts), batch_size):
+            tokens = tokenizer(
+                list(texts[start : start + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            ).to(device)
+            embeddings = pooled_output(model.get_text_features(**tokens)).float()
+            chunks.append(torch.nn.functional.normalize(embeddings, dim=-1))
+    return torch.cat(chunks) if chunks else torch.empty(0, 0, device=device)
