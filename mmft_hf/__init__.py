@@ -44,5 +44,5 @@ from .training.data import (
 from .training.distributed import gather_batch, global_logits
 from .training.losses import clip_loss, mmft_loss, supcon_loss
 from .training.trainer import MMFTTrainer
+from .version import __version__
 
-__version__ = "0.1.0"

@@ -25,6 +25,7 @@ import datasets
 from tqdm.auto import tqdm
 
 from ..images import IMAGE_DECODE_ERRORS, load_image
+from ..version import __version__
 from .cache import CaptionCache, caption_key, default_cache_dir, identity_json
 from .captioners.base import CaptionRequest
 from .prompts import (
@@ -217,11 +218,9 @@ def _differing_settings(reference: dict, other: dict, ignore: Sequence[str] = _V
 
 
 def _provenance(captioner_identity, settings: dict, shard, counts: dict) -> dict:
-    import mmft_hf
-
     return {
         "format": PROVENANCE_FORMAT,
-        "mmft_hf_version": mmft_hf.__version__,
+        "mmft_hf_version": __version__,
         "captioner": captioner_identity,
         **settings,
         "image_key": IMAGE_KEY,
