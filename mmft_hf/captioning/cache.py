@@ -3,6 +3,12 @@
 SQLite in WAL mode gives atomic commits and lets several processes (shards of one captioning job) write to one
 file at once. Each caption is committed as soon as it arrives, so a run killed at any point (even SIGKILL) keeps
 every finished caption.
+
+The cache is also the single source of truth for who pays for a caption: before requesting one, a run *claims* its
+key with a lease (`CaptionCache.claim`). A key that another live run holds is not requested again; the second run
+waits for the caption to appear (or for the lease to lapse). A lease ends when its caption is stored (`put`), when
+its owner releases it (`release`), when it expires (owners renew theirs with `renew` while they work), or at once
+when its owner was a process on this machine that no longer exists (a run killed with SIGKILL).
 """
 
 from __future__ import annotations
@@ -10,8 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import sqlite3
 import time
+import uuid
 from collections.abc import Iterable
 
 CACHE_FILENAME = "captions.sqlite"
@@ -27,6 +35,47 @@ CREATE TABLE IF NOT EXISTS captions (
     created REAL NOT NULL
 )
 """
+_CLAIMS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS claims (
+    key TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    expires REAL NOT NULL
+)
+"""
+_MAX_PARAMETERS = 500  # stay under SQLite's bound-parameter limit
+
+
+class CaptionCacheError(sqlite3.DatabaseError):
+    """The cache file cannot be used (not an SQLite database, damaged); the message names the file and the fix."""
+
+
+def new_claim_owner() -> str:
+    """A claim owner id unique to this process and call: `"HOST:PID:RANDOM"`.
+
+    `CaptionCache.claim` reads the host and process id back to break, at once, the leases of a process of this
+    machine that no longer exists. Owners of another form are only ever released or expired.
+    """
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+def _owner_is_gone(owner: str) -> bool:
+    """Whether `owner` (see `new_claim_owner`) names a process of this host that no longer exists."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):  # alive but another user's, or not a pid: keep the lease
+        return False
+    return False
+
+
+def _chunks(items: list, size: int = _MAX_PARAMETERS):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def default_cache_dir() -> str:
@@ -57,7 +106,10 @@ def caption_key(image_sha256: str, prompt: str, identity: str, slot: int) -> str
 
 
 class CaptionCache:
-    """A caption store in one SQLite file, shared safely between processes.
+    """A caption store in one SQLite file, shared safely between processes, with leases on keys being requested.
+
+    Use `get_many` to read captions, `claim` before requesting the missing ones, `put` to store each caption as it
+    arrives, `renew` while the work goes on and `release` what is given up (see the module docstring).
 
     Args:
         path (`str`): a directory (the file `captions.sqlite` in it is used) or a path ending in `.sqlite`/`.db`.
@@ -69,13 +121,24 @@ class CaptionCache:
         if not path.endswith((".sqlite", ".db")):
             path = os.path.join(path, CACHE_FILENAME)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.path = path
+        self.path, self._connection_timeout = path, timeout
         self._connection = sqlite3.connect(path, timeout=timeout, isolation_level=None)
-        self._execute_while_locked("PRAGMA journal_mode=WAL", timeout)
-        # FULL: a committed caption also survives power loss, not only a killed process. One fsync per caption
-        # is cheap next to an MLLM call.
-        self._connection.execute("PRAGMA synchronous=FULL")
-        self._execute_while_locked(_SCHEMA, timeout)
+        try:
+            self._execute_while_locked("PRAGMA journal_mode=WAL", timeout)
+            # FULL: a committed caption also survives power loss, not only a killed process. One fsync per caption
+            # is cheap next to an MLLM call.
+            self._connection.execute("PRAGMA synchronous=FULL")
+            self._execute_while_locked(_SCHEMA, timeout)
+            self._execute_while_locked(_CLAIMS_SCHEMA, timeout)
+        except sqlite3.DatabaseError as error:
+            self._connection.close()
+            if isinstance(error, sqlite3.OperationalError) and "locked" in str(error):
+                raise  # another process held the lock for longer than `timeout`: the file itself is fine
+            raise CaptionCacheError(
+                f"Cannot use the caption cache {path}: {error}. If the file is damaged, move it aside "
+                f"(mv '{path}' '{path}.broken') and run again: the captions it held will be requested again. Or "
+                "use another cache directory."
+            ) from None
 
     def _execute_while_locked(self, statement: str, timeout: float) -> None:
         """Runs `statement`, retrying while another connection holds the lock.
@@ -97,15 +160,17 @@ class CaptionCache:
     def get_many(self, keys: Iterable[str]) -> dict[str, str]:
         """Cached texts for `keys` (missing keys are absent from the result)."""
         keys, found = list(keys), {}
-        for start in range(0, len(keys), 500):  # stay under SQLite's bound-parameter limit
-            chunk = keys[start : start + 500]
+        for chunk in _chunks(keys):
             marks = ",".join("?" * len(chunk))
             rows = self._connection.execute(f"SELECT key, text FROM captions WHERE key IN ({marks})", chunk)
             found.update(rows.fetchall())
         return found
 
     def put(self, key: str, text: str, *, image_sha256: str, prompt: str, identity: str, slot: int, usage=None):
-        """Stores one caption and commits at once (autocommit). An existing caption for `key` is kept."""
+        """Stores one caption and commits at once (autocommit), ending any claim on `key`.
+
+        An existing caption for `key` is kept.
+        """
         if not text:
             raise ValueError("Refusing to cache an empty caption.")
         self._connection.execute(
@@ -113,6 +178,76 @@ class CaptionCache:
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (key, text, image_sha256, prompt, identity, int(slot), json.dumps(usage or {}), time.time()),
         )
+        self._connection.execute("DELETE FROM claims WHERE key = ?", (key,))
+
+    def claim(self, keys: Iterable[str], owner: str, ttl_s: float) -> set[str]:
+        """Claims the keys nobody else may request now: a lease of `ttl_s` seconds each, taken atomically.
+
+        A key is granted when it has no caption yet and no live claim of another owner: unclaimed, claimed by
+        `owner` itself (the lease is renewed), expired, or claimed by a process of this machine that no longer
+        exists. Request only the granted keys; store each caption with `put` (which ends its claim) or `release`
+        the keys given up. One transaction for all keys, so two runs claiming at once never both get a key.
+
+        Args:
+            keys (`Iterable[str]`): caption keys (`caption_key`).
+            owner (`str`): who claims, unique per run; `new_claim_owner()` makes one.
+            ttl_s (`float`): lease length in seconds. Renew it with `renew` (or `claim` again) before it lapses
+                while the work goes on; wall-clock time, so machines sharing a cache need synchronised clocks.
+
+        Returns:
+            `set[str]`: the granted keys.
+        """
+        keys, granted = list(dict.fromkeys(keys)), set()
+        now, gone = time.time(), {}
+        self._execute_while_locked("BEGIN IMMEDIATE", self._connection_timeout)
+        try:
+            for chunk in _chunks(keys):
+                marks = ",".join("?" * len(chunk))
+                done = {
+                    row[0]
+                    for row in self._connection.execute(f"SELECT key FROM captions WHERE key IN ({marks})", chunk)
+                }
+                held = {
+                    key: (holder, expires)
+                    for key, holder, expires in self._connection.execute(
+                        f"SELECT key, owner, expires FROM claims WHERE key IN ({marks})", chunk
+                    )
+                }
+                for key in chunk:
+                    if key in done:
+                        continue
+                    holder, expires = held.get(key, (owner, 0.0))
+                    if holder != owner and expires > now:
+                        if holder not in gone:
+                            gone[holder] = _owner_is_gone(holder)
+                        if not gone[holder]:
+                            continue
+                    granted.add(key)
+            self._connection.executemany(
+                "INSERT OR REPLACE INTO claims (key, owner, expires) VALUES (?, ?, ?)",
+                [(key, owner, now + ttl_s) for key in granted],
+            )
+            self._connection.execute("COMMIT")
+        except BaseException:
+            self._connection.execute("ROLLBACK")
+            raise
+        return granted
+
+    def renew(self, owner: str, ttl_s: float) -> int:
+        """Extends every lease of `owner` to `ttl_s` seconds from now; returns how many it holds."""
+        cursor = self._connection.execute(
+            "UPDATE claims SET expires = ? WHERE owner = ?", (time.time() + ttl_s, owner)
+        )
+        return cursor.rowcount
+
+    def release(self, owner: str, keys: Iterable[str] | None = None) -> None:
+        """Ends the leases of `owner` on `keys` (all of its leases when `keys` is `None`)."""
+        if keys is None:
+            self._connection.execute("DELETE FROM claims WHERE owner = ?", (owner,))
+            return
+        for chunk in _chunks(list(keys)):
+            marks = ",".join("?" * len(chunk))
+            self._connection.execute(f"DELETE FROM claims WHERE owner = ? AND key IN ({marks})", [owner, *chunk])
 
     def __len__(self) -> int:
         return self._connection.execute("SELECT COUNT(*) FROM captions").fetchone()[0]

@@ -484,3 +484,53 @@ def test_unreadable_image_is_a_reported_failure_and_the_rest_is_captioned(labell
     assert all("cannot be read" in f.reason for f in failures)
     captions = list(result["captions"])  # reading the column does not decode the (broken) images
     assert len(captions) == 12 and captions[3] == [] and all(len(captions[i]) == 3 for i in (2, 4))
+
+
+def test_cache_claims_are_exclusive_leases(tmp_path):
+    import socket
+
+    from mmft_hf.captioning.cache import CaptionCache, new_claim_owner
+
+    first, second = CaptionCache(str(tmp_path)), CaptionCache(str(tmp_path))  # two connections, as two runs
+    me, other = new_claim_owner(), new_claim_owner()
+    assert me != other
+    assert first.claim(["a", "b", "c"], me, ttl_s=60) == {"a", "b", "c"}
+    assert second.claim(["a", "b", "d"], other, ttl_s=60) == {"d"}  # a and b are held by a live owner
+    assert first.claim(["a", "d"], me, ttl_s=60) == {"a"}  # its own lease renews; d is the other's
+    first.put("a", "a caption", image_sha256="s", prompt="p", identity="i", slot=0)
+    assert second.claim(["a"], other, ttl_s=60) == set()  # stored: nobody requests it again
+    first.release(me, ["b"])
+    assert second.claim(["b", "c"], other, ttl_s=60) == {"b"}
+    first.release(me)  # all of its leases
+    assert second.claim(["c"], other, ttl_s=60) == {"c"}
+
+    # an expired lease is free; renew keeps a live one
+    assert first.claim(["e", "f"], "elsewhere:1:x", ttl_s=0.3) == {"e", "f"}
+    assert first.renew("elsewhere:1:x", ttl_s=60) == 2
+    time.sleep(0.4)
+    assert second.claim(["e"], other, ttl_s=60) == set()
+    assert first.claim(["g"], "elsewhere:1:x", ttl_s=0.2) == {"g"}
+    time.sleep(0.3)
+    assert second.claim(["g"], other, ttl_s=60) == {"g"}
+
+    # a process of this machine that no longer exists (killed with SIGKILL) loses its leases at once
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    assert first.claim(["h"], f"{host}:{dead.pid}:x", ttl_s=600) == {"h"}
+    assert second.claim(["h"], other, ttl_s=60) == {"h"}
+    # ... while one of another machine keeps them until they expire (its process id means nothing here)
+    assert first.claim(["i"], f"not-{host}:{dead.pid}:x", ttl_s=600) == {"i"}
+    assert second.claim(["i"], other, ttl_s=60) == set()
+    first.close()
+    second.close()
+
+
+def test_corrupt_cache_file_names_its_path_and_the_fix(tmp_path):
+    from mmft_hf.captioning.cache import CaptionCache
+
+    path = tmp_path / "captions.sqlite"
+    path.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(sqlite3.DatabaseError) as info:
+        CaptionCache(str(tmp_path), timeout=0.1)
+    assert str(path) in str(info.value) and f"mv '{path}' '{path}.broken'" in str(info.value)
