@@ -7,9 +7,8 @@ the same into a temporary directory and uploads it with one commit.
 Two ways to load the result:
 
 - anyone: `pipeline(model=repo_or_dir, trust_remote_code=True)` (no mmft_hf needed);
-- with mmft_hf: `pipeline("mmft-classification", model=repo_or_dir, trust_remote_code=True)`; a directory saved
-  with `remote_code=False` loads without `trust_remote_code` (transformers insists on it once `custom_pipelines`
-  is in the config, even for a task registered locally).
+- with mmft_hf: `pipeline("mmft-classification", model=repo_or_dir)`, no remote code (the config lists the remote
+  copy under another task name, `remote_pipeline.REMOTE_TASK`, so transformers does not ask for `trust_remote_code`).
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ def test_save_pretrained_writes_remote_code_and_leaves_model_untouched(classifie
     assert {"processor_config.json", "tokenizer.json"} <= files
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["custom_pipelines"] == {
-        "mmft-classification": {
+        remote_pipeline.REMOTE_TASK: {
             "impl": "remote_pipeline.MMFTClassificationPipeline",
             "pt": ["AutoModel"],
             "type": "multimodal",
@@ -147,10 +147,8 @@ def test_remote_code_loads_without_mmft_hf(classifier, tmp_path, image_paths):
 def test_with_mmft_hf_remote_code_dir_and_plain_dir(classifier, tmp_path, image_paths):
     expected = classifier(image_paths, top_k=4)
     classifier.save_pretrained(tmp_path / "remote")
-    # transformers refuses custom_pipelines without trust_remote_code, even for a locally registered task ...
-    with pytest.raises(ValueError, match="trust_remote_code"):
-        pipeline("mmft-classification", model=str(tmp_path / "remote"), device="cpu")
-    # ... unless the local class is named, which runs no remote code.
+    # The library's task loads the directory without trust_remote_code (tests/classification/test_saving_and_edges.py),
+    # and naming the local class explicitly runs no remote code either.
     local = pipeline(
         "mmft-classification",
         model=str(tmp_path / "remote"),
@@ -335,20 +333,3 @@ def test_publish_to_a_new_branch_with_shards(tiny_clip, monkeypatch):
     assert FakeHfApi.revisions == ["v2"]
     files = FakeHfApi.calls[2][2]
     assert "model.safetensors.index.json" in files and "model.safetensors" not in files  # sharded as asked
-
-
-def test_pipe_push_to_hub_saves_pipeline_code(classifier, monkeypatch):
-    import transformers.utils.hub as transformers_hub
-
-    uploaded = {}
-    monkeypatch.setattr(transformers_hub, "hf_api", lambda: FakeHfApi())
-    monkeypatch.setattr(transformers_hub, "create_and_tag_model_card", lambda *a, **k: ModelCard("---\n---\ncard"))
-
-    def fake_upload(self, working_dir, repo_id, **kwargs):
-        uploaded["files"] = sorted(os.listdir(working_dir))
-        uploaded["repo_id"] = repo_id
-
-    monkeypatch.setattr(type(classifier), "_upload_modified_files", fake_upload)
-    classifier.push_to_hub("me/pushed")
-    assert uploaded["repo_id"] == "me/pushed"
-    assert {"remote_pipeline.py", "class_prototypes.safetensors", "config.json"} <= set(uploaded["files"])

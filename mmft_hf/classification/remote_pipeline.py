@@ -1,7 +1,9 @@
 """Self-contained MMFT classification pipeline: the file published next to a model for `trust_remote_code=True`.
 
 An image is classified by the cosine similarity of its CLIP image embedding to stored class prototypes
-(`class_prototypes.safetensors`): `softmax(exp(logit_scale) * cos(image, prototype_c))` over the classes.
+(`class_prototypes.safetensors`): `softmax(exp(logit_scale) * cos(image, prototype_c) + logit_bias)` over the classes
+(`logit_bias` is SigLIP's, 0 elsewhere; a constant shift, so the softmax ignores it, but `function_to_apply="sigmoid"`
+gives SigLIP's own per-class probabilities).
 No captions, trainer or dataset are needed at inference, and the prototypes are loaded once, at construction.
 
 This module must import only what every `transformers` user has (torch, transformers, PIL, numpy, safetensors):
@@ -34,11 +36,17 @@ from transformers.utils.hub import is_offline_mode
 logger = logging.get_logger(__name__)
 
 TASK = "mmft-classification"
+# The task name under `config.custom_pipelines`. It must differ from `TASK`: transformers' `pipeline()` insists on
+# `trust_remote_code=True` for any task listed there, even one registered locally, so with the library installed
+# `pipeline(TASK, model=repo)` would refuse the repository. Under another name, `pipeline(TASK, ...)` gets the
+# library's class, and `pipeline(model=repo, trust_remote_code=True)` (no task) infers this one and runs this file.
+REMOTE_TASK = f"{TASK}-remote-code"
 PROTOTYPES_FILENAME = "class_prototypes.safetensors"
 PROTOTYPES_TENSOR = "class_prototypes"
 REMOTE_MODULE_FILENAME = "remote_pipeline.py"
 REMOTE_CLASS_NAME = "MMFTClassificationPipeline"
 _BASE64 = re.compile(r"^[A-Za-z0-9+/=\s]{64,}$")
+SCORE_FUNCTIONS = ("softmax", "sigmoid", "none")
 
 
 def read_prototypes_file(path: str) -> tuple[torch.Tensor, list[str], dict]:
@@ -213,6 +221,10 @@ class MMFTClassificationPipeline(Pipeline):
         labels (`Sequence[str]`, *optional*): the class names, in prototype row order (required with
             `class_prototypes`).
         top_k (`int`, *optional*, defaults to 5): labels returned per image (clamped to the number of classes).
+        function_to_apply (`str`, *optional*, defaults to `"softmax"`): how logits become scores: `"softmax"` over
+            the classes (scores sum to 1), `"sigmoid"` per class (SigLIP's probabilities, as transformers'
+            zero-shot-image-classification reports for SigLIP) or `"none"` (the logits
+            `exp(logit_scale) * cos + logit_bias`). The ranking is the same for all three.
         dtype / torch_dtype (`torch.dtype` or `str`, *optional*): cast the model to this dtype (`"auto"` keeps it).
         local_files_only (`bool`, *optional*, defaults to `False`): fetch the prototypes file from the local cache
             only (`pipeline(..., local_files_only=True)` passes it here). The revision `pipeline()` resolved is
@@ -248,6 +260,8 @@ class MMFTClassificationPipeline(Pipeline):
         # exp(logit_scale), read once: the classifier's temperature (1 for a model without `logit_scale`)
         scale = getattr(self.model, "logit_scale", None)
         self.logit_scale = 1.0 if scale is None else scale.detach().float().exp().item()
+        bias = getattr(self.model, "logit_bias", None)  # SigLIP's learnt bias; none for CLIP
+        self.logit_bias = 0.0 if bias is None else bias.detach().float().sum().item()
         prototypes, labels, metadata = self._resolve_prototypes(class_prototypes, labels)
         self._set_prototypes(prototypes, labels, metadata)
 
@@ -328,15 +342,37 @@ class MMFTClassificationPipeline(Pipeline):
         self.prototype_metadata = dict(metadata)
 
     # ------------------------------------------------------------------------------------------------ pipeline
-    def _sanitize_parameters(self, top_k: int | None = None, timeout: float | None = None, **kwargs):
+    def __call__(self, inputs, **kwargs):
+        """Classifies one image (a list of `{"label", "score"}`) or a list of images (one such list per image).
+
+        An empty list gives an empty list (the arguments are still checked).
+        """
+        if isinstance(inputs, (list, tuple)) and len(inputs) == 0:
+            self._sanitize_parameters(**{k: v for k, v in kwargs.items() if k not in ("batch_size", "num_workers")})
+            return []
+        return super().__call__(inputs, **kwargs)
+
+    def _sanitize_parameters(
+        self,
+        top_k: int | None = None,
+        timeout: float | None = None,
+        function_to_apply: str | None = None,
+        **kwargs,
+    ):
         unknown = sorted(kwargs)
         if unknown:
-            raise TypeError(f"Unknown arguments {unknown} for {TASK!r}; accepted: top_k, timeout, batch_size.")
+            raise TypeError(
+                f"Unknown arguments {unknown} for {TASK!r}; accepted: top_k, function_to_apply, timeout, batch_size."
+            )
         postprocess_params = {}
         if top_k is not None:
             if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
                 raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
             postprocess_params["top_k"] = top_k
+        if function_to_apply is not None:
+            if function_to_apply not in SCORE_FUNCTIONS:
+                raise ValueError(f"function_to_apply must be one of {SCORE_FUNCTIONS}, got {function_to_apply!r}.")
+            postprocess_params["function_to_apply"] = function_to_apply
         return ({"timeout": timeout} if timeout is not None else {}), {}, postprocess_params
 
     def preprocess(self, image, timeout: float | None = None) -> dict[str, torch.Tensor]:
@@ -354,11 +390,17 @@ class MMFTClassificationPipeline(Pipeline):
             )
         # fp32 for the similarity: low-precision models would otherwise round scores near 1 together
         features = torch.nn.functional.normalize(features.float(), dim=-1)
-        return {"logits": self.logit_scale * features @ self.class_prototypes.T}
+        return {"logits": self.logit_scale * features @ self.class_prototypes.T + self.logit_bias}
 
-    def postprocess(self, model_outputs: dict[str, torch.Tensor], top_k: int = 5) -> list[dict]:
-        probabilities = model_outputs["logits"][0].float().softmax(dim=-1)
-        scores, indices = probabilities.topk(min(top_k, len(self.labels)))
+    def postprocess(
+        self, model_outputs: dict[str, torch.Tensor], top_k: int = 5, function_to_apply: str = "softmax"
+    ) -> list[dict]:
+        logits = model_outputs["logits"][0].float()
+        if function_to_apply == "softmax":
+            logits = logits.softmax(dim=-1)
+        elif function_to_apply == "sigmoid":
+            logits = logits.sigmoid()
+        scores, indices = logits.topk(min(top_k, len(self.labels)))
         return [{"label": self.labels[i], "score": s} for s, i in zip(scores.tolist(), indices.tolist())]
 
     # ------------------------------------------------------------------------------------------------- saving
@@ -374,10 +416,9 @@ class MMFTClassificationPipeline(Pipeline):
         Args:
             save_directory (`str` or `os.PathLike`): the output directory (created if missing).
             remote_code (`bool`, defaults to `True`): also write `remote_pipeline.py` and `config.custom_pipelines`,
-                so `pipeline(model=save_directory, trust_remote_code=True)` works without mmft_hf. With `False` the
-                directory is a plain checkpoint for `import mmft_hf; pipeline("mmft-classification", model=...)`.
-                Note that `custom_pipelines` in a config makes transformers require `trust_remote_code=True` (or
-                `pipeline_class=`) even where mmft_hf is installed.
+                so `pipeline(model=save_directory, trust_remote_code=True)` works without mmft_hf (the task is
+                listed as `REMOTE_TASK`, so `import mmft_hf; pipeline("mmft-classification", model=...)` still gets
+                the library's class without `trust_remote_code`). With `False` the directory is a plain checkpoint.
             kwargs: passed to `model.save_pretrained` (e.g. `max_shard_size`).
         """
         save_directory = os.fspath(save_directory)
@@ -396,7 +437,7 @@ class MMFTClassificationPipeline(Pipeline):
             if remote_code:
                 module = REMOTE_MODULE_FILENAME[: -len(".py")]
                 config.custom_pipelines = {
-                    TASK: {"impl": f"{module}.{REMOTE_CLASS_NAME}", "pt": ["AutoModel"], "type": "multimodal"}
+                    REMOTE_TASK: {"impl": f"{module}.{REMOTE_CLASS_NAME}", "pt": ["AutoModel"], "type": "multimodal"}
                 }
                 shutil.copyfile(os.path.abspath(__file__), os.path.join(save_directory, REMOTE_MODULE_FILENAME))
             elif had_custom:
