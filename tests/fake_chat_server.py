@@ -30,7 +30,8 @@ class FakeChatHandler(BaseHTTPRequestHandler):
             server.in_flight += 1
             server.max_in_flight = max(server.max_in_flight, server.in_flight)
         status, headers, override = (*step, None)[:3]
-        time.sleep(float(headers.pop("X-Delay", server.delay)) if isinstance(headers, dict) else server.delay)
+        headers = dict(headers)  # a plan may repeat one step object: never consume its entries
+        time.sleep(float(headers.pop("X-Delay", server.delay)))
         content = body["messages"][-1]["content"]
         text = content if isinstance(content, str) else " ".join(part.get("text", "") for part in content)
         if override is not None:

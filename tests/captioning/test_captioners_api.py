@@ -14,6 +14,9 @@ from PIL import Image
 
 from mmft_hf.captioning.captioners import (
     CaptionerAuthenticationError,
+    CaptionerConnectionError,
+    CaptionerModelNotFoundError,
+    CaptionerUnavailableError,
     CaptionRequest,
     OpenAICompatibleCaptioner,
     openai_compatible,
@@ -150,11 +153,11 @@ def test_slow_response_past_timeout_is_retried(api):
 
 
 def test_timeouts_until_retries_run_out(api):
-    server = api(plan=[(200, {"X-Delay": "0.6"}), (200, {"X-Delay": "0.6"})])
-    captioner = make_captioner(server, timeout=0.2, max_retries=1)
-    ((_, result),) = list(captioner.caption(make_requests(1)))
-    assert result.text is None and "timed out" in result.error and result.retries == 1
-    assert len(server.requests) == 2
+    server = api(plan=[(200, {}), (200, {"X-Delay": "0.6"}), (200, {"X-Delay": "0.6"})])
+    captioner = make_captioner(server, timeout=0.2, max_retries=1, max_concurrency=1)
+    results = dict(captioner.caption(make_requests(2)))  # the server answered the first: the second just fails
+    assert results[0].text and results[1].text is None and "timed out" in results[1].error
+    assert results[1].retries == 1 and len(server.requests) == 3
 
 
 @pytest.mark.parametrize(
@@ -217,16 +220,68 @@ def test_other_client_errors_fail_only_their_request(api):
     assert results[1].text == "describe image 1" and len(server.requests) == 2
 
 
-def test_connection_refused_is_a_failed_request(monkeypatch):
-    monkeypatch.setenv("MMFT_TEST_KEY", SECRET)
+def free_port():
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    captioner = OpenAICompatibleCaptioner(
-        "fake-vlm", base_url=f"http://127.0.0.1:{port}/v1", api_key_env="MMFT_TEST_KEY", max_retries=0
-    )
-    ((_, result),) = list(captioner.caption(make_requests(1)))
-    assert result.text is None and result.error.startswith("connection error") and result.retries == 0
+        return probe.getsockname()[1]
+
+
+def test_unreachable_server_stops_the_run_at_once(monkeypatch):
+    monkeypatch.setenv("MMFT_TEST_KEY", SECRET)
+    base_url = f"http://127.0.0.1:{free_port()}/v1"
+    captioner = OpenAICompatibleCaptioner("fake-vlm", base_url=base_url, api_key_env="MMFT_TEST_KEY", max_retries=1)
+    started = time.monotonic()
+    with pytest.raises(CaptionerConnectionError, match=f"Cannot connect to {base_url}") as info:
+        list(captioner.caption(make_requests(40)))
+    assert isinstance(info.value, CaptionerUnavailableError) and "after 1 retry" in str(info.value)
+    assert time.monotonic() - started < 10  # one request and its retry, not 40 (the SDK backs off < 1 s)
+
+
+def test_first_request_is_awaited_alone(api):
+    server = api(plan=[(200, {"X-Delay": "0.3"})])
+    captioner = make_captioner(server, max_concurrency=4)
+    results = dict(captioner.caption(make_requests(4)))
+    assert len(results) == 4 and all(result.text for result in results.values())
+    arrivals = [arrived for arrived, *_ in server.requests]
+    assert min(arrivals[1:]) - arrivals[0] >= 0.3  # the others waited for the first answer
+    # once the server has answered, the same captioner sends its next requests together
+    server.plan[:] = [(200, {"X-Delay": "0.5"})] * 4
+    list(captioner.caption(make_requests(4)))
+    arrivals = [arrived for arrived, *_ in server.requests[4:]]
+    assert len(arrivals) == 4 and max(arrivals) - min(arrivals) < 0.4
+
+
+def test_model_not_found_stops_the_run_at_once(api):
+    server = api(plan=[(404, {}, {"error": {"message": "The model `fake-vlm` does not exist."}})] * 5)
+    with pytest.raises(CaptionerModelNotFoundError, match=r"Model 'fake-vlm' not found \(HTTP 404\)") as info:
+        list(make_captioner(server, max_concurrency=4).caption(make_requests(5)))
+    assert server.base_url in str(info.value) and "does not exist" in str(info.value)
+    assert len(server.requests) == 1  # awaited alone, not retried
+
+
+def test_circuit_breaker_after_consecutive_timeouts(api):
+    stall = (200, {"X-Delay": "1.0"})
+    # one answer, then the server stalls or is unavailable (503): the third failure in a row stops the run
+    server = api(plan=[(200, {}), stall, (503, {}), stall, stall, stall])
+    captioner = make_captioner(server, max_concurrency=1, max_retries=0, timeout=0.25)
+    seen = []
+    with pytest.raises(CaptionerConnectionError, match="3 consecutive requests") as info:
+        for _, result in captioner.caption(make_requests(10)):
+            seen.append(result)
+    assert server.base_url in str(info.value) and "timed out" in str(info.value)
+    assert [bool(result.text) for result in seen] == [True, False, False]  # the failures before it are reported
+    assert wait_until_quiet(server, quiet=0.3) == 4
+
+
+def test_circuit_breaker_counts_only_consecutive_failures(api):
+    stall = (200, {"X-Delay": "1.0"})
+    # an answer, even an HTTP error like 400, shows the server is there: the count starts again
+    server = api(plan=[(200, {}), stall, stall, (200, {}), stall, stall, (400, {}), stall, stall, (200, {})])
+    captioner = make_captioner(server, max_concurrency=1, max_retries=0, timeout=0.25)
+    results = [result for _, result in captioner.caption(make_requests(10))]
+    assert [bool(result.text) for result in results] == [True, False, False, True] + [False] * 5 + [True]
+    with pytest.raises(ValueError, match="max_consecutive_connection_errors"):
+        make_captioner(server, max_consecutive_connection_errors=0)
 
 
 def test_unreadable_image_fails_only_its_request(api):
@@ -260,9 +315,11 @@ def test_requests_overlap_up_to_max_concurrency(api):
 
 def test_results_come_in_completion_order(api):
     # the first request to arrive is slow; the others overtake it (with time to spare on a loaded machine)
-    slow_first = [(200, {"X-Delay": "2.0"})]
-    server = api(plan=slow_first)
+    server = api()
     captioner = make_captioner(server, max_concurrency=3)
+    list(captioner.caption(make_requests(1)))  # the first request goes alone: this one
+    server.requests.clear()
+    server.plan[:] = [(200, {"X-Delay": "2.0"})]
     results = list(captioner.caption(make_requests(3)))
     order = [index for index, _ in results]
     first_arrival = " ".join(part.get("text", "") for part in server.requests[0][2]["messages"][-1]["content"])

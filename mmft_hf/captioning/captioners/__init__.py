@@ -3,9 +3,18 @@
 Backends import their heavy dependencies (`openai`, `transformers`) lazily, so importing this package is cheap.
 """
 
-from .base import Captioner, CaptionRequest, CaptionResult
+from .base import (
+    Captioner,
+    CaptionerAuthenticationError,
+    CaptionerConnectionError,
+    CaptionerModelNotFoundError,
+    CaptionerUnavailableError,
+    CaptionRequest,
+    CaptionResult,
+)
 from .images import image_to_data_url, prepare_image, strip_thinking
-from .openai_compatible import CaptionerAuthenticationError, OpenAICompatibleCaptioner
+from .openai_batch import OpenAIBatchCaptioner
+from .openai_compatible import OpenAICompatibleCaptioner
 from .transformers_vlm import TransformersCaptioner
 
 __all__ = [
@@ -13,6 +22,10 @@ __all__ = [
     "CaptionResult",
     "Captioner",
     "CaptionerAuthenticationError",
+    "CaptionerConnectionError",
+    "CaptionerModelNotFoundError",
+    "CaptionerUnavailableError",
+    "OpenAIBatchCaptioner",
     "OpenAICompatibleCaptioner",
     "TransformersCaptioner",
     "image_to_data_url",

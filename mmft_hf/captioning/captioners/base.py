@@ -13,12 +13,40 @@ from typing import Protocol, runtime_checkable
 from PIL import Image
 
 
+class CaptionerUnavailableError(RuntimeError):
+    """The backend cannot answer any request (unreachable, rejected credentials, unknown model): stop the run.
+
+    Backends raise it instead of failing request after request; `caption_dataset` lets it propagate (every
+    caption finished before it is cached) and adds where the cache is and how to resume.
+    """
+
+
+class CaptionerConnectionError(CaptionerUnavailableError):
+    """The server cannot be reached, or stopped answering (connection errors, timeouts, HTTP 502/503/504)."""
+
+
+class CaptionerAuthenticationError(CaptionerUnavailableError):
+    """The API rejected the credentials (HTTP 401/403). Raised at once: a wrong key is not a per-image failure."""
+
+
+class CaptionerModelNotFoundError(CaptionerUnavailableError):
+    """The server does not serve the requested model (HTTP 404), or the API root is wrong."""
+
+
 @dataclass
 class CaptionRequest:
-    """One caption to write: an image and the full prompt text."""
+    """One caption to write: an image and the full prompt text.
+
+    Args:
+        image (`PIL.Image.Image`): the image.
+        prompt (`str`): the full prompt text.
+        response_format (`dict`, *optional*): an OpenAI-style `response_format` (e.g. a JSON schema) for backends
+            that support it; others ignore it (one-request-per-image captioning parses the reply either way).
+    """
 
     image: Image.Image
     prompt: str
+    response_format: dict | None = None
 
 
 @dataclass

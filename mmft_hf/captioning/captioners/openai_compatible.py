@@ -19,16 +19,20 @@ from typing import Any
 
 from PIL import Image
 
-from .base import CaptionRequest, CaptionResult
+from .base import (
+    CaptionerAuthenticationError,
+    CaptionerConnectionError,
+    CaptionerModelNotFoundError,
+    CaptionRequest,
+    CaptionResult,
+)
 from .images import image_to_data_url, prepare_image, strip_thinking
 
 logger = logging.getLogger(__name__)
 
 NO_KEY_PLACEHOLDER = "EMPTY"  # what vLLM/Ollama docs use for servers that check no key
-
-
-class CaptionerAuthenticationError(RuntimeError):
-    """The API rejected the credentials (HTTP 401/403). Raised at once: a wrong key is not a per-image failure."""
+MAX_CONNECT_TIMEOUT = 10.0  # seconds to open a connection: a host that takes longer is down, whatever `timeout` is
+_UNAVAILABLE_STATUSES = (502, 503, 504)  # a gateway whose backend is down: counted like connection errors
 
 
 class OpenAICompatibleCaptioner:
@@ -42,8 +46,14 @@ class OpenAICompatibleCaptioner:
     - HTTP 408/409/429/5xx, timeouts and connection errors are retried by the SDK, up to `max_retries` times, with
       exponential backoff and jitter (`min(0.5 * 2**k, 8)` s) or exactly the server's `Retry-After` when it is at
       most 120 s. When they run out, the request fails (`CaptionResult.text is None`, `error` says why).
-    - HTTP 401/403 raise [`CaptionerAuthenticationError`] at once and stop the whole run.
-    - Other HTTP errors (400, 404, 422, ...) and malformed responses (invalid JSON, no `choices`) fail the request.
+    - A server that cannot answer stops the run with [`CaptionerConnectionError`] instead of failing every request:
+      until the server has answered once, the first request is sent alone and its connection error or timeout
+      (after the SDK's retries) stops the run at once ("cannot connect to <base_url>"); later,
+      `max_consecutive_connection_errors` failed requests in a row (connection errors, timeouts, HTTP 502/503/504)
+      stop it (a circuit breaker). Any answer from the server starts the count again.
+    - HTTP 401/403 raise [`CaptionerAuthenticationError`] and HTTP 404 [`CaptionerModelNotFoundError`] at once and
+      stop the whole run: neither depends on the image.
+    - Other HTTP errors (400, 422, ...) and malformed responses (invalid JSON, no `choices`) fail the request.
     - An empty answer (after removing `<think>` blocks), `finish_reason="content_filter"` or a `refusal` is asked
       again up to `max_answer_retries` times, then fails the request. It is never returned as a caption.
 
@@ -57,7 +67,8 @@ class OpenAICompatibleCaptioner:
         max_concurrency (`int`, defaults to 16): requests in flight at once.
         temperature (`float`, defaults to 0.2): sampling temperature (the MMFT reference uses 0.2).
         max_tokens (`int`, defaults to 256): the answer's token limit.
-        timeout (`float`, defaults to 60.0): seconds allowed per HTTP attempt.
+        timeout (`float`, defaults to 60.0): seconds allowed per HTTP attempt (opening the connection: at most
+            10 s of it).
         max_retries (`int`, defaults to 5): SDK retries per request for transient errors (so up to 6 attempts).
         max_image_side (`int`, *optional*, defaults to 768): images are downscaled (never upscaled) so their longer
             side is at most this; `None` sends them at full size.
@@ -68,6 +79,8 @@ class OpenAICompatibleCaptioner:
         max_answer_retries (`int`, defaults to 2): how many times an empty or refused answer is asked again.
         cache_tag (`str`, *optional*): an extra label for the cache identity, to keep apart captions of
             different deployments that share a model name (e.g. two quantisations served as `"llava"`).
+        max_consecutive_connection_errors (`int`, defaults to 3): the circuit breaker: this many requests in a row
+            that fail to reach the server (after their retries) stop the run with [`CaptionerConnectionError`].
     """
 
     def __init__(
@@ -85,6 +98,7 @@ class OpenAICompatibleCaptioner:
         extra_body: dict | None = None,
         max_answer_retries: int = 2,
         cache_tag: str | None = None,
+        max_consecutive_connection_errors: int = 3,
     ):
         if not isinstance(model, str) or not model:
             raise ValueError(f"model must be a non-empty model name, got {model!r}.")
@@ -93,6 +107,10 @@ class OpenAICompatibleCaptioner:
         if max_retries < 0 or max_answer_retries < 0:
             raise ValueError(
                 f"max_retries and max_answer_retries must be >= 0, got {max_retries}, {max_answer_retries}."
+            )
+        if not isinstance(max_consecutive_connection_errors, int) or max_consecutive_connection_errors < 1:
+            raise ValueError(
+                f"max_consecutive_connection_errors must be a positive integer, got {max_consecutive_connection_errors!r}."
             )
         if max_image_side is not None and max_image_side < 1:
             raise ValueError(f"max_image_side must be a positive number of pixels or None, got {max_image_side}.")
@@ -136,6 +154,9 @@ class OpenAICompatibleCaptioner:
         self.extra_body = extra_body
         self.max_answer_retries = max_answer_retries
         self.cache_tag = cache_tag
+        self.max_consecutive_connection_errors = max_consecutive_connection_errors
+        self._server_answered = False  # until then, the first request goes alone and a connection error stops
+        self._failures_in_a_row = 0  # requests in a row that did not reach the server (the circuit breaker)
 
     def __repr__(self) -> str:
         return (
@@ -180,7 +201,9 @@ class OpenAICompatibleCaptioner:
             `tuple[int, CaptionResult]`: the index into `requests` and its result.
 
         Raises:
-            [`CaptionerAuthenticationError`]: on HTTP 401/403, after cancelling the other requests.
+            [`CaptionerUnavailableError`]: the server cannot answer (see the class docstring), after cancelling the
+                other requests: [`CaptionerConnectionError`], [`CaptionerAuthenticationError`] (HTTP 401/403) or
+                [`CaptionerModelNotFoundError`] (HTTP 404).
         """
         requests = list(requests)
         if not requests:
@@ -225,6 +248,7 @@ class OpenAICompatibleCaptioner:
 
     # ------------------------------------------------------------------ async core
     async def _caption_all(self, requests: list[CaptionRequest], emit) -> None:
+        import httpx
         from openai import AsyncOpenAI
 
         semaphore = asyncio.Semaphore(self.max_concurrency)
@@ -244,15 +268,22 @@ class OpenAICompatibleCaptioner:
                 if uses[key] == 0:
                     del encodings[key]
 
+        timeout = httpx.Timeout(self.timeout, connect=min(self.timeout, MAX_CONNECT_TIMEOUT))
         async with AsyncOpenAI(
-            api_key=self._api_key, base_url=self.base_url, timeout=self.timeout, max_retries=self.max_retries
+            api_key=self._api_key, base_url=self.base_url, timeout=timeout, max_retries=self.max_retries
         ) as client:
 
             async def one(index: int) -> None:
                 async with semaphore:
                     emit((index, await self._caption_one(client, requests[index], data_url_of)))
 
-            tasks = [asyncio.ensure_future(one(index)) for index in range(len(requests))]
+            first = 0
+            if not self._server_answered:  # a server that cannot answer is told by one request, not by a burst
+                await one(0)
+                first = 1
+            tasks = [asyncio.ensure_future(one(index)) for index in range(first, len(requests))]
+            if not tasks:
+                return
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
                 for task in done:
@@ -262,6 +293,30 @@ class OpenAICompatibleCaptioner:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+
+    def request_body(self, prompt: str, image_url: str, response_format: dict | None = None) -> dict:
+        """The chat-completions request body for one image and prompt: what this captioner sends, and (as the
+        `body` of each JSONL line) what the Batch API captioner and `export_caption_requests` write.
+
+        Args:
+            prompt (`str`): the full prompt text.
+            image_url (`str`): the image as a `data:` URL (see `image_to_data_url`) or an `https://` URL.
+            response_format (`dict`, *optional*): an OpenAI `response_format`, e.g. a JSON schema.
+
+        Returns:
+            `dict`: `model`, `messages` (one user message: the image, then the prompt), `temperature`,
+            `max_tokens`, `response_format` when given, and every field of `extra_body`.
+        """
+        content = [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": prompt}]
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": content}],
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+        }
+        if response_format is not None:
+            body["response_format"] = response_format
+        return {**body, **self.extra_body}
 
     def _encode(self, image: Image.Image) -> str:
         return image_to_data_url(prepare_image(image, self.max_image_side), self.image_format)
@@ -273,15 +328,10 @@ class OpenAICompatibleCaptioner:
             url = await data_url_of(request.image)
         except (OSError, ValueError) as err:  # unreadable or truncated image file: this request only
             return CaptionResult(text=None, error=f"could not prepare the image: {type(err).__name__}: {err}")
-        messages = [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": url}},
-                    {"type": "text", "text": request.prompt},
-                ],
-            }
-        ]
+        body = self.request_body(request.prompt, url, getattr(request, "response_format", None))
+        # model and messages are the SDK's required arguments; every other field travels as extra_body, so the JSON
+        # sent is exactly `body`, the same body the Batch API captioner writes into its request files.
+        fields = {name: value for name, value in body.items() if name not in ("model", "messages")}
         retries, usage = 0, Counter()
         problem = "no attempt made"
         for attempt in range(self.max_answer_retries + 1):
@@ -289,11 +339,7 @@ class OpenAICompatibleCaptioner:
                 retries += 1
             try:
                 raw = await client.chat.completions.with_raw_response.create(
-                    model=self.model,
-                    messages=messages,
-                    temperature=self.temperature,
-                    max_tokens=self.max_tokens,
-                    extra_body=self.extra_body or None,
+                    model=body["model"], messages=body["messages"], extra_body=fields
                 )
             except (openai.AuthenticationError, openai.PermissionDeniedError) as err:
                 who = (
@@ -304,31 +350,32 @@ class OpenAICompatibleCaptioner:
                     f"It rejected {who}; set {self.api_key_env or 'api_key_env'} to a valid key with access to "
                     "this model."
                 ) from None
+            except openai.NotFoundError as err:
+                raise CaptionerModelNotFoundError(
+                    f"Model {self.model!r} not found (HTTP 404) at {self._api_root(client)}: {_server_message(err)}. "
+                    f"Check the model name (GET {self._api_root(client).rstrip('/')}/models lists the served ones) "
+                    "and that base_url is the API root (it usually ends in /v1)."
+                ) from None
             except openai.APIStatusError as err:
                 retries += _retries_of(err.response.request)
-                return CaptionResult(
-                    text=None,
-                    error=f"HTTP {err.status_code}: {_server_message(err)}",
-                    retries=retries,
-                    usage=dict(usage),
-                )
+                error = f"HTTP {err.status_code}: {_server_message(err)}"
+                if err.status_code in _UNAVAILABLE_STATUSES:  # an answer, but from a gateway without a backend
+                    self._unreachable(client, error, retries, count_only=True)
+                else:
+                    self._answered()
+                return CaptionResult(text=None, error=error, retries=retries, usage=dict(usage))
             except openai.APITimeoutError as err:  # before APIConnectionError, its base class
                 retries += _retries_of(err.request)
-                return CaptionResult(
-                    text=None,
-                    error=f"timed out after {self.timeout} s per attempt",
-                    retries=retries,
-                    usage=dict(usage),
-                )
+                error = f"timed out after {self.timeout} s per attempt"
+                self._unreachable(client, error, retries)
+                return CaptionResult(text=None, error=error, retries=retries, usage=dict(usage))
             except openai.APIConnectionError as err:
                 retries += _retries_of(err.request)
                 cause = err.__cause__ or err
-                return CaptionResult(
-                    text=None,
-                    error=f"connection error: {type(cause).__name__}: {cause}",
-                    retries=retries,
-                    usage=dict(usage),
-                )
+                error = f"connection error: {type(cause).__name__}: {cause}"
+                self._unreachable(client, error, retries)
+                return CaptionResult(text=None, error=error, retries=retries, usage=dict(usage))
+            self._answered()
             retries += raw.retries_taken
             text, problem, attempt_usage = _read_answer(raw)
             usage.update(attempt_usage)
@@ -339,6 +386,40 @@ class OpenAICompatibleCaptioner:
             logger.debug("Asking again (%d of %d): %s", attempt + 1, self.max_answer_retries, problem)
         return CaptionResult(text=None, error=problem, retries=retries, usage=dict(usage))
 
+    def _api_root(self, client) -> str:
+        return self.base_url or str(client.base_url)
+
+    def _answered(self) -> None:
+        """The server answered (with a caption or an HTTP error): it is there, and the breaker's count restarts."""
+        self._server_answered, self._failures_in_a_row = True, 0
+
+    def _unreachable(self, client, error: str, retries: int, count_only: bool = False) -> None:
+        """Counts a request that got no answer from the model's server; raises when the run should stop.
+
+        Args:
+            client (`AsyncOpenAI`): the client (for the URL in messages).
+            error (`str`): what happened to the request.
+            retries (`int`): the SDK's retries of the request.
+            count_only (`bool`, defaults to `False`): only count it for the circuit breaker (HTTP 502/503/504: a
+                gateway answered), never treat it as the first request to a server that cannot be reached.
+
+        Raises:
+            [`CaptionerConnectionError`]: on the first request to a server that never answered, or after
+                `max_consecutive_connection_errors` such requests in a row.
+        """
+        self._failures_in_a_row += 1
+        after = f"after {retries} {'retry' if retries == 1 else 'retries'}"
+        if not self._server_answered and not count_only:
+            raise CaptionerConnectionError(
+                f"Cannot connect to {self._api_root(client)} ({error}, {after}). Is the server running, and are "
+                "the scheme, host, port and path of the URL right?"
+            )
+        if self._failures_in_a_row >= self.max_consecutive_connection_errors:
+            raise CaptionerConnectionError(
+                f"Stopped: {self._failures_in_a_row} consecutive requests to {self._api_root(client)} got no answer "
+                f"(last: {error}, {after}). The server stopped answering; check it and run again."
+            )
+
 
 def _read_answer(raw) -> tuple[str | None, str, dict]:
     """Parses one HTTP 200 response into (caption or None, problem, usage)."""
@@ -346,6 +427,26 @@ def _read_answer(raw) -> tuple[str | None, str, dict]:
         completion = raw.parse()
     except ValueError as err:  # json.JSONDecodeError
         return None, f"malformed response: not valid JSON ({err})", {}
+    return read_completion(completion)
+
+
+def read_completion(completion) -> tuple[str | None, str, dict]:
+    """Reads a parsed chat completion (the SDK's object, or a Batch API output line's `response.body` dict).
+
+    Args:
+        completion (`ChatCompletion` or `dict`): the completion.
+
+    Returns:
+        `tuple[str | None, str, dict]`: the caption (`None` for an empty, refused or malformed answer), the problem
+        when there is no caption, and the integer token counts of `usage`.
+    """
+    if isinstance(completion, dict):
+        from openai.types.chat import ChatCompletion
+
+        try:
+            completion = ChatCompletion.model_validate(completion)
+        except ValueError as err:  # pydantic.ValidationError
+            return None, f"malformed response: not a chat completion ({str(err).splitlines()[0]})", {}
     usage = getattr(completion, "usage", None)
     usage = {
         key: value
