@@ -36,6 +36,7 @@ import torch
 from transformers import AutoModel, AutoProcessor, HfArgumentParser
 
 from mmft_hf.captioning.builder import PRESETS
+from mmft_hf.commands.launch import log_launch, process_group_teardown
 from mmft_hf.evaluation import (
     METHOD_HELP,
     RESULTS_FILENAME,
@@ -180,8 +181,16 @@ def cell_dir(output_dir: str, cell: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    bench, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    """Runs the command with `argv` (default: `sys.argv[1:]`); returns the planned, run and skipped cells. Under a
+    launcher the process group is destroyed at the end, whether the run succeeded or not."""
+    with process_group_teardown():
+        return run(sys.argv[1:] if argv is None else argv)
+
+
+def run(argv: list[str]) -> dict:
+    bench, training_args = parse_arguments(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    log_launch(training_args, logger)
     entries = parse_datasets(bench.dataset)
     methods = [m.strip() for m in bench.methods.split(",") if m.strip()]
     for method in methods:  # fail before any work on a typo or an unsupported combination

@@ -24,8 +24,10 @@ import datasets
 from transformers import AutoModel, AutoProcessor, HfArgumentParser, set_seed
 
 from mmft_hf import MMFTTrainer, MMFTTrainingArguments
+from mmft_hf.commands.launch import log_launch, process_group_teardown
 from mmft_hf.evaluation import load_benchmark_splits
 from mmft_hf.synthetic import DEMO_TRAINING_ARGUMENTS, build_demo_clip, make_synthetic_dataset
+from mmft_hf.training.arguments import resolve_resume_checkpoint
 
 logger = logging.getLogger("finetune")
 
@@ -113,8 +115,17 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, MMF
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, training_args, demo = parse_arguments(sys.argv[1:] if argv is None else argv)
+    """Runs the command with `argv` (default: `sys.argv[1:]`); returns the before/after metrics. Under a launcher
+    the process group is destroyed at the end, whether the run succeeded or not."""
+    with process_group_teardown():
+        return run(sys.argv[1:] if argv is None else argv)
+
+
+def run(argv: list[str]) -> dict:
+    model_args, data_args, training_args, demo = parse_arguments(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    log_launch(training_args, logger)
+    checkpoint = resolve_resume_checkpoint(training_args)  # before any work: a non-empty output_dir fails fast
     if demo:
         logger.info("No model or dataset given: running the offline demo (synthetic shapes, small CLIP).")
     set_seed(training_args.seed)
@@ -132,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     final_split = "test" if "test" in splits else "validation"
     if training_args.do_eval or demo:
         results["before"] = trainer.evaluate(splits[final_split], metric_key_prefix=f"{final_split}_before")
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model()
     results["after"] = trainer.evaluate(splits[final_split], metric_key_prefix=final_split)
     if trainer.is_world_process_zero():

@@ -35,6 +35,7 @@ from mmft_hf.training.trainer import MMFTTrainer
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "examples" / "benchmark.py"
+REPORT_PROCESS_GROUP = REPO / "tests" / "scripts" / "report_process_group.py"
 # the synthetic dataset the `synthetic_dataset` fixture (and so `tiny_clip_dir`'s vocabulary) is made of
 SYNTHETIC_FLAGS = [
     "--synthetic_num_classes",
@@ -478,7 +479,7 @@ def test_every_rank_skips_the_cells_rank_zero_read(tmp_path):
 
 def test_two_process_launch_writes_one_result_from_rank_zero(tiny_clip_dir, tmp_path):
     out = tmp_path / "ddp"
-    run_torchrun(2, SCRIPT, "--dataset", "synthetic", "--methods", "mmft", "--shots", "2", "--seeds", "1",
+    finished = run_torchrun(2, REPORT_PROCESS_GROUP, SCRIPT, "--dataset", "synthetic", "--methods", "mmft", "--shots", "2", "--seeds", "1",
                  "--model_name_or_path", tiny_clip_dir, "--output_dir", out, *SYNTHETIC_FLAGS, *QUICK_FLAGS,
                  "--per_device_train_batch_size", "4", cwd=tmp_path)  # fmt: skip
     records = read_results(str(out / "results.jsonl"))
@@ -487,3 +488,9 @@ def test_two_process_launch_writes_one_result_from_rank_zero(tiny_clip_dir, tmp_
     assert record["world_size"] == 2 and record["method"] == "mmft" and record["shots"] == 2
     assert record["train_steps"] == 1  # 8 rows, 2 processes x batch 4: one global batch of 8
     assert (out / "results.md").exists() and (out / "results.png").exists()
+    launches = [line for line in finished.stderr.splitlines() if "Launch: " in line]
+    assert len(launches) == 1 and launches[0].endswith(
+        "Launch: world size 2; contrastive batch 8 = per-device batch 4 x 2 devices."
+    ), launches
+    for rank in (0, 1):  # a clean end: the command destroyed the process group on every rank
+        assert f"rank {rank}: process group alive after the command: False" in finished.stdout

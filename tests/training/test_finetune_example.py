@@ -18,6 +18,7 @@ from mmft_hf.commands import finetune as finetune_command
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FINETUNE = REPO_ROOT / "examples" / "finetune.py"
+REPORT_PROCESS_GROUP = REPO_ROOT / "tests" / "scripts" / "report_process_group.py"
 
 
 def load_finetune_module():
@@ -96,9 +97,10 @@ def write_solid_color_dataset(root: Path) -> Path:
     return root
 
 
-def run_finetune(nproc: int, batch_size: int, data_dir: Path, model_dir: str, out: Path) -> None:
-    run_torchrun(
-        nproc, FINETUNE,
+def run_finetune(nproc: int, batch_size: int, data_dir: Path, model_dir: str, out: Path):
+    """Runs examples/finetune.py under torchrun (through `report_process_group.py`); returns the finished process."""
+    return run_torchrun(
+        nproc, REPORT_PROCESS_GROUP, FINETUNE,
         "--model_name_or_path", model_dir, "--dataset_name", str(data_dir),
         "--output_dir", str(out), "--use_cpu", "true", "--max_steps", "1",
         "--per_device_train_batch_size", str(batch_size), "--optim", "sgd", "--learning_rate", "0.5",
@@ -109,8 +111,17 @@ def run_finetune(nproc: int, batch_size: int, data_dir: Path, model_dir: str, ou
 
 def test_two_processes_train_like_one_process_on_the_global_batch(tmp_path, tiny_clip_dir):
     data_dir = write_solid_color_dataset(tmp_path / "data")
-    run_finetune(2, 4, data_dir, tiny_clip_dir, tmp_path / "two")
-    run_finetune(1, 8, data_dir, tiny_clip_dir, tmp_path / "one")
+    two_processes = run_finetune(2, 4, data_dir, tiny_clip_dir, tmp_path / "two")
+    one_process = run_finetune(1, 8, data_dir, tiny_clip_dir, tmp_path / "one")
+    # the launch is logged once, by the main process: world size and the global contrastive batch
+    launches = [line for line in two_processes.stderr.splitlines() if "Launch: " in line]
+    assert len(launches) == 1 and launches[0].endswith(
+        "Launch: world size 2; contrastive batch 8 = per-device batch 4 x 2 devices."
+    ), launches
+    assert "Launch: world size 1; contrastive batch 8 = per-device batch 8 x 1 device." in one_process.stderr
+    # a clean end: every rank exits 0 (run_torchrun checks) with its process group destroyed by the command
+    for rank in (0, 1):
+        assert f"rank {rank}: process group alive after the command: False" in two_processes.stdout
     two = load_file(str(tmp_path / "two" / "model.safetensors"))
     one = load_file(str(tmp_path / "one" / "model.safetensors"))
     start = load_file(os.path.join(tiny_clip_dir, "model.safetensors"))

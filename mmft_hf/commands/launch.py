@@ -1,0 +1,50 @@
+"""What the training commands do around a run: say how it was launched, and end the process group cleanly.
+
+`torchrun` / `accelerate launch` start one process per device; `TrainingArguments` joins them into a process group
+the first time it is asked for its device. A process that exits with that group alive can abort in gloo's teardown
+(SIGABRT) while its peer is still closing, so every command runs inside `process_group_teardown()`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from transformers import TrainingArguments
+
+
+def launch_summary(args: TrainingArguments) -> str:
+    """One line: the world size, the contrastive batch (the images of one step, whose captions are each other's
+    negatives: per-device batch × devices) and the optimizer batch (× gradient accumulation steps)."""
+    world = args.world_size
+    devices = world * max(1, args.n_gpu)  # one process driving several GPUs (torch.nn.DataParallel) splits its batch
+    contrastive = args.per_device_train_batch_size * devices
+    summary = (
+        f"world size {world}; contrastive batch {contrastive} = per-device batch {args.per_device_train_batch_size} "
+        f"x {devices} device{'s' if devices > 1 else ''}"
+    )
+    if args.gradient_accumulation_steps > 1:
+        summary += (
+            f"; optimizer batch {contrastive * args.gradient_accumulation_steps} = contrastive batch x "
+            f"{args.gradient_accumulation_steps} gradient accumulation steps (accumulation adds no negatives)"
+        )
+    return summary + "."
+
+
+def log_launch(args: TrainingArguments, logger: logging.Logger) -> None:
+    """Logs `launch_summary` once, from the main process (a run meant for several processes that shows world size
+    1 was started without the launcher's process count)."""
+    if args.process_index == 0:
+        logger.info(f"Launch: {launch_summary(args)}")
+
+
+@contextmanager
+def process_group_teardown() -> Iterator[None]:
+    """Destroys the default process group, if one was created, when the block ends (normally or not)."""
+    try:
+        yield
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
