@@ -1,8 +1,20 @@
 """`MMFTTrainingArguments`: `TrainingArguments` with the MMFT options and the paper's defaults."""
 
+import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
+from transformers.trainer_callback import TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import (
+    is_torch_cuda_available,
+    is_torch_mps_available,
+    is_torch_npu_available,
+    is_torch_xpu_available,
+    logging,
+)
+
+logger = logging.get_logger(__name__)
 
 TEXT_SOURCES = ("captions", "class_name", "templates")
 PROTOTYPE_SOURCES = ("captions", "single_template", "ensemble")
@@ -43,6 +55,16 @@ class MMFTTrainingArguments(TrainingArguments):
         use_lora / lora_r / lora_alpha / lora_dropout / lora_target_modules:
             LoRA through peft on both towers (`q_proj`, `k_proj`, `v_proj`, `out_proj` by default). The final
             `save_model` writes the merged plain model; checkpoints hold the adapter.
+        overwrite_output_dir (`bool`, defaults to `False`):
+            Train from scratch into a non-empty `output_dir` instead of resuming its last checkpoint (see
+            `resolve_resume_checkpoint`; transformers 5 dropped this flag from `TrainingArguments`).
+        load_best_model_at_end (`bool`, *optional*):
+            Unset: on (the paper's best-epoch selection) whenever evaluation and saving run at the same interval;
+            off, with one info line, when `eval_strategy` or `save_strategy` is `"no"` or they differ.
+        dataloader_num_workers / dataloader_pin_memory / dataloader_persistent_workers (*optional*):
+            Unset: chosen for the machine (`dataloader_defaults`): with an accelerator, worker processes scaled
+            to the CPUs per process, persistent, and pinned memory on CUDA; on a CPU-only run 0 workers (the
+            training threads already use every core) and no pinned memory.
     """
 
     supcon_weight: float = field(default=0.1, metadata={"help": "w in w*L_supcon + (1-w)*L_clip (0 = FLYP)."})
@@ -76,6 +98,26 @@ class MMFTTrainingArguments(TrainingArguments):
         metadata={"help": "Module names LoRA wraps (both towers)."},
     )
 
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train from scratch into a non-empty output_dir instead of resuming its last checkpoint."},
+    )
+    load_best_model_at_end: bool | None = field(
+        default=None,
+        metadata={"help": "Reload the best checkpoint at the end. Default: on when evaluation and saving run at "
+                  "the same interval, else off."},
+    )  # fmt: skip
+    dataloader_num_workers: int | None = field(
+        default=None,
+        metadata={"help": "DataLoader worker processes. Default: scaled to the CPUs with an accelerator, 0 on CPU."},
+    )
+    dataloader_pin_memory: bool | None = field(
+        default=None, metadata={"help": "Pinned memory for host-to-device copies. Default: on with CUDA only."}
+    )
+    dataloader_persistent_workers: bool | None = field(
+        default=None, metadata={"help": "Keep worker processes between epochs. Default: on when there are workers."}
+    )
+
     # Paper defaults (method.md §6) and the settings a Trainer over image/caption rows needs.
     learning_rate: float = 1e-5
     weight_decay: float = 1e-4
@@ -88,7 +130,6 @@ class MMFTTrainingArguments(TrainingArguments):
     eval_strategy: str = "epoch"
     save_strategy: str = "epoch"
     save_total_limit: int | None = 2
-    load_best_model_at_end: bool = True
     metric_for_best_model: str | None = "accuracy"
     greater_is_better: bool | None = True
     remove_unused_columns: bool = False
@@ -97,6 +138,13 @@ class MMFTTrainingArguments(TrainingArguments):
     logging_steps: float = 10
 
     def __post_init__(self):
+        self._resolve_best_model_selection()
+        defaults = dataloader_defaults(self.use_cpu)
+        for name in ("dataloader_num_workers", "dataloader_pin_memory"):
+            if getattr(self, name) is None:
+                setattr(self, name, defaults[name])
+        if self.dataloader_persistent_workers is None:  # torch refuses persistent workers without workers
+            self.dataloader_persistent_workers = self.dataloader_num_workers > 0
         super().__post_init__()
         if not 0.0 <= self.supcon_weight <= 1.0:
             raise ValueError(f"supcon_weight must be in [0, 1], got {self.supcon_weight}.")
@@ -115,3 +163,132 @@ class MMFTTrainingArguments(TrainingArguments):
                 "MMFTTrainer needs remove_unused_columns=False: the collator reads the image, label and caption "
                 "columns, which CLIPModel.forward does not name."
             )
+
+    def _resolve_best_model_selection(self) -> None:
+        """Keeps the paper's best-epoch selection wherever evaluation and saving allow it; off otherwise."""
+        if self.load_best_model_at_end is not None:
+            return
+        evaluation = str(getattr(self.eval_strategy, "value", self.eval_strategy))
+        saving = str(getattr(self.save_strategy, "value", self.save_strategy))
+        self.load_best_model_at_end = "no" not in (evaluation, saving) and saving in (evaluation, "best")
+        if not self.load_best_model_at_end:
+            logger.info(
+                f"eval_strategy={evaluation!r} and save_strategy={saving!r}: the best epoch cannot be selected, so "
+                "the model of the last step is kept (load_best_model_at_end=False)."
+            )
+
+
+def _accelerator_available() -> bool:
+    return any(check() for check in (is_torch_cuda_available, is_torch_xpu_available, is_torch_npu_available)) or (
+        is_torch_mps_available()
+    )
+
+
+def dataloader_defaults(use_cpu: bool = False, cpus: int | None = None, processes_per_node: int | None = None) -> dict:
+    """DataLoader settings that keep an accelerator fed without slowing a CPU-only run.
+
+    Images are decoded, cropped and normalised in the DataLoader (a few hundred images/s per process), while one
+    modern GPU trains thousands per second: with an accelerator, `min(8, cpus_per_process - 1)` worker processes
+    (at least 1), kept alive between epochs, and pinned memory on CUDA. On a CPU-only run the training threads
+    already use every core, so the data is prepared in the training process (0 workers), without pinned memory
+    (which only warns there).
+
+    Args:
+        use_cpu (`bool`, defaults to `False`): the run ignores any accelerator.
+        cpus (`int`, *optional*): CPUs this process may use; defaults to its CPU affinity.
+        processes_per_node (`int`, *optional*): training processes on this machine; defaults to `LOCAL_WORLD_SIZE`
+            (set by torchrun and accelerate), else 1.
+
+    Returns:
+        `dict` with `dataloader_num_workers`, `dataloader_pin_memory` and `dataloader_persistent_workers`.
+    """
+    if use_cpu or not _accelerator_available():
+        return {"dataloader_num_workers": 0, "dataloader_pin_memory": False, "dataloader_persistent_workers": False}
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    processes_per_node = processes_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    workers = max(1, min(8, cpus // max(processes_per_node, 1) - 1))
+    return {
+        "dataloader_num_workers": workers,
+        "dataloader_pin_memory": is_torch_cuda_available(),
+        "dataloader_persistent_workers": True,
+    }
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The `checkpoint-<step>` folder of `output_dir` with the highest step whose `trainer_state.json` (written last
+    by `Trainer`) reads back; a folder left incomplete by a run killed while saving it is skipped with a warning.
+
+    Args:
+        output_dir (`str`): a training output directory.
+
+    Returns:
+        `str` or `None`: the checkpoint's path, `None` when there is none.
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    prefix = f"{PREFIX_CHECKPOINT_DIR}-"
+    steps = sorted(
+        (int(name[len(prefix) :]) for name in os.listdir(output_dir) if name.startswith(prefix)
+         and name[len(prefix) :].isdigit() and os.path.isdir(os.path.join(output_dir, name))),
+        reverse=True,
+    )  # fmt: skip
+    for step in steps:
+        path = os.path.join(output_dir, f"{prefix}{step}")
+        try:
+            TrainerState.load_from_json(os.path.join(path, "trainer_state.json"))
+        except (OSError, ValueError):
+            logger.warning(f"{path} is incomplete (its trainer_state.json does not read back): skipping it.")
+            continue
+        return path
+    return None
+
+
+def resolve_resume_checkpoint(args: TrainingArguments, overwrite_output_dir: bool | None = None) -> str | None:
+    """The checkpoint a training command resumes from, decided as transformers' example scripts decide it.
+
+    - `--resume_from_checkpoint PATH`: that checkpoint (it must exist).
+    - `--resume_from_checkpoint true` (or `last`): the last complete `checkpoint-*` in `output_dir` (one must
+      exist; see `last_complete_checkpoint`).
+    - no flag, `output_dir` holds checkpoints: the last one, with an info line (add `--overwrite_output_dir` to
+      start from scratch instead).
+    - no flag, `output_dir` not empty but without checkpoints: an error asking for `--overwrite_output_dir` or
+      another `--output_dir`, so that no finished run is overwritten by accident.
+
+    Args:
+        args (`TrainingArguments`): reads `output_dir` and `resume_from_checkpoint`.
+        overwrite_output_dir (`bool`, *optional*): defaults to `args.overwrite_output_dir` when it has one.
+
+    Returns:
+        `str` or `None`: the checkpoint directory to pass to `trainer.train(resume_from_checkpoint=...)`.
+    """
+    if overwrite_output_dir is None:
+        overwrite_output_dir = getattr(args, "overwrite_output_dir", False)
+    output_dir, requested = args.output_dir, args.resume_from_checkpoint
+    if isinstance(requested, str) and requested.lower() in ("false", "no", "none", ""):
+        requested = None
+    if requested is not None:
+        if requested is True or str(requested).lower() in ("true", "last", "yes"):
+            last = last_complete_checkpoint(output_dir)
+            if last is None:
+                raise ValueError(
+                    f"--resume_from_checkpoint {requested}: there is no checkpoint-* folder in --output_dir "
+                    f"{output_dir!r} to resume from. Name a checkpoint folder, or drop the flag to start a new run."
+                )
+            return last
+        if not os.path.isdir(requested):
+            raise ValueError(f"--resume_from_checkpoint {requested!r}: no such checkpoint folder.")
+        return requested
+    if overwrite_output_dir or not os.path.isdir(output_dir) or not os.listdir(output_dir):
+        return None
+    last = last_complete_checkpoint(output_dir)
+    if last is None:
+        raise ValueError(
+            f"--output_dir {output_dir!r} already exists, is not empty and holds no checkpoint to resume from. Use "
+            "--overwrite_output_dir to train into it from scratch, or choose another --output_dir."
+        )
+    logger.info(
+        f"Checkpoint found: resuming training from {last}. To start from scratch instead, choose another "
+        "--output_dir or add --overwrite_output_dir."
+    )
+    return last

@@ -31,6 +31,57 @@ from .data import IMAGE_DECODE_ERRORS, describe_image_source, load_image, random
 logger = logging.get_logger(__name__)
 
 CLIP_CONTEXT_LENGTH = 77
+SAMPLE_KEY_COLUMN = "__mmft_sample__"
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffles row indices with a generator seeded by `seed + epoch` and yields `(epoch, index)` sample keys.
+
+    The permutation of an epoch depends on `(seed, epoch)` only (as with accelerate's `SeedableRandomSampler`), so
+    every process of a distributed run, and a run resumed mid-epoch, sees the same order. The key travels with the
+    index to the worker that reads the row (`EpochKeyedDataset`), which is how the collator knows the epoch even in
+    persistent worker processes. `Trainer` calls `set_epoch` before each epoch.
+
+    Args:
+        num_rows (`int`): rows in the dataset.
+        seed (`int`): the data seed.
+    """
+
+    def __init__(self, num_rows: int, seed: int):
+        self.num_rows, self.seed, self.epoch = num_rows, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        epoch = self.epoch
+        for index in torch.randperm(self.num_rows, generator=generator).tolist():
+            yield (epoch, index)
+
+
+class EpochKeyedDataset(torch.utils.data.Dataset):
+    """A `datasets.Dataset` read by `(epoch, index)` sample keys; each row carries its key in `SAMPLE_KEY_COLUMN`.
+
+    Args:
+        dataset (`datasets.Dataset`): the rows.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        return {**self.dataset[key[1]], SAMPLE_KEY_COLUMN: tuple(key)}
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[dict]:
+        rows = self.dataset.__getitems__([index for _, index in keys])
+        return [{**row, SAMPLE_KEY_COLUMN: tuple(key)} for row, key in zip(rows, keys)]
 
 
 def _crop_size(image_processor) -> tuple[int, int]:
@@ -72,11 +123,15 @@ class MMFTDataCollator:
     resized crop (`crop_scale`, bicubic) to the processor's crop size, then the processor (resize, centre crop,
     normalise). With `train=False` the processor alone, and the first caption: the output is deterministic.
 
-    Randomness: captions and crops come from two `random.Random` streams seeded by `seed`. In DataLoader worker
-    processes the streams are reseeded from `seed` and the worker's torch seed (`get_worker_info().seed`, which
-    differs per worker and per epoch and follows the Trainer's seed), so workers do not repeat each other and
-    epochs do not repeat. Counters such as `num_truncated` are per process: with `dataloader_num_workers > 0`
-    they accumulate in the workers' copies.
+    Randomness: a row that carries its sample key (`SAMPLE_KEY_COLUMN`, `(epoch, row index)`, which
+    `EpochKeyedDataset` adds and `MMFTTrainer` always uses) gets its caption and its crop from two generators
+    seeded by `(seed, epoch, row index)` alone. The draws are then stateless: the same in any worker process, with
+    any number of workers, and in a run resumed from a checkpoint, so a resumed run trains on exactly the texts and
+    crops of the uninterrupted one. Rows without a key (the collator used on its own) draw from two `random.Random`
+    streams seeded by `seed`; in DataLoader worker processes these are reseeded from `seed` and the worker's torch
+    seed, so workers do not repeat each other and epochs do not repeat, but such draws cannot be replayed on
+    resume. Counters such as `num_truncated` are per process: with `dataloader_num_workers > 0` they accumulate in
+    the workers' copies.
 
     Args:
         processor (`CLIPProcessor`-like): has `.tokenizer` and `.image_processor`.
@@ -90,7 +145,7 @@ class MMFTDataCollator:
             template alone (FLYP-style).
         train (`bool`, defaults to `True`): random caption and random crop; `False` gives deterministic output.
         crop_scale (`tuple[float, float]`, defaults to `(0.9, 1.0)`): area range of the training crop.
-        seed (`int`, defaults to 0): seeds the caption and crop draws.
+        seed (`int`, defaults to 0): seeds the caption and crop draws (with each row's sample key when it has one).
         max_length (`int`, *optional*): token limit; defaults to `min(tokenizer.model_max_length, 77)`.
         index_column (`str`, *optional*): a column identifying rows in error messages (otherwise the batch
             position is given).
@@ -153,7 +208,19 @@ class MMFTDataCollator:
         prefix = self.class_template.format(class_name)
         return prefix if caption is None else f"{prefix} {caption}"
 
-    def _generators(self) -> tuple[random.Random, random.Random]:
+    def _generators(self, row: dict) -> tuple[random.Random, random.Random]:
+        """The caption and crop generators of one row: from its sample key, else the collator's streams."""
+        key = row.get(SAMPLE_KEY_COLUMN)
+        if key is not None:
+            epoch, index = key
+            # String seeds are hashed with SHA-512 by `random`: reproducible across runs, processes and workers.
+            return (
+                random.Random(f"mmft-captions:{self.seed}:{epoch}:{index}"),
+                random.Random(f"mmft-crops:{self.seed}:{epoch}:{index}"),
+            )
+        return self._streams()
+
+    def _streams(self) -> tuple[random.Random, random.Random]:
         worker = get_worker_info()
         key = None if worker is None else (worker.id, worker.seed)
         if self._caption_rng is None or key != self._rng_key:
@@ -249,9 +316,9 @@ class MMFTDataCollator:
         and `labels` tensors."""
         if not rows:
             raise ValueError("Cannot collate an empty batch.")
-        caption_rng, crop_rng = self._generators()
         labels, texts, images = [], [], []
         for position, row in enumerate(rows):
+            caption_rng, crop_rng = self._generators(row)
             for column, argument in ((self.image_column, "image_column"), (self.label_column, "label_column")):
                 if column not in row:
                     raise self._missing(row, position, column, argument)

@@ -230,6 +230,69 @@ def train_validation_split(
     return datasets.DatasetDict({"train": dataset.select(train), "validation": dataset.select(sorted(validation))})
 
 
+def align_label_names(
+    dataset: datasets.Dataset,
+    class_names: Sequence[str],
+    label_column: str = "label",
+    split_name: str = "evaluation",
+) -> datasets.Dataset:
+    """Maps the labels of `dataset` onto `class_names` (the training classes, by label id) **by name**.
+
+    A test split whose `ClassLabel` lists the same names in another order would otherwise be scored against the
+    wrong classes. Names are matched as `datasets.Dataset.align_labels_with_mapping` matches them (case-insensitive)
+    and that method does the remapping; a split already in the training order is returned unchanged. The split may
+    hold fewer classes than training. Plain integer labels carry no names: they are taken as training label ids
+    only when the split holds exactly `len(class_names)` distinct labels, all in range.
+
+    Args:
+        dataset (`datasets.Dataset`): the split to evaluate.
+        class_names (`Sequence[str]`): the training class names by label id (the training `ClassLabel` names).
+        label_column (`str`, defaults to `"label"`): the label column.
+        split_name (`str`, defaults to `"evaluation"`): names the split in error messages.
+
+    Returns:
+        `datasets.Dataset`: `dataset` with labels that index `class_names` and a `ClassLabel(names=class_names)`
+        feature (or `dataset` itself when nothing needs to change).
+
+    Raises:
+        `ValueError`: naming the classes of the split that training does not have, or for integer labels whose count
+            does not agree.
+    """
+    _check_column(dataset, label_column, "label_column")
+    class_names = list(class_names)
+    feature = dataset.features[label_column]
+    if isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")):
+        present = set(dataset[label_column])
+        if len(present) != len(class_names) or not present <= set(range(len(class_names))):
+            raise ValueError(
+                f"The {split_name} split's {label_column!r} column holds plain integers without class names "
+                f"({len(present)} distinct values: {sorted(present)[:_MAX_ROWS_IN_MESSAGE]}), which cannot be "
+                f"matched to the {len(class_names)} training classes by name. Cast it to the training names: "
+                f"`dataset.cast_column({label_column!r}, datasets.ClassLabel(names=class_names))` once you know "
+                "its ids follow the training order."
+            )
+        return dataset
+    if not isinstance(feature, datasets.ClassLabel):
+        raise ValueError(
+            f"The {split_name} split's {label_column!r} column has type {feature!r}, not class labels. Encode it "
+            f"with `dataset.class_encode_column({label_column!r})`, or pass the right `label_column=`."
+        )
+    lowered = [name.lower() for name in class_names]
+    if len(set(lowered)) != len(lowered):
+        raise ValueError(f"The training class names {class_names} differ only in case; names must be unique.")
+    if [name.lower() for name in feature.names] == lowered[: len(feature.names)]:
+        return dataset  # already in the training order
+    used = {feature.names[label] for label in set(dataset[label_column]) if label is not None and label >= 0}
+    unknown = sorted(name for name in used if name.lower() not in lowered)
+    if unknown:
+        raise ValueError(
+            f"The {split_name} split has rows of {len(unknown)} class(es) that training does not have: {unknown}. "
+            f"The training classes are {class_names}. Rename them in the split's ClassLabel, or remove those rows."
+        )
+    # names of the split without rows are never looked up, so they need no training id
+    return dataset.align_labels_with_mapping(dict(zip(class_names, range(len(class_names)))), label_column)
+
+
 # ------------------------------------------------------------------------------------------------------ validation
 def empty_caption_rows(dataset: datasets.Dataset, caption_column: str = "captions") -> list[int]:
     """Indices of the rows whose caption list is empty (they train on the class template alone).

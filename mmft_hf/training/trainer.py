@@ -3,8 +3,10 @@ loss and evaluates it as a classifier built from class-averaged caption embeddin
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 
 import datasets
@@ -27,8 +29,8 @@ from ..classification.prototypes import (
 from ..model_card import MMFTModelCardData, create_model_card
 from ..publishing import save_for_hub
 from .arguments import MMFTTrainingArguments
-from .collator import MMFTDataCollator
-from .data import validate_captioned_dataset
+from .collator import EpochKeyedDataset, EpochSampler, MMFTDataCollator
+from .data import align_label_names, validate_captioned_dataset
 from .distributed import gather_batch, global_logits
 from .losses import mmft_loss
 
@@ -74,6 +76,35 @@ def with_row_errors(dataset, image_column: str):
     if ROW_INDEX_COLUMN not in dataset.column_names:
         dataset = dataset.add_column(ROW_INDEX_COLUMN, list(range(len(dataset))))
     return dataset
+
+
+def check_contrastive_batch(args: MMFTTrainingArguments, train_dataset) -> None:
+    """Refuses an empty training split and a contrastive batch without negatives; warns once when gradient
+    accumulation makes the optimiser batch larger than the contrastive batch.
+
+    The loss contrasts the rows of one forward pass, gathered over processes: `per_device_train_batch_size ×
+    world_size` pairs. Gradient accumulation sums the gradients of several such batches; it adds no negatives.
+    """
+    if len(train_dataset) == 0:
+        raise ValueError(
+            "The training split is empty (0 rows): there is nothing to train on. Check the split name, the filters "
+            "applied to it and --num_shots."
+        )
+    contrastive = args.per_device_train_batch_size * args.world_size
+    if contrastive < 2:
+        raise ValueError(
+            f"--per_device_train_batch_size {args.per_device_train_batch_size} on {args.world_size} process(es) "
+            "gives a contrastive batch of one image-text pair: it has no negatives and its loss is 0. Use a batch of "
+            "at least 2 (the paper uses 64)."
+        )
+    if args.gradient_accumulation_steps > 1:
+        logger.warning_once(
+            f"gradient_accumulation_steps={args.gradient_accumulation_steps}: each optimiser step averages "
+            f"{args.gradient_accumulation_steps} batches, but the contrastive loss still sees {contrastive} pairs "
+            f"per batch (per_device_train_batch_size {args.per_device_train_batch_size} x {args.world_size} "
+            "process(es)), so the negatives per step do not grow. For more negatives raise the per-device batch or "
+            "the number of processes."
+        )
 
 
 def decay_parameter_names(trainer: Trainer, model: torch.nn.Module) -> list[str]:
@@ -138,6 +169,11 @@ class MMFTTrainer(Trainer):
         source = train_dataset if train_dataset is not None else prototype_dataset
         if source is None:
             raise ValueError("MMFTTrainer needs a train_dataset (or a prototype_dataset for evaluation only).")
+        if train_dataset is None and eval_dataset is None and args.eval_strategy != "no":
+            # evaluation only: nothing to evaluate during training, so transformers' check does not apply
+            args = dataclasses.replace(args, eval_strategy="no", load_best_model_at_end=None)
+        if train_dataset is not None:
+            check_contrastive_batch(args, train_dataset)
         require_captions = args.text_source == "captions"
         names = validate_captioned_dataset(
             source,
@@ -148,13 +184,21 @@ class MMFTTrainer(Trainer):
             class_names=class_names,
         )
         self.class_names = list(names)
+        # evaluated splits are matched to training by these names (the label feature's), not by label position
+        label_feature = source.features[args.label_column]
+        self.label_feature_names = (
+            list(label_feature.names) if isinstance(label_feature, datasets.ClassLabel) else None
+        )
         # texts use the normalised names (method.md: lower case, "_"/"-" to spaces); labels keep the dataset's names
         self.text_class_names = [normalize_class_name(name) for name in self.class_names]
         train_dataset = with_row_errors(self._with_training_texts(train_dataset, args), args.image_column)
         if isinstance(eval_dataset, dict):
-            eval_dataset = {name: with_row_errors(split, args.image_column) for name, split in eval_dataset.items()}
+            eval_dataset = {
+                name: self._evaluation_rows(split, args, f"{name!r} evaluation")
+                for name, split in eval_dataset.items()
+            }
         else:
-            eval_dataset = with_row_errors(eval_dataset, args.image_column)
+            eval_dataset = self._evaluation_rows(eval_dataset, args)
         if prototype_dataset is None:
             prototype_dataset = source
         elif require_captions:
@@ -165,6 +209,8 @@ class MMFTTrainer(Trainer):
                 caption_column=args.caption_column,
             )
         self.prototype_dataset = prototype_dataset
+        if train_dataset is not None:
+            self._warn_classes_without_rows(train_dataset, args)
         if data_collator is None:
             data_collator = MMFTDataCollator(
                 processor=processing_class,
@@ -206,6 +252,35 @@ class MMFTTrainer(Trainer):
 
     # ---- set-up ----
 
+    def _evaluation_rows(self, dataset, args: MMFTTrainingArguments, split_name: str = "evaluation"):
+        """An evaluated split with its labels matched to the training classes by name, images decoded late."""
+        if isinstance(dataset, datasets.Dataset):
+            reference = self.label_feature_names if self.label_feature_names is not None else self.class_names
+            dataset = align_label_names(dataset, reference, args.label_column, split_name)
+        return with_row_errors(dataset, args.image_column)
+
+    def _warn_classes_without_rows(self, train_dataset: datasets.Dataset, args: MMFTTrainingArguments) -> None:
+        """Names the classes that have no training image (they are never trained on) and their prototypes' source."""
+        counts = Counter(train_dataset[args.label_column])
+        missing = [name for label, name in enumerate(self.class_names) if not counts[label]]
+        if not missing:
+            return
+        if args.prototype_source != "captions":
+            source = f"the {args.prototype_source!r} class-name templates"
+        else:
+            prototype_counts = Counter(self.prototype_dataset[args.label_column])
+            without = [name for label, name in enumerate(self.class_names) if not prototype_counts[label]]
+            source = (
+                f"the fallback template {args.fallback_template!r} (no captions)"
+                if without == missing
+                else "the prototype_dataset's captions where it has any, else the fallback template "
+                f"{args.fallback_template!r}"
+            )
+        logger.warning(
+            f"{len(missing)} of {len(self.class_names)} classes have no training image: {missing}. They are not "
+            f"trained on, and their class prototypes come from {source}. Check the split (and --num_shots)."
+        )
+
     def _with_training_texts(self, dataset, args: MMFTTrainingArguments):
         """FLYP (`class_name`) trains on the class template alone; FLYP-ens on one of the 80 templates per fetch."""
         if dataset is None or args.text_source == "captions":
@@ -241,6 +316,30 @@ class MMFTTrainer(Trainer):
 
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
         return decay_parameter_names(self, model)
+
+    # ---- training data: per-sample keys for exact resume ----
+
+    def _get_train_sampler(self, train_dataset=None) -> torch.utils.data.Sampler | None:
+        """An `EpochSampler` seeded by `data_seed` (else `seed`): the same order per epoch in every process and
+        after a resume, with the epoch attached to each index for the collator's per-sample draws."""
+        train_dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not isinstance(train_dataset, EpochKeyedDataset):
+            return super()._get_train_sampler(train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return EpochSampler(len(train_dataset), seed)
+
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        """Trainer's DataLoader over `EpochKeyedDataset(train_dataset)`: every row carries `(epoch, row index)`,
+        from which `MMFTDataCollator` draws its caption and crop, so that a resumed run replays the same draws."""
+        if not isinstance(self.train_dataset, datasets.Dataset):
+            return super().get_train_dataloader()
+        return self._get_dataloader(
+            dataset=EpochKeyedDataset(self.train_dataset),
+            description="Training",
+            batch_size=self._train_batch_size,
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
 
     # ---- loss ----
 
@@ -336,7 +435,7 @@ class MMFTTrainer(Trainer):
             for name, split in dataset.items():
                 metrics.update(self.evaluate(split, ignore_keys, f"{metric_key_prefix}_{name}", prototype_source))
             return metrics
-        dataset = with_row_errors(dataset, self.args.image_column)
+        dataset = self._evaluation_rows(dataset, self.args, metric_key_prefix)
         start = time.time()
         prototypes = self.compute_class_prototypes(prototype_source)
         model = _unwrap_peft(self.accelerator.unwrap_model(self.model))
@@ -348,6 +447,8 @@ class MMFTTrainer(Trainer):
                 batch_size=self.args.per_device_eval_batch_size,
                 collate_fn=self._eval_collate,
                 num_workers=self.args.dataloader_num_workers,
+                pin_memory=self.args.dataloader_pin_memory,
+                prefetch_factor=self.args.dataloader_prefetch_factor,
             )
         )
         predictions, references = [], []
@@ -397,14 +498,19 @@ class MMFTTrainer(Trainer):
             return
         metadata = {"source": self.args.prototype_source, "class_template": self.args.class_template}
         save_class_prototypes(prototypes, self.class_names, output_dir, metadata=metadata)
+        self._save_extra_parameters(output_dir)
+
+    def _save_extra_parameters(self, output_dir: str) -> None:
+        """Beside a LoRA adapter: the trained `logit_scale` (and `logit_bias`), which peft does not save."""
         base = _unwrap_peft(self.accelerator.unwrap_model(self.model))
-        if base is not self.accelerator.unwrap_model(self.model):  # peft saves the adapter only
-            extras = {
-                name: getattr(base, name).detach().cpu().reshape(-1).clone()
-                for name in ("logit_scale", "logit_bias")
-                if isinstance(getattr(base, name, None), torch.nn.Parameter)
-            }
-            save_file(extras, os.path.join(output_dir, EXTRA_PARAMETERS_FILENAME))
+        if base is self.accelerator.unwrap_model(self.model):  # a full model saves them itself
+            return
+        extras = {
+            name: getattr(base, name).detach().cpu().reshape(-1).clone()
+            for name in ("logit_scale", "logit_bias")
+            if isinstance(getattr(base, name, None), torch.nn.Parameter)
+        }
+        save_file(extras, os.path.join(output_dir, EXTRA_PARAMETERS_FILENAME))
 
     def _restore_extra_parameters(self, checkpoint_dir: str) -> None:
         path = os.path.join(checkpoint_dir, EXTRA_PARAMETERS_FILENAME)
@@ -443,6 +549,7 @@ class MMFTTrainer(Trainer):
             prototypes = self._prototypes_for_saving()
             if self.args.should_save:
                 unwrapped.save_pretrained(os.path.join(output_dir, "adapter"))
+                self._save_extra_parameters(os.path.join(output_dir, "adapter"))
                 metadata = {"source": self.args.prototype_source, "class_template": self.args.class_template}
                 save_for_hub(
                     unwrapped,
@@ -481,7 +588,10 @@ class MMFTTrainer(Trainer):
                 "weight_decay": args.weight_decay,
                 "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
                 "num_train_epochs": args.num_train_epochs,
-                "train_batch_size (global)": args.per_device_train_batch_size * args.world_size,
+                "contrastive_batch_size (pairs per loss)": args.per_device_train_batch_size * args.world_size,
+                "optimizer_batch_size (pairs per update)": (
+                    args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+                ),
                 "class_template": args.class_template,
                 "text_source": args.text_source,
                 "prototype_source": args.prototype_source,
