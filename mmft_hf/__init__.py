@@ -15,6 +15,7 @@ from .captioning.captioners import (
     CaptionerAuthenticationError,
     CaptionRequest,
     CaptionResult,
+    OpenAIBatchCaptioner,
     OpenAICompatibleCaptioner,
     TransformersCaptioner,
 )

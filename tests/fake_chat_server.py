@@ -32,8 +32,7 @@ class FakeChatHandler(BaseHTTPRequestHandler):
         status, headers, override = (*step, None)[:3]
         headers = dict(headers)  # a plan may repeat one step object: never consume its entries
         time.sleep(float(headers.pop("X-Delay", server.delay)))
-        content = body["messages"][-1]["content"]
-        text = content if isinstance(content, str) else " ".join(part.get("text", "") for part in content)
+        text = self.reply(body)
         if override is not None:
             data = override if isinstance(override, bytes) else json.dumps(override).encode()
         elif status != 200:
@@ -48,7 +47,7 @@ class FakeChatHandler(BaseHTTPRequestHandler):
                     "choices": [
                         {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
                     ],
-                    "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+                    "usage": self.usage(body, text),
                 }
             ).encode()
         with server.lock:
@@ -61,6 +60,15 @@ class FakeChatHandler(BaseHTTPRequestHandler):
             self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
             pass
+
+    def reply(self, body: dict) -> str:
+        """The answer's text: the prompt, echoed."""
+        content = body["messages"][-1]["content"]
+        return content if isinstance(content, str) else " ".join(part.get("text", "") for part in content)
+
+    def usage(self, body: dict, text: str) -> dict:
+        """The answer's token usage (fixed here; tests/fake_batch_api.py counts it from the request)."""
+        return {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
 
 
 class FakeChatServer(ThreadingHTTPServer):

@@ -34,7 +34,9 @@ from .caption import (
 from .prompts import CAPTION_TYPES, DEFAULT_WORDS, DOMAINS, PROMPT_TEMPLATE, build_prompt, normalize_class_name
 from .stats import caption_stats
 
-CARD_TEMPLATE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "templates", "dataset_card.md")
+CARD_TEMPLATE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "templates", "dataset_card.md"
+)
 
 
 @dataclass(frozen=True)
@@ -119,10 +121,18 @@ PRESETS: dict[str, DatasetPreset] = {
 
 
 def make_captioner(spec: str, **kwargs):
-    """Builds a captioner from `"openai:MODEL"` or `"transformers:MODEL_OR_PATH"` plus backend keyword arguments."""
+    """Builds a captioner from `"openai:MODEL"`, `"openai-batch:MODEL"` (the provider's Batch API) or
+    `"transformers:MODEL_OR_PATH"`, plus backend keyword arguments."""
     backend, _, model = spec.partition(":")
     if not model:
-        raise ValueError(f"Captioner spec {spec!r} must look like 'openai:MODEL' or 'transformers:MODEL_OR_PATH'.")
+        raise ValueError(
+            f"Captioner spec {spec!r} must look like 'openai:MODEL', 'openai-batch:MODEL' or "
+            "'transformers:MODEL_OR_PATH'."
+        )
+    if backend == "openai-batch":
+        from .captioners.openai_batch import OpenAIBatchCaptioner
+
+        return OpenAIBatchCaptioner(model=model, **kwargs)
     if backend == "openai":
         from .captioners.openai_compatible import OpenAICompatibleCaptioner
 
@@ -131,7 +141,9 @@ def make_captioner(spec: str, **kwargs):
         from .captioners.transformers_vlm import TransformersCaptioner
 
         return TransformersCaptioner(model, **kwargs)
-    raise ValueError(f"Unknown captioner backend {backend!r} in {spec!r}; use 'openai' or 'transformers'.")
+    raise ValueError(
+        f"Unknown captioner backend {backend!r} in {spec!r}; use 'openai', 'openai-batch' or 'transformers'."
+    )
 
 
 @dataclass
@@ -147,7 +159,8 @@ class CaptionedImagesConfig(datasets.BuilderConfig):
             captioner object, then identified by `captioner_identity`.
         captioner_kwargs (`dict`): keyword arguments for `make_captioner`.
         domain (`str`, *optional*): the prompt's domain word (presets set it).
-        caption_types, captions_per_type, words, prompt_template, max_passes, strict: see `caption_dataset`.
+        caption_types, captions_per_type, words, prompt_template, max_passes, strict, one_request_per_image: see
+            `caption_dataset`.
         image_column, label_column (`str`): columns of the source; the output always uses `image` and `label`.
         class_names (`tuple[str, ...]`, *optional*): names overriding the source's `ClassLabel` names.
         caption_cache_dir (`str`, *optional*): the caption cache (see `caption_dataset`).
@@ -171,6 +184,7 @@ class CaptionedImagesConfig(datasets.BuilderConfig):
     caption_cache_dir: str | None = None
     max_passes: int = 3
     strict: bool = False
+    one_request_per_image: bool = False
 
 
 def _preset_config(name: str, preset: DatasetPreset) -> CaptionedImagesConfig:
@@ -329,6 +343,7 @@ class CaptionedImages(datasets.GeneratorBasedBuilder):
             cache_dir=config.caption_cache_dir,
             strict=config.strict,
             max_passes=config.max_passes,
+            one_request_per_image=config.one_request_per_image,
         )
         label_ids = None  # string labels: their ids in the ClassLabel of `_class_names`
         if not isinstance(part.features[config.label_column], datasets.ClassLabel) and not config.class_names:

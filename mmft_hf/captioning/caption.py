@@ -284,6 +284,7 @@ def caption_dataset(
     chunk_size: int = 256,
     seed: int = 0,
     show_progress: bool = True,
+    one_request_per_image: bool = False,
 ) -> datasets.Dataset:
     """Captions every image of a labelled dataset with an MLLM, `len(caption_types) × captions_per_type` each.
 
@@ -316,6 +317,11 @@ def caption_dataset(
             memory).
         seed (`int`, defaults to 0): seeds the retry resizing.
         show_progress (`bool`, defaults to `True`): show a tqdm bar.
+        one_request_per_image (`bool`, defaults to `False`): ask for every caption type of an image in one request
+            (a JSON reply; the image's tokens are paid once instead of once per type). Each caption is cached under
+            its per-type key, its origin (the joint prompt) recorded; types a reply lacks are then requested per
+            type in the usual passes. Off by default: the paper's protocol asks per type. See
+            `mmft_hf.captioning.joint`.
 
     Returns:
         `datasets.Dataset`: the input rows (this shard's rows when sharding), all columns kept, plus
@@ -401,6 +407,19 @@ def caption_dataset(
         for row, digest in enumerate(image_hashes):
             if digest is None:  # a null image: nothing to send, reported as a failure
                 reasons.update({(row, s): "the image is missing (None)" for s in range(len(slots))})
+        sync_passes = max_passes
+        if one_request_per_image or getattr(captioner, "submits_batches", False):
+            from .scale import PassState, row_image_loader, run_scale_passes  # joint requests, batch engines
+
+            state = PassState(
+                keys, prompts, image_hashes, slots, identity_text, texts, reasons, summary, chunk_size=chunk_size,
+                load_image=row_image_loader(raw, image_column, image_feature.mode, retry_resize, seed),
+                unreadable_errors=IMAGE_DECODE_ERRORS,
+            )  # fmt: skip
+            sync_passes -= run_scale_passes(
+                captioner, state, cache, one_request_per_image=one_request_per_image, max_passes=max_passes,
+                show_progress=show_progress,
+            )  # fmt: skip
         pending = [
             (row, s)
             for row in range(len(part))
@@ -412,7 +431,7 @@ def caption_dataset(
         unreadable: dict[int, str] = {}  # rows whose image cannot be decoded: reported, never sent, not retried
         rng = random.Random(seed)
         with tqdm(total=len(pending), unit="req", desc="Captioning", disable=not show_progress or not pending) as bar:
-            for pass_index in range(max_passes):
+            for pass_index in range(sync_passes):
                 if not pending:
                     break
                 summary.passes += 1

@@ -1,0 +1,202 @@
+"""The Batch API captioner against a loopback OpenAI Batch API (tests/fake_batch_api.py): files, batches, statuses."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import pytest
+from PIL import Image
+
+from mmft_hf import OpenAIBatchCaptioner, caption_dataset
+from mmft_hf.captioning.captioners import OpenAIBatchCaptioner as ExportedFromCaptioners
+from mmft_hf.captioning.captioners.base import CaptionRequest
+from mmft_hf.captioning.captioners.openai_compatible import OpenAICompatibleCaptioner
+from mmft_hf.captioning.prompts import build_prompt
+from tests.fake_batch_api import start_fake_batch_api
+
+TYPES = ("visual", "shape", "texture")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def api():
+    servers = []
+
+    def start(**kwargs):
+        servers.append(start_fake_batch_api(**kwargs))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def labelled(image_files_dataset):
+    return image_files_dataset.remove_columns("captions")
+
+
+def batch_captioner(server, **kwargs):
+    kwargs = {"api_key_env": None, "poll_interval_s": 0.01, "max_retries": 0, **kwargs}
+    return OpenAIBatchCaptioner("fake-vlm", base_url=server.base_url, **kwargs)
+
+
+def expected_captions(ds, row, types=TYPES):
+    name = ds.features["label"].names[ds[row]["label"]]
+    return [build_prompt(name, "textures", kind) for kind in types]
+
+
+def test_batch_run_makes_no_chat_request_and_fills_the_cache(api, labelled, tmp_path):
+    server = api()
+    result = caption_dataset(
+        labelled, batch_captioner(server), domain="textures", cache_dir=tmp_path, show_progress=False
+    )
+    summary = result.caption_summary
+    assert server.requests == []  # zero chat-completion requests: everything went through the batch
+    assert len(server.uploads) == len(server.created) == 1 and len(server.processed) == 36
+    assert summary.failures == [] and summary.requests == 36 and summary.passes == 1
+    assert summary.usage["prompt_tokens"] > 36 * 85  # usage comes from the output file
+    for row in range(len(labelled)):
+        assert result[row]["captions"] == expected_captions(labelled, row)
+    batch = server.batches[server.created[0]]
+    assert batch["status"] == "completed" and batch["endpoint"] == "/v1/chat/completions"
+    # the ledger closed the batch with its final status
+    with sqlite3.connect(tmp_path / "captions.sqlite") as connection:
+        assert connection.execute("SELECT remote_id, status FROM submissions").fetchall() == [
+            (server.created[0], "completed")
+        ]
+    # a synchronous run with the same settings finds every caption: batch and sync captions are interchangeable
+    sync = OpenAICompatibleCaptioner("fake-vlm", base_url=server.base_url, api_key_env=None)
+    again = caption_dataset(labelled, sync, domain="textures", cache_dir=tmp_path, show_progress=False)
+    assert again.caption_summary.requests == 0 and server.requests == []
+    assert OpenAIBatchCaptioner is ExportedFromCaptioners
+
+
+def test_batch_body_is_the_synchronous_body(api, tmp_path):
+    server = api()
+    settings = {"temperature": 0.3, "max_tokens": 40, "extra_body": {"top_k": 5}, "max_image_side": 32}
+    image = Image.new("RGB", (80, 40), (200, 10, 10))
+    sync = OpenAICompatibleCaptioner("fake-vlm", base_url=server.base_url, api_key_env=None, **settings)
+    list(sync.caption([CaptionRequest(image, "describe it")]))
+    ((_, _, sync_body),) = server.requests
+    from mmft_hf.captioning.batch_files import request_line
+
+    line = json.loads(request_line(batch_captioner(server, **settings), "key-1", image, "describe it"))
+    assert line == {"custom_id": "key-1", "method": "POST", "url": "/v1/chat/completions", "body": sync_body}
+
+
+def test_split_above_request_and_size_limits(api, labelled, tmp_path):
+    server = api()
+    captioner = batch_captioner(server, max_requests_per_batch=10)
+    result = caption_dataset(labelled, captioner, domain="textures", cache_dir=tmp_path, show_progress=False)
+    assert len(server.created) == 4 and result.caption_summary.failures == []
+    sizes = [len(server.contents[server.batches[b]["input_file_id"]].splitlines()) for b in server.created]
+    assert sizes == [10, 10, 10, 6]
+    # a file-size bound splits too: each request line of these small images is a few kB
+    server2 = api()
+    one_line = len(server.contents[server.batches[server.created[0]]["input_file_id"]].splitlines()[0]) + 1
+    captioner = batch_captioner(server2, max_batch_file_bytes=int(one_line * 5.5))
+    result = caption_dataset(labelled, captioner, domain="textures", cache_dir=tmp_path / "b", show_progress=False)
+    assert result.caption_summary.failures == []
+    assert all(len(server2.contents[f]) <= one_line * 5.5 for f in server2.uploads)
+    assert len(server2.created) >= 36 // 6
+
+
+def test_per_line_errors_end_complete_after_a_second_batch_pass(api, labelled, tmp_path):
+    failing = set()
+
+    def line_error(custom_id):
+        if len(failing) < 5 or custom_id in failing:
+            failing.add(custom_id)
+            return 500
+        return None
+
+    server = api(script=[{"line_error": line_error}])
+    result = caption_dataset(
+        labelled, batch_captioner(server), domain="textures", cache_dir=tmp_path, show_progress=False
+    )
+    summary = result.caption_summary
+    assert summary.failures == [] and summary.passes == 2 and len(server.created) == 2
+    second = server.contents[server.batches[server.created[1]]["input_file_id"]].decode().splitlines()
+    assert sorted(json.loads(line)["custom_id"] for line in second) == sorted(failing)  # only what failed
+    assert server.requests == []
+    assert all(len(result[row]["captions"]) == 3 for row in range(len(labelled)))
+
+
+def test_sync_retry_of_a_failed_batch_and_rows_reported_when_all_fail(api, labelled, tmp_path):
+    server = api(script=[{"final": "failed"}])
+    captioner = batch_captioner(server, retry_failed="sync")
+    result = caption_dataset(labelled, captioner, domain="textures", cache_dir=tmp_path, show_progress=False)
+    assert result.caption_summary.failures == [] and len(server.created) == 1
+    assert len(server.requests) == 36  # the second pass went through chat completions
+
+    server = api(script=[{"final": "expired", "fraction": 0.5}, {"final": "failed"}])
+    result = caption_dataset(
+        labelled, batch_captioner(server), domain="textures", cache_dir=tmp_path / "b", max_passes=2,
+        show_progress=False,
+    )  # fmt: skip
+    failures = result.caption_summary.failures
+    assert len(failures) == 18 and len(server.created) == 2  # half ran before the expiry; the retry batch failed
+    assert all("ended 'failed'" in failure.reason and "bad file" in failure.reason for failure in failures)
+    assert sum(len(row) for row in result["captions"]) == 18
+
+
+def test_cancelled_batch_keeps_what_ran(api, labelled, tmp_path):
+    server = api(script=[{"final": "cancelled", "fraction": 0.25}])
+    result = caption_dataset(
+        labelled, batch_captioner(server), domain="textures", cache_dir=tmp_path, max_passes=1, show_progress=False
+    )
+    assert sum(len(row) for row in result["captions"]) == 9
+    assert all("batch_cancelled" in failure.reason for failure in result.caption_summary.failures)
+
+
+def _open_submissions(cache_file):
+    try:
+        with sqlite3.connect(cache_file) as connection:
+            return connection.execute("SELECT remote_id FROM submissions WHERE remote_id IS NOT NULL").fetchall()
+    except sqlite3.OperationalError:
+        return []
+
+
+def test_sigkill_while_polling_then_rerun_polls_the_same_batch(api, tmp_path):
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a_b", "c"])})
+    images = [Image.new("RGB", (16 + i, 16), (30 * i, 10, 200 - 20 * i)) for i in range(6)]
+    datasets.Dataset.from_dict({"image": images, "label": [i % 2 for i in range(6)]}, features=features).save_to_disk(
+        str(tmp_path / "ds")
+    )
+    server = api(hold=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / "tests/scripts/batch_caption_worker.py"), str(tmp_path / "ds")]
+    command += [str(tmp_path / "cache"), server.base_url]
+    worker = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while len(server.retrieves) < 3:  # submitted, recorded, and polled a few times
+            assert worker.poll() is None, worker.stdout.read().decode()
+            assert time.monotonic() < deadline, "the worker never polled"
+            time.sleep(0.02)
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert len(server.created) == 1 and server.batches[server.created[0]]["status"] == "in_progress"
+    assert _open_submissions(tmp_path / "cache" / "captions.sqlite") == [(server.created[0],)]
+    server.hold = False
+    captioner = OpenAIBatchCaptioner("fake-mllm", base_url=server.base_url, api_key_env=None, poll_interval_s=0.01)
+    result = caption_dataset(
+        datasets.load_from_disk(str(tmp_path / "ds")), captioner, domain="textures", cache_dir=tmp_path / "cache",
+        show_progress=False,
+    )  # fmt: skip
+    assert len(server.created) == 1 and len(server.uploads) == 1  # polled the same batch: nothing paid twice
+    assert server.requests == [] and len(server.processed) == 18
+    assert result.caption_summary.requests == 18 and result.caption_summary.failures == []
+    assert result[0]["captions"] == [build_prompt("a b", "textures", kind) for kind in TYPES]

@@ -1,0 +1,111 @@
+"""Offline engines: export requests -> a simulated `vllm run-batch` -> import -> a rerun makes zero requests."""
+
+import json
+
+import pytest
+
+from mmft_hf import caption_dataset
+from mmft_hf.captioning.captioners.openai_compatible import OpenAICompatibleCaptioner
+from mmft_hf.captioning.offline import export_caption_requests, import_caption_results
+from tests.fake_batch_api import completion
+from tests.fake_chat_server import start_fake_api
+
+TYPES = ("visual", "shape", "texture")
+
+
+@pytest.fixture
+def server():
+    server = start_fake_api()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def labelled(image_files_dataset):
+    return image_files_dataset.remove_columns("captions")
+
+
+def run_engine(requests_path, output_path, fail=(), extra_lines=()):
+    """What `vllm run-batch` does: one output line per request line (an error line for the custom_ids in `fail`)."""
+    with open(requests_path) as source, open(output_path, "w") as sink:
+        for line in source:
+            request = json.loads(line)
+            assert request["method"] == "POST" and request["url"] == "/v1/chat/completions"
+            if request["custom_id"] in fail:
+                response = {"status_code": 400, "body": {"error": {"message": "context length exceeded"}}}
+            else:
+                response = {"status_code": 200, "request_id": "r", "body": completion(request["body"])}
+            record = {"id": "vllm-1", "custom_id": request["custom_id"], "response": response, "error": None}
+            sink.write(json.dumps(record) + "\n")
+        for line in extra_lines:
+            sink.write(line + "\n")
+
+
+def test_export_engine_import_then_rerun_makes_zero_requests(server, labelled, tmp_path):
+    captioner = OpenAICompatibleCaptioner("fake-vlm", base_url=server.base_url, api_key_env=None)
+    # a third of the captions exist already: only the rest is exported
+    caption_dataset(labelled.select(range(4)), captioner, domain="textures", cache_dir=tmp_path, show_progress=False)
+    paid = len(server.requests)
+    exported = export_caption_requests(
+        labelled, tmp_path / "requests.jsonl", captioner, domain="textures", cache_dir=tmp_path, show_progress=False
+    )
+    assert len(server.requests) == paid == 12  # exporting sends nothing
+    assert exported.requests == exported.captions == 24 and exported.cache_hits == 12
+    lines = [json.loads(line) for line in open(tmp_path / "requests.jsonl")]
+    assert len({line["custom_id"] for line in lines}) == 24
+    failing = {lines[0]["custom_id"], lines[5]["custom_id"]}
+    unknown = json.dumps(
+        {"custom_id": "f" * 64, "response": {"status_code": 200, "body": completion(lines[1]["body"])}}
+    )
+    run_engine(
+        tmp_path / "requests.jsonl", tmp_path / "results.jsonl", fail=failing,
+        extra_lines=[unknown, "{not json", json.dumps({"custom_id": lines[2]["custom_id"]})],
+    )  # fmt: skip
+
+    report = import_caption_results(tmp_path / "results.jsonl", cache_dir=tmp_path)
+    assert report.lines == 27 and report.captions_stored == 22 and report.already_cached == 0
+    assert sorted(custom_id for _, custom_id, _ in report.failed) == sorted(failing)
+    assert all("HTTP 400: context length exceeded" in reason for *_, reason in report.failed)
+    assert report.unknown == [(25, "f" * 64)]
+    assert [number for number, _ in report.malformed] == [26, 27]
+    assert "unknown custom_id" in str(report) and "line 26: malformed" in str(report)
+
+    again = import_caption_results(tmp_path / "results.jsonl", cache_dir=tmp_path)  # idempotent
+    assert again.captions_stored == 0 and again.already_cached == 22
+
+    result = caption_dataset(labelled, captioner, domain="textures", cache_dir=tmp_path, show_progress=False)
+    assert len(server.requests) == paid + 2  # only the two failed lines were requested
+    assert result.caption_summary.failures == []
+    # the second export writes nothing: every caption is cached
+    empty = export_caption_requests(
+        labelled, tmp_path / "none.jsonl", captioner, domain="textures", cache_dir=tmp_path, show_progress=False
+    )
+    assert empty.requests == 0 and empty.cache_hits == 36
+
+
+def test_import_into_another_cache_stores_nothing(server, labelled, tmp_path):
+    captioner = OpenAICompatibleCaptioner("fake-vlm", base_url=server.base_url, api_key_env=None)
+    export_caption_requests(
+        labelled.select(range(2)), tmp_path / "r.jsonl", captioner, domain="textures", cache_dir=tmp_path / "a",
+        show_progress=False,
+    )  # fmt: skip
+    run_engine(tmp_path / "r.jsonl", tmp_path / "o.jsonl")
+    report = import_caption_results(tmp_path / "o.jsonl", cache_dir=tmp_path / "b")
+    assert report.captions_stored == 0 and len(report.unknown) == 6
+    result = caption_dataset(
+        labelled.select(range(2)), captioner, domain="textures", cache_dir=tmp_path / "b", show_progress=False
+    )
+    assert result.caption_summary.cache_hits == 0
+
+
+def test_export_rejects_a_captioner_without_a_request_body(labelled, tmp_path):
+    class Local:
+        def cache_identity(self):
+            return {"backend": "local"}
+
+        def caption(self, requests):
+            return iter(())
+
+    with pytest.raises(TypeError, match="needs an OpenAICompatibleCaptioner"):
+        export_caption_requests(labelled, tmp_path / "r.jsonl", Local(), domain="textures", cache_dir=tmp_path)
