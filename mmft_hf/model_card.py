@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -38,8 +39,10 @@ class MMFTModelCardData:
     Args:
         model_id (`str`, *optional*): the Hub repository id (used in usage snippets).
         model_name (`str`, *optional*): display name and `model-index` name; defaults to `model_id`.
-        base_model (`str`, *optional*): the checkpoint fine-tuned (e.g. `"openai/clip-vit-base-patch32"`).
-        dataset_id (`str`, *optional*): the captioned dataset (Hub id or path).
+        base_model (`str`, *optional*): the checkpoint fine-tuned (e.g. `"openai/clip-vit-base-patch32"`); a local
+            path is written as `portable_reference` names it.
+        dataset_id (`str`, *optional*): the captioned dataset (Hub id or path, written as `portable_reference`
+            names it).
         dataset_name (`str`, *optional*): its display name; defaults to `dataset_id`.
         domain (`str`, *optional*): the caption prompt's domain word (e.g. `"textures"`).
         captioner (`str`, *optional*): the MLLM that wrote the captions.
@@ -123,8 +126,9 @@ class MMFTModelCardData:
             tags.append("lora")
         tags += [tag for tag in self.tags if tag not in tags]
         eval_results = None
+        dataset_id = portable_reference(self.dataset_id)[0]
         if self.eval_accuracy is not None:
-            dataset = self.dataset_id or "custom"
+            dataset = dataset_id or "custom"
             eval_results = [
                 EvalResult(
                     task_type="image-classification",
@@ -139,8 +143,8 @@ class MMFTModelCardData:
             ]
         return ModelCardData(
             model_name=self.resolved_model_name,
-            base_model=self.base_model,
-            datasets=[self.dataset_id] if self.dataset_id else None,
+            base_model=portable_reference(self.base_model)[0],
+            datasets=[dataset_id] if dataset_id else None,
             eval_results=eval_results,
             license=self.license,
             library_name="transformers",
@@ -149,12 +153,42 @@ class MMFTModelCardData:
         )
 
 
+# a folder of the Hub cache: <cache>/models--org--name/snapshots/<revision> ("--" never occurs in a repo id)
+_HUB_CACHE_FOLDER = re.compile(r"(?:models|datasets)--(?P<repo>.+)")
+
+
+def portable_reference(name_or_path: str | os.PathLike | None) -> tuple[str | None, bool]:
+    """How a card names a model or dataset, without the local paths of the machine that made it.
+
+    A Hub id is kept. A local path (absolute, starting with `.`/`~`, or an existing file or folder) becomes the Hub
+    id it is a snapshot of when it lies in the Hub cache (`.../models--org--name/snapshots/<revision>`), else the
+    folder's own name.
+
+    Args:
+        name_or_path (`str` or `os.PathLike`, *optional*): a Hub id or a local path.
+
+    Returns:
+        `(reference, is_hub_id)`: `(None, False)` for `None` or `""`.
+    """
+    if not name_or_path:
+        return None, False
+    text = os.fspath(name_or_path)
+    if not (os.path.isabs(text) or text.startswith((".", "~")) or os.path.exists(text)):
+        return text, True
+    parts = Path(os.path.abspath(os.path.expanduser(text))).parts
+    for folder, below in zip(parts, parts[1:]):
+        match = _HUB_CACHE_FOLDER.fullmatch(folder)
+        if match and below == "snapshots":
+            return match["repo"].replace("--", "/"), True
+    return Path(os.path.normpath(os.path.abspath(os.path.expanduser(text)))).name, False
+
+
 def _hub_url(identifier: str | None, datasets: bool = False) -> str | None:
-    if not identifier:
+    """The Hub page of a Hub id; `None` for a local model or dataset (named by its folder, it has no page)."""
+    reference, on_hub = portable_reference(identifier)
+    if not on_hub:
         return None
-    if os.path.exists(identifier) or identifier.startswith((".", "/")):
-        return identifier  # a local path: link it as is
-    return f"https://huggingface.co/{'datasets/' if datasets else ''}{identifier}"
+    return f"https://huggingface.co/{'datasets/' if datasets else ''}{reference}"
 
 
 def _versions() -> dict[str, str]:
@@ -229,7 +263,7 @@ def create_model_card(
         title=card_data.resolved_model_name,
         model_id=card_data.model_id or DEFAULT_MODEL_ID,
         base_model_url=_hub_url(card_data.base_model),
-        dataset_id=card_data.dataset_id,
+        dataset_id=portable_reference(card_data.dataset_id)[0],
         dataset_url=_hub_url(card_data.dataset_id, datasets=True),
         domain=card_data.domain,
         captioner=card_data.captioner,

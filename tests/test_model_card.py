@@ -60,6 +60,44 @@ def test_full_card_matches_pattern_and_round_trips(tmp_path):
     assert per_class_rows == ["| banded | 90.00 |", "| dotted | 50.00 |", "| zig\\|zag | 93.33 |"]  # label order
 
 
+def test_local_paths_become_folder_names_and_cache_snapshots_hub_ids(tmp_path, monkeypatch):
+    """A card names no absolute path of the machine that trained: a local checkpoint or dataset is named by its
+    folder (no Hub link), a snapshot of the Hub cache by its Hub id (linked)."""
+    checkpoint = tmp_path / "runs" / "my-clip"
+    checkpoint.mkdir(parents=True)
+    dataset = tmp_path / "captioned-shapes"
+    dataset.mkdir()
+    out = tmp_path / "card"
+    create_model_card(full_card_data(base_model=str(checkpoint), dataset_id=str(dataset), lora=None), out)
+    text = (out / "README.md").read_text()
+    assert str(tmp_path) not in text
+    data = ModelCard.load(out / "README.md").data
+    assert data.base_model == "my-clip" and data.datasets == ["captioned-shapes"]
+    assert data.eval_results[0].dataset_type == "captioned-shapes"
+    assert "starting from the local checkpoint `my-clip`, trained on the local dataset `captioned-shapes`." in text
+    assert "huggingface.co/my-clip" not in text and "huggingface.co/datasets/captioned-shapes" not in text
+    # a relative path that exists is local too (run from its parent folder)
+    monkeypatch.chdir(checkpoint.parent)
+    assert model_card.portable_reference("my-clip") == ("my-clip", False)
+    assert model_card.portable_reference("./my-clip/") == ("my-clip", False)
+
+    snapshot = tmp_path / "hub" / "models--openai--clip-vit-base-patch32" / "snapshots" / "3d74acf9a28c67741b2f4f"
+    cached = tmp_path / "hub" / "datasets--mmft--captioned-dtd" / "snapshots" / "0123abcd"
+    create_model_card(full_card_data(base_model=str(snapshot), dataset_id=str(cached)), out)
+    assert MODEL_CARD_PATTERN.match((out / "README.md").read_text())  # exactly the card of the Hub ids
+    assert model_card.portable_reference("openai/clip-vit-base-patch32") == ("openai/clip-vit-base-patch32", True)
+    assert model_card.portable_reference(None) == (None, False)
+
+
+def test_adapter_card_names_a_local_base_model_by_its_folder(tmp_path):
+    base = tmp_path / "base-clip"
+    base.mkdir()
+    create_model_card(full_card_data(base_model=str(base), lora={"r": 4, "merged": False}), tmp_path / "card")
+    text = (tmp_path / "card" / "README.md").read_text()
+    assert str(tmp_path) not in text
+    assert 'CLIPModel.from_pretrained("base-clip")' in text and "([`base-clip`]" not in text
+
+
 def test_per_class_chart_is_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     create_model_card(full_card_data(), tmp_path)

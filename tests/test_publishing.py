@@ -249,6 +249,9 @@ def test_save_for_hub_card_describes_what_was_saved(tiny_clip_dir, tiny_clip, tm
     text = (Path(adapter) / "README.md").read_text()
     assert "| LoRA | yes (r=4, merged=False) |" in text and "standard `CLIPModel`" not in text
     assert "PeftModel.from_pretrained" in text and "trust_remote_code" not in text
+    for folder in (merged, adapter):  # the local base model is named by its folder, not by this machine's path
+        text = (Path(folder) / "README.md").read_text()
+        assert tiny_clip_dir not in text and f"base_model: {Path(tiny_clip_dir).name}\n" in text
     assert card.remote_code is False and card.lora == {"r": 4} and card.prototype_source is None  # not modified
 
 

@@ -122,6 +122,10 @@ def test_two_processes_train_like_one_process_on_the_global_batch(tmp_path, tiny
     # a clean end: every rank exits 0 (run_torchrun checks) with its process group destroyed by the command
     for rank in (0, 1):
         assert f"rank {rank}: process group alive after the command: False" in two_processes.stdout
+    # the card names the local model and dataset by their folders, not by paths of this machine
+    card = (tmp_path / "two" / "README.md").read_text()
+    assert str(tmp_path) not in card and tiny_clip_dir not in card
+    assert f"base_model: {Path(tiny_clip_dir).name}\n" in card and "- data\n" in card
     two = load_file(str(tmp_path / "two" / "model.safetensors"))
     one = load_file(str(tmp_path / "one" / "model.safetensors"))
     start = load_file(os.path.join(tiny_clip_dir, "model.safetensors"))
