@@ -52,15 +52,20 @@ def image_tokens(body: dict) -> int:
     return tokens
 
 
-def fake_reply(body: dict, json_replies: bool = True) -> str:
-    """Echoes the prompt; a joint request (JSON schema) gets one field per caption type."""
+def fake_reply(body: dict, json_replies: bool = True, drop_types: tuple = ()) -> str:
+    """Echoes the prompt; a joint request (JSON schema) gets one field per caption type but `drop_types`, as JSON
+    (or, with `json_replies=False`, as prose that holds no JSON object)."""
     schema = (body.get("response_format") or {}).get("json_schema", {}).get("schema")
     prompt = prompt_of(body)
     if schema is None:
         return prompt
-    fields = {kind: f"{kind} caption: {prompt.split(json.dumps(kind) + ':', 1)[-1].split(chr(10))[0].strip()}"
-              for kind in schema["required"]}  # fmt: skip
-    return json.dumps(fields) if json_replies else "Here you go: " + "; ".join(f"{k} - {v}" for k, v in fields.items())
+    fields = {}
+    for kind in schema["required"]:
+        if kind not in drop_types:  # the per-type prompt is the joint prompt's line `"kind": prompt`
+            fields[kind] = f"{kind} caption: " + prompt.split(json.dumps(kind) + ":", 1)[-1].split("\n")[0].strip()
+    if json_replies:
+        return json.dumps(fields)
+    return "Here you go: " + "; ".join(f"{kind} - {text}" for kind, text in fields.items())
 
 
 def fake_usage(body: dict, text: str) -> dict:
@@ -70,8 +75,8 @@ def fake_usage(body: dict, text: str) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
 
 
-def completion(body: dict, json_replies: bool = True) -> dict:
-    text = fake_reply(body, json_replies)
+def completion(body: dict, json_replies: bool = True, drop_types: tuple = ()) -> dict:
+    text = fake_reply(body, json_replies, drop_types)
     return {
         "id": f"chatcmpl-{next(_IDS)}",
         "object": "chat.completion",
@@ -84,7 +89,7 @@ def completion(body: dict, json_replies: bool = True) -> dict:
 
 class FakeBatchHandler(FakeChatHandler):
     def reply(self, body):
-        return fake_reply(body, self.server.json_replies)
+        return fake_reply(body, self.server.json_replies, self.server.drop_types)
 
     def usage(self, body, text):
         return fake_usage(body, text)
@@ -205,7 +210,11 @@ class FakeBatchHandler(FakeChatHandler):
                 body = {"error": {"message": "upstream failure", "type": "server_error"}}
                 errors.append({**record, "response": {"status_code": code, "body": body}, "error": None})
             else:
-                response = {"status_code": 200, "request_id": "r", "body": completion(line["body"])}
+                response = {
+                    "status_code": 200,
+                    "request_id": "r",
+                    "body": completion(line["body"], self.server.json_replies, self.server.drop_types),
+                }
                 output.append({**record, "response": response, "error": None})
             self.server.processed.append(line["custom_id"])
         for name, records in (("output_file_id", output), ("error_file_id", errors)):
@@ -214,12 +223,12 @@ class FakeBatchHandler(FakeChatHandler):
         batch["request_counts"] = {"total": len(lines), "completed": len(output), "failed": len(errors)}
 
 
-def start_fake_batch_api(script=(), hold: bool = False, json_replies: bool = True) -> FakeChatServer:
+def start_fake_batch_api(script=(), hold=False, json_replies=True, drop_types=()) -> FakeChatServer:
     """Starts the server; `server.base_url` is its API root. Stop it with `shutdown(); server_close()`."""
     server = FakeChatServer(("127.0.0.1", 0), FakeBatchHandler)
     server.lock, server.requests, server.plan, server.delay = threading.Lock(), [], [], 0.0
     server.in_flight = server.max_in_flight = 0
-    server.script, server.hold, server.json_replies = list(script), hold, json_replies
+    server.script, server.hold, server.json_replies, server.drop_types = list(script), hold, json_replies, drop_types
     server.files, server.contents, server.batches, server.scripts = {}, {}, {}, {}
     server.uploads, server.created, server.retrieves, server.processed = [], [], [], []
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
