@@ -29,6 +29,17 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
             module.training = training
 
 
+def text_padding(model: torch.nn.Module) -> bool | str:
+    """How a dual encoder's texts are padded: `"max_length"` for SigLIP and SigLIP 2, `True` (longest) otherwise.
+
+    SigLIP's text tower pools the hidden state at the **last position** (not at an `eos` token, as CLIP does, nor
+    at `[CLS]`), and it was trained on texts padded to the full context length, so its texts must be padded the
+    same way wherever they are encoded (training batches and class prototypes). transformers' own
+    zero-shot-image-classification pipeline makes the same choice.
+    """
+    return "max_length" if "siglip" in getattr(getattr(model, "config", None), "model_type", "") else True
+
+
 def max_text_length(model: torch.nn.Module, tokenizer) -> int:
     config = getattr(model.config, "text_config", model.config)
     limits = [tokenizer.model_max_length, getattr(config, "max_position_embeddings", None)]
@@ -44,20 +55,21 @@ def encode_texts(model: torch.nn.Module, tokenizer, texts: Sequence[str], batch_
 
     Args:
         model (`torch.nn.Module`): a dual encoder with `get_text_features` (e.g. `CLIPModel`).
-        tokenizer: the model's tokenizer; texts are truncated to the model's context length, keeping the EOS.
+        tokenizer: the model's tokenizer; texts are truncated to the model's context length, keeping the EOS,
+            and padded as `text_padding(model)` says (to the context length for SigLIP).
         texts (`Sequence[str]`): the texts.
         batch_size (`int`, defaults to 256): texts encoded per forward pass (bounds memory).
 
     Returns:
         `torch.Tensor` of shape `[len(texts), dim]`, float32, on the model's device.
     """
-    device, max_length = model_device(model), max_text_length(model, tokenizer)
+    device, max_length, padding = model_device(model), max_text_length(model, tokenizer), text_padding(model)
     chunks = []
     with eval_mode(model):
         for start in range(0, len(texts), batch_size):
             tokens = tokenizer(
                 list(texts[start : start + batch_size]),
-                padding=True,
+                padding=padding,
                 truncation=True,
                 max_length=max_length,
                 return_tensors="pt",

@@ -376,12 +376,15 @@ class MMFTClassificationPipeline(Pipeline):
         return ({"timeout": timeout} if timeout is not None else {}), {}, postprocess_params
 
     def preprocess(self, image, timeout: float | None = None) -> dict[str, torch.Tensor]:
-        pixels = self.image_processor(images=[load_image_input(image, timeout=timeout)], return_tensors="pt")
-        return {"pixel_values": pixels["pixel_values"]}
+        """The image processor's model inputs: `pixel_values`, and for SigLIP 2 (NaFlex, images cut into patches
+        at their own aspect ratio) also `pixel_attention_mask` and `spatial_shapes`."""
+        inputs = self.image_processor(images=[load_image_input(image, timeout=timeout)], return_tensors="pt")
+        names = getattr(self.image_processor, "model_input_names", None) or ["pixel_values"]
+        return {name: inputs[name] for name in names if name in inputs}
 
     def _forward(self, model_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        pixel_values = model_inputs["pixel_values"].to(self.model.dtype)
-        features = self.model.get_image_features(pixel_values=pixel_values)
+        inputs = {**model_inputs, "pixel_values": model_inputs["pixel_values"].to(self.model.dtype)}
+        features = self.model.get_image_features(**inputs)
         features = features if isinstance(features, torch.Tensor) else features.pooler_output  # v4 / v5
         if features.shape[-1] != self.class_prototypes.shape[-1]:
             raise ValueError(

@@ -84,8 +84,11 @@ class EpochKeyedDataset(torch.utils.data.Dataset):
         return [{**row, SAMPLE_KEY_COLUMN: tuple(key)} for row, key in zip(rows, keys)]
 
 
-def _crop_size(image_processor) -> tuple[int, int]:
-    """(height, width) the processor's output has: `crop_size` for CLIP, `size` for processors without a crop."""
+def _crop_size(image_processor) -> tuple[int, int] | tuple[None, None]:
+    """(height, width) the processor's output has: `crop_size` for CLIP, `size` for processors without a crop;
+    `(None, None)` for SigLIP 2's NaFlex processor (`max_num_patches`), which keeps each image's aspect ratio."""
+    if getattr(image_processor, "max_num_patches", None):
+        return None, None
     for attribute in ("crop_size", "size"):
         size = getattr(image_processor, attribute, None)
         if size is None:
@@ -149,6 +152,8 @@ class MMFTDataCollator:
         max_length (`int`, *optional*): token limit; defaults to `min(tokenizer.model_max_length, 77)`.
         index_column (`str`, *optional*): a column identifying rows in error messages (otherwise the batch
             position is given).
+        padding (`bool` or `str`, defaults to `True`): `True` pads to the longest text; `"max_length"` to
+            `max_length`, as SigLIP needs (`mmft_hf.encoders.text_padding(model)`; the trainer sets it).
     """
 
     processor: Any
@@ -162,6 +167,7 @@ class MMFTDataCollator:
     seed: int = 0
     max_length: int | None = None
     index_column: str | None = None
+    padding: bool | str = True
     num_texts: int = field(default=0, init=False)
     num_truncated: int = field(default=0, init=False)
     _warned_truncation: bool = field(default=False, init=False, repr=False)
@@ -290,7 +296,9 @@ class MMFTDataCollator:
                 "This warning is shown once."
             )
         ids = [row if len(row) <= self.max_length else row[: self.max_length - 1] + row[-1:] for row in ids]
-        encoding = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+        encoding = tokenizer.pad(
+            {"input_ids": ids}, padding=self.padding, max_length=self.max_length, return_tensors="pt"
+        )
         return {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
 
     # ----------------------------------------------------------------------------------------------- images
@@ -298,8 +306,8 @@ class MMFTDataCollator:
         value = row[self.image_column]
         try:
             image = to_rgb(load_image(value))
-            if self.train:
-                size = (self.crop_height, self.crop_width)
+            if self.train:  # NaFlex processors have no output size: the crop keeps the image's own size
+                size = (self.crop_height or image.height, self.crop_width or image.width)
                 image = random_resized_crop(image, size, scale=self.crop_scale, rng=crop_rng)
         except IMAGE_DECODE_ERRORS as error:
             raise ValueError(
@@ -335,9 +343,11 @@ class MMFTDataCollator:
             labels.append(label)
             texts.append(self._text(row, position, label, caption_rng))
             images.append(self._image(row, position, crop_rng))
-        pixel_values = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return {
-            "pixel_values": pixel_values,
+        image_processor = self.processor.image_processor
+        image_inputs = image_processor(images=images, return_tensors="pt")
+        names = getattr(image_processor, "model_input_names", None) or ["pixel_values"]
+        return {  # SigLIP 2 also needs pixel_attention_mask and spatial_shapes
+            **{name: image_inputs[name] for name in names if name in image_inputs},
             **self._tokenize(texts),
             "labels": torch.tensor(labels, dtype=torch.long),
         }

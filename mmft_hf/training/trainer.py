@@ -26,6 +26,7 @@ from ..classification.prototypes import (
     save_class_prototypes,
     template_texts,
 )
+from ..encoders import text_padding
 from ..model_card import MMFTModelCardData, create_model_card
 from ..publishing import save_for_hub
 from .arguments import MMFTTrainingArguments
@@ -222,6 +223,7 @@ class MMFTTrainer(Trainer):
                 crop_scale=(args.crop_scale_min, 1.0),
                 seed=args.seed,
                 index_column=ROW_INDEX_COLUMN,
+                padding=True if model is None else text_padding(model),
             )
         self._eval_collator = MMFTDataCollator(
             processor=processing_class,
@@ -405,7 +407,7 @@ class MMFTTrainer(Trainer):
 
     def _eval_collate(self, rows: list[dict]) -> dict:
         batch = self._eval_collator(rows)
-        return {"pixel_values": batch["pixel_values"], "labels": batch["labels"]}
+        return {key: value for key, value in batch.items() if key not in ("input_ids", "attention_mask")}
 
     def evaluate(
         self,
@@ -455,7 +457,8 @@ class MMFTTrainer(Trainer):
         try:
             with torch.no_grad():
                 for batch in loader:
-                    features = model.get_image_features(pixel_values=batch["pixel_values"])
+                    image_inputs = {key: value for key, value in batch.items() if key != "labels"}
+                    features = model.get_image_features(**image_inputs)  # SigLIP 2: with mask and shapes
                     features = pooled_output(features).float()
                     scores = torch.nn.functional.normalize(features, dim=-1) @ prototypes.T
                     gathered = self.accelerator.gather_for_metrics((scores.argmax(-1), batch["labels"]))
