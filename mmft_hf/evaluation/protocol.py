@@ -33,7 +33,7 @@ from transformers.utils import logging
 from ..captioning.caption import attach_provenance, caption_provenance
 from ..captioning.prompts import CAPTION_TYPES, validate_caption_types
 from ..training.arguments import PROTOTYPE_SOURCES, MMFTTrainingArguments
-from ..training.data import sample_few_shot, train_validation_split
+from ..training.data import align_label_names, sample_few_shot, train_validation_split
 from ..training.trainer import MMFTTrainer
 from .ce_baseline import build_ce_trainer, check_ce_arguments
 
@@ -197,7 +197,8 @@ def load_benchmark_splits(
     validation_fraction: float = 0.1,
     label_column: str = "label",
 ) -> tuple[datasets.DatasetDict, str]:
-    """The protocol's train / validation / test splits for one (shots, seed).
+    """The protocol's train / validation / test splits for one (shots, seed). The labels of validation and test are
+    matched to the training class names by name (`align_label_names`), whatever order their `ClassLabel` lists.
 
     Args:
         raw (`datasets.DatasetDict`): the (captioned) dataset.
@@ -241,6 +242,11 @@ def select_caption_types(
     dataset: datasets.Dataset,
     keep: Sequence[str],
     caption_column: str = "captions",
+    label_feature = train.features[label_column]
+    if isinstance(label_feature, datasets.ClassLabel):  # evaluated splits follow the training label order, by name
+        for name in ("validation", "test"):
+            if name in splits:
+                splits[name] = align_label_names(splits[name], label_feature.names, label_column, name)
     all_types: Sequence[str] | None = None,
 ) -> datasets.Dataset:
     """Keeps only the captions of the types in `keep` (captions are stored type-major, see `caption_dataset`).
