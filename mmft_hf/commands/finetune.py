@@ -68,6 +68,13 @@ class DataArguments:
     demo_num_classes: int = field(default=8, metadata={"help": "Classes of the synthetic demo dataset."})
     demo_train_per_class: int = field(default=64, metadata={"help": "Training images per class in the demo."})
 
+    def __post_init__(self):
+        if self.num_shots is not None and self.num_shots < 1:
+            raise ValueError(
+                f"--num_shots {self.num_shots}: give at least 1 image per class, or omit --num_shots to train on every "
+                "image. (Zero-shot classification trains nothing: `mmft-hf benchmark --methods zeroshot`.)"
+            )
+
 
 def load_splits(data_args: DataArguments, training_args: MMFTTrainingArguments, cache_dir: str | None):
     """Train / validation / optional test by the benchmark's protocol (`mmft_hf.evaluation.load_benchmark_splits`):

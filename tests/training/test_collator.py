@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 import mmft_hf.training.collator as collator_module
 from mmft_hf.synthetic import build_clip, build_word_tokenizer
-from mmft_hf.training.collator import MMFTDataCollator
+from mmft_hf.training.collator import EpochKeyedDataset, EpochSampler, MMFTDataCollator
 from mmft_hf.training.data import to_rgb
 
 NAMES = ["banded", "dotted", "striped"]
@@ -198,6 +198,45 @@ def test_real_dataloader_workers_draw_differently(tiny_clip):
     batches = [batch["input_ids"] for batch in loader]  # batch 0 from worker 0, batch 1 from worker 1
     assert len(batches) == 2
     assert not torch.equal(batches[0], batches[1])
+
+
+def test_keyed_draws_are_stateless_across_batches_workers_and_epochs(tiny_clip):
+    """With sample keys, a row's caption and crop depend on (seed, epoch, row) only: the same whatever batch it is
+    in, whatever worker reads it, and different in another epoch; real worker processes give the main process's
+    batches."""
+    _, processor = tiny_clip
+    rows = datasets.Dataset.from_dict(
+        {"image": [_noise(30, 26, seed=i) for i in range(12)], "label": [i % 3 for i in range(12)],
+         "captions": [[f"w{i} one", f"w{i} two", f"w{i} three", f"w{i} four"] for i in range(12)]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=NAMES),
+                                    "captions": datasets.List(datasets.Value("string"))}),
+    )  # fmt: skip
+    keyed = EpochKeyedDataset(rows)
+    collator = MMFTDataCollator(processor=processor, class_names=NAMES, seed=5, crop_scale=(0.3, 1.0))
+
+    def batch(keys):
+        return collator(keyed.__getitems__(keys))
+
+    together = batch([(1, 4), (1, 9), (1, 2)])
+    alone = [batch([key]) for key in [(1, 9), (1, 2)]]
+    for position, single in enumerate(alone, start=1):
+        assert torch.equal(together["pixel_values"][position], single["pixel_values"][0])
+        length = int(single["attention_mask"].sum())
+        assert torch.equal(together["input_ids"][position, :length], single["input_ids"][0, :length])
+    epochs = [batch([(epoch, 4)]) for epoch in range(6)]
+    assert len({tuple(b["input_ids"][0].tolist()) for b in epochs}) > 1  # captions change with the epoch
+    assert not torch.equal(epochs[0]["pixel_values"], epochs[1]["pixel_values"])  # and so do the crops
+
+    def loader_batches(workers):
+        sampler = EpochSampler(len(rows), seed=5)
+        sampler.set_epoch(3)
+        loader = DataLoader(keyed, batch_size=4, sampler=sampler, num_workers=workers, collate_fn=collator)
+        return list(loader)
+
+    main, workers = loader_batches(0), loader_batches(2)
+    assert len(main) == 3
+    for one, other in zip(main, workers):
+        assert all(torch.equal(one[name], other[name]) for name in one)
 
 
 # ------------------------------------------------------------------------------------------------ truncation

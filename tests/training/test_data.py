@@ -11,6 +11,7 @@ from transformers.image_transforms import convert_to_rgb
 
 from mmft_hf import images
 from mmft_hf.training.data import (
+    align_label_names,
     empty_caption_rows,
     load_image,
     random_resized_crop,
@@ -366,3 +367,59 @@ def test_a_dataset_dict_is_refused_with_the_fix(image_files_dataset):
     for call in (validate_captioned_dataset, lambda d: sample_few_shot(d, 1, 0), train_validation_split):
         with pytest.raises(ValueError, match=r"one split, got a DatasetDict of \['train'\].*dataset\['train'\]"):
             call(splits)
+
+
+# ------------------------------------------------------------------------------------------------ label alignment
+def _labelled(names: list[str], row_names: list[str]) -> datasets.Dataset:
+    features = datasets.Features({"label": datasets.ClassLabel(names=names), "image": datasets.Value("string")})
+    return datasets.Dataset.from_dict({"label": row_names, "image": ["x"] * len(row_names)}, features=features)
+
+
+def test_align_label_names_maps_by_name():
+    training = ["cat", "dog", "bird"]
+    split = _labelled(["bird", "Cat", "dog"], ["dog", "bird", "Cat", "bird"])
+    aligned = align_label_names(split, training, split_name="test")
+    assert aligned["label"] == [1, 2, 0, 2] and aligned.features["label"].names == training
+    same = _labelled(training, ["dog", "cat"])
+    assert align_label_names(same, training) is same  # already in order: untouched
+    prefix = _labelled(["cat", "dog"], ["dog"])
+    assert align_label_names(prefix, training) is prefix
+    unused_extra = _labelled(["bird", "fish", "cat"], ["cat", "bird"])  # "fish" has no row: harmless
+    assert align_label_names(unused_extra, training)["label"] == [0, 2]
+    with pytest.raises(ValueError, match=r"test split has rows of 2 class\(es\).*\['fish', 'whale'\]"):
+        align_label_names(_labelled(["whale", "cat", "fish"], ["fish", "cat", "whale"]), training, split_name="test")
+
+
+def test_align_label_names_takes_unnamed_integers_only_when_the_counts_agree():
+    training = ["cat", "dog", "bird"]
+    plain = datasets.Dataset.from_dict({"label": [2, 0, 1, 1]})
+    assert align_label_names(plain, training) is plain
+    with pytest.raises(ValueError, match=r"plain integers without class names \(2 distinct values: \[0, 1\]\)"):
+        align_label_names(datasets.Dataset.from_dict({"label": [0, 1, 1]}), training)
+    with pytest.raises(ValueError, match="3 distinct values"):
+        align_label_names(datasets.Dataset.from_dict({"label": [0, 1, 5]}), training)
+    with pytest.raises(ValueError, match="not class labels"):
+        align_label_names(datasets.Dataset.from_dict({"label": ["cat"]}), training)
+
+
+def test_benchmark_splits_follow_the_training_label_order(synthetic_dataset):
+    from mmft_hf.evaluation import load_benchmark_splits
+
+    names = synthetic_dataset["train"].features["label"].names
+    test = synthetic_dataset["test"]
+    reordered_names = names[::-1]
+    reordered = (
+        test.cast_column("label", datasets.Value("int64"))
+        .map(lambda row: {"label": reordered_names.index(names[row["label"]])})
+        .cast_column("label", datasets.ClassLabel(names=reordered_names))
+    )
+    raw = datasets.DatasetDict({**synthetic_dataset, "test": reordered})
+    splits, _ = load_benchmark_splits(raw, shots=None, seed=0)
+    assert splits["test"].features["label"].names == names and splits["test"]["label"] == test["label"]
+
+
+def test_num_shots_below_one_is_an_error():
+    from mmft_hf.commands import finetune
+
+    with pytest.raises(ValueError, match="--num_shots 0: give at least 1 image per class"):
+        finetune.parse_arguments(["--output_dir", "x", "--num_shots", "0"])

@@ -1,5 +1,7 @@
 import json
+import logging
 import os
+import warnings
 
 import datasets
 import pytest
@@ -381,3 +383,159 @@ def test_texts_use_normalised_class_names_and_labels_keep_the_dataset_names(tiny
     batch_texts = processor.tokenizer.batch_decode(trainer.data_collator([train[0]])["input_ids"])
     assert batch_texts[0].startswith("<|startoftext|>a photo of a red circle . ")  # CLIP decodes "." as " ."
     assert trainer.model.config.id2label[0] == "001.Red_Circle"
+
+
+def relabelled(split: datasets.Dataset, names: list[str]) -> datasets.Dataset:
+    """`split` with a ClassLabel listing `names` (same classes, other order); every row keeps its class."""
+    old = split.features["label"].names
+    plain = split.cast_column("label", datasets.Value("int64"))
+    plain = plain.map(lambda row: {"label": names.index(old[row["label"]])})
+    return plain.cast_column("label", datasets.ClassLabel(names=names))
+
+
+def test_evaluation_matches_labels_by_name_not_by_position(tiny_clip, synthetic_dataset, tmp_path):
+    trainer = make_trainer(tiny_clip, synthetic_dataset, tmp_path)
+    test = synthetic_dataset["test"]
+    names = test.features["label"].names
+    expected = trainer.evaluate(test, metric_key_prefix="test")
+    shuffled = relabelled(test, [names[2], names[0], names[3], names[1]])
+    assert shuffled.features["label"].int2str(shuffled["label"]) == test.features["label"].int2str(test["label"])
+    metrics = trainer.evaluate(shuffled, metric_key_prefix="test")
+    for name in ("test_accuracy", "test_balanced_accuracy", *(f"test_accuracy_{n}" for n in names)):
+        assert metrics[name] == expected[name], name
+    # an eval_dataset given at construction is matched too
+    args = make_args(tmp_path, eval_strategy="epoch")
+    model, processor = tiny_clip
+    at_construction = MMFTTrainer(
+        model=model, args=args, train_dataset=synthetic_dataset["train"], eval_dataset=shuffled,
+        processing_class=processor,
+    )  # fmt: skip
+    assert at_construction.evaluate(metric_key_prefix="test")["test_accuracy"] == expected["test_accuracy"]
+
+
+def test_evaluation_refuses_unknown_classes_and_unnamed_labels_whose_count_differs(
+    tiny_clip, synthetic_dataset, tmp_path
+):
+    trainer = make_trainer(tiny_clip, synthetic_dataset, tmp_path)
+    test = synthetic_dataset["test"]
+    names = test.features["label"].names
+    unknown = test.cast_column("label", datasets.ClassLabel(names=[names[0], "purple star", names[2], names[3]]))
+    with pytest.raises(ValueError, match=r"1 class\(es\) that training does not have: \['purple star'\]"):
+        trainer.evaluate(unknown)
+    fewer = relabelled(test.filter(lambda row: row["label"] != 1), [names[3], names[2], names[0]])
+    assert trainer.evaluate(fewer)["eval_samples"] == 12  # a split may hold fewer classes, matched by name
+    plain = test.cast_column("label", datasets.Value("int64"))
+    assert trainer.evaluate(plain)["eval_accuracy"] == trainer.evaluate(test)["eval_accuracy"]
+    with pytest.raises(ValueError, match=r"plain integers without class names \(3 distinct values"):
+        trainer.evaluate(plain.filter(lambda row: row["label"] != 1))
+
+
+def test_gradient_accumulation_warns_once_and_the_card_shows_both_batches(
+    tiny_clip, synthetic_dataset, tmp_path, caplog
+):
+    with caplog.at_level(logging.WARNING, logger="mmft_hf.training.trainer"):
+        trainer = make_trainer(tiny_clip, synthetic_dataset, tmp_path, gradient_accumulation_steps=3)
+        make_trainer(tiny_clip, synthetic_dataset, tmp_path, gradient_accumulation_steps=3)
+    warnings = [
+        record.getMessage() for record in caplog.records if "gradient_accumulation_steps" in record.getMessage()
+    ]
+    assert len(warnings) == 1 and "still sees 8 pairs per batch" in warnings[0]
+    hyperparameters = trainer.model_card_data().hyperparameters
+    assert hyperparameters["contrastive_batch_size (pairs per loss)"] == 8
+    assert hyperparameters["optimizer_batch_size (pairs per update)"] == 24
+    with pytest.raises(ValueError, match="contrastive batch of one image-text pair"):
+        make_trainer(tiny_clip, synthetic_dataset, tmp_path, per_device_train_batch_size=1)
+
+
+def test_classes_without_training_images_are_named_and_an_empty_split_is_an_error(
+    tiny_clip, synthetic_dataset, tmp_path, caplog
+):
+    model, processor = tiny_clip
+    train = synthetic_dataset["train"].filter(lambda row: row["label"] not in (1, 3))
+    with caplog.at_level(logging.WARNING, logger="mmft_hf.training.trainer"):
+        MMFTTrainer(model=model, args=make_args(tmp_path), train_dataset=train, processing_class=processor)
+    (warning,) = [record.getMessage() for record in caplog.records if "no training image" in record.getMessage()]
+    assert "2 of 4 classes have no training image: ['green square', 'yellow cross']" in warning
+    assert "fallback template 'a photo of a {}'" in warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mmft_hf.training.trainer"):
+        MMFTTrainer(
+            model=model, args=make_args(tmp_path, prototype_source="ensemble"), train_dataset=train,
+            processing_class=processor,
+        )  # fmt: skip
+    assert any("the 'ensemble' class-name templates" in record.getMessage() for record in caplog.records)
+    with pytest.raises(ValueError, match=r"training split is empty \(0 rows\)"):
+        MMFTTrainer(model=model, args=make_args(tmp_path), train_dataset=train.select([]), processing_class=processor)
+
+
+def test_saving_or_evaluation_off_falls_back_from_best_model_selection(tiny_clip, synthetic_dataset, tmp_path):
+    default = MMFTTrainingArguments(output_dir=str(tmp_path / "a"), use_cpu=True)
+    assert default.load_best_model_at_end  # the paper's best-epoch selection stays the default
+    for strategies in ({"save_strategy": "no"}, {"eval_strategy": "no"}, {"save_strategy": "steps"}):
+        assert not MMFTTrainingArguments(
+            output_dir=str(tmp_path / "a"), use_cpu=True, **strategies
+        ).load_best_model_at_end
+    with pytest.raises(ValueError, match="save and eval strategy to match"):  # asked for explicitly: impossible
+        MMFTTrainingArguments(output_dir=str(tmp_path / "a"), save_strategy="no", load_best_model_at_end=True)
+    model, processor = tiny_clip
+    args = MMFTTrainingArguments(
+        output_dir=str(tmp_path / "out"), save_strategy="no", num_train_epochs=2, learning_rate=1e-3,
+        per_device_train_batch_size=8, disable_tqdm=True, report_to="none",
+    )  # fmt: skip
+    trainer = MMFTTrainer(
+        model=model, args=args, train_dataset=synthetic_dataset["train"],
+        eval_dataset=synthetic_dataset["validation"], processing_class=processor,
+    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
+    if not torch.cuda.is_available():  # no "pin_memory ... no accelerator" warning on a CPU-only machine
+        assert not [warning for warning in caught if "pin_memory" in str(warning.message)]
+    assert [entry["epoch"] for entry in trainer.state.log_history if "eval_accuracy" in entry] == [1.0, 2.0]
+
+
+def test_evaluation_only_trainer_needs_no_eval_strategy(tiny_clip, synthetic_dataset, tmp_path):
+    model, processor = tiny_clip
+    args = MMFTTrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True)  # eval_strategy="epoch"
+    trainer = MMFTTrainer(
+        model=model, args=args, prototype_dataset=synthetic_dataset["train"], processing_class=processor
+    )
+    metrics = trainer.evaluate(synthetic_dataset["test"], metric_key_prefix="test")
+    assert metrics["test_samples"] == 16
+    assert args.eval_strategy == "epoch"  # the caller's arguments are left as they were
+
+
+def test_lora_adapter_folder_holds_the_trained_logit_scale(tiny_clip, synthetic_dataset, tmp_path):
+    trainer = make_trainer(
+        tiny_clip, synthetic_dataset, tmp_path, use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+        learning_rate=1e-2, max_steps=2,
+    )  # fmt: skip
+    initial = trainer.model.get_base_model().logit_scale.detach().clone()
+    trainer.train()
+    trainer.save_model()
+    out = tmp_path / "out"
+    extras = load_file(str(out / "adapter" / "mmft_extra_parameters.safetensors"))
+    merged = CLIPModel.from_pretrained(out)
+    torch.testing.assert_close(extras["logit_scale"], merged.logit_scale.detach().reshape(-1))
+    assert not torch.equal(extras["logit_scale"], initial.reshape(-1))  # the trained value, not the initial one
+
+
+def test_dataloader_defaults_feed_an_accelerator_and_spare_a_cpu_run(tmp_path, monkeypatch):
+    from mmft_hf.training import arguments
+
+    args = MMFTTrainingArguments(output_dir=str(tmp_path))
+    if not torch.cuda.is_available():
+        assert (args.dataloader_pin_memory, args.dataloader_num_workers, args.dataloader_persistent_workers) == (
+            False, 0, False,
+        )  # fmt: skip
+    monkeypatch.setattr(arguments, "_accelerator_available", lambda: True)
+    monkeypatch.setattr(arguments, "is_torch_cuda_available", lambda: True)
+    assert arguments.dataloader_defaults(cpus=16, processes_per_node=1) == {
+        "dataloader_num_workers": 8, "dataloader_pin_memory": True, "dataloader_persistent_workers": True,
+    }  # fmt: skip
+    assert arguments.dataloader_defaults(cpus=16, processes_per_node=4)["dataloader_num_workers"] == 3
+    assert arguments.dataloader_defaults(cpus=2, processes_per_node=1)["dataloader_num_workers"] == 1
+    assert arguments.dataloader_defaults(use_cpu=True, cpus=16)["dataloader_num_workers"] == 0
+    explicit = MMFTTrainingArguments(output_dir=str(tmp_path), use_cpu=True, dataloader_num_workers=2)
+    assert explicit.dataloader_persistent_workers and not explicit.dataloader_pin_memory
