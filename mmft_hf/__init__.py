@@ -19,8 +19,9 @@ from .captioning.captioners import (
     OpenAICompatibleCaptioner,
     TransformersCaptioner,
 )
+from .captioning.offline import export_caption_requests, import_caption_results
 from .captioning.prompts import CAPTION_TYPES, DOMAINS, PROMPT_TEMPLATE, build_prompt, normalize_class_name
-from .captioning.stats import caption_stats, clip_score, dataset_clip_score
+from .captioning.stats import caption_stats, clip_score, dataset_clip_score, estimate_captioning_cost
 from .classification import pipeline  # registers the "mmft-classification" pipeline task
 from .classification.class_texts import class_texts_from_captions, prototypes_from_captioned_dataset
 from .classification.pipeline import MMFTClassificationPipeline
@@ -46,4 +47,3 @@ from .training.distributed import gather_batch, global_logits
 from .training.losses import clip_loss, mmft_loss, supcon_loss
 from .training.trainer import MMFTTrainer
 from .version import __version__
-

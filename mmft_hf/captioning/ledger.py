@@ -143,6 +143,26 @@ class SubmissionLedger:
             found.update((key, json.loads(origin)) for key, origin in rows)
         return found
 
+    def usages(self, keys: Iterable[str]) -> dict[str, tuple[dict, dict | None]]:
+        """The token usage recorded with each cached caption of `keys`, and its origin (`None` for a per-type one).
+
+        A per-type caption carries its request's usage; a caption of a joint request carries none itself, its
+        origin carries the joint request's usage (shared by the captions of that request).
+        """
+        keys, found = list(keys), {}
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._connection.execute(
+                "SELECT c.key, c.usage, o.origin FROM captions c LEFT JOIN caption_origins o ON o.key = c.key "
+                f"WHERE c.key IN ({marks})",
+                chunk,
+            )
+            found.update(
+                (key, (json.loads(usage or "{}"), json.loads(origin) if origin else None)) for key, usage, origin in rows
+            )
+        return found
+
     def close(self) -> None:
         self._connection.close()
 

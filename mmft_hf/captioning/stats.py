@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import datasets
 import numpy as np
@@ -10,7 +13,15 @@ import torch
 
 from ..encoders import encode_texts, max_text_length, model_device, pooled_output
 from ..images import to_rgb
-from .prompts import normalize_class_name
+from .cache import CaptionCache, caption_key, identity_json
+from .prompts import (
+    CAPTION_TYPES,
+    DEFAULT_WORDS,
+    PROMPT_TEMPLATE,
+    build_prompt,
+    normalize_class_name,
+    validate_caption_types,
+)
 
 PERCENTILES = (5, 25, 50, 75, 95)
 
@@ -203,3 +214,226 @@ def dataset_clip_score(
     for kind in dict.fromkeys(k for k in kinds if k is not None):
         report[kind] = _distribution([s for s, k in zip(scores, kinds, strict=True) if k == kind])
     return report
+
+
+# ---------------------------------------------------------------------- cost estimate
+
+
+@dataclass
+class CostEstimate:
+    """What captioning a whole dataset will cost, extrapolated from a captioned sample's reported token usage.
+
+    Args:
+        num_rows (`int`): rows of the dataset.
+        sample_rows (`int`): rows captioned for the estimate (their captions are cached, so not wasted).
+        sample_requests (`int`): requests the sample made now (0 when it was cached already).
+        one_request_per_image (`bool`): the request mode estimated.
+        requests (`float`): requests for the whole dataset.
+        input_tokens (`float`): input (prompt) tokens for the whole dataset.
+        output_tokens (`float`): output (completion) tokens for the whole dataset.
+        modes (`dict[str, dict]`): per sending mode (`"synchronous"`, `"batch"`): `cost` (in the prices' currency)
+            and `wall_time_s` (`None` when unknown: a sample read from the cache, or a batch, which ends within
+            its completion window), plus `batches` for the batch mode.
+    """
+
+    num_rows: int
+    sample_rows: int
+    sample_requests: int
+    one_request_per_image: bool
+    requests: float
+    input_tokens: float
+    output_tokens: float
+    modes: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        kind = "one request per image" if self.one_request_per_image else "one request per caption type"
+        lines = [
+            f"Estimate for {self.num_rows} rows ({kind}) from {self.sample_rows} sample rows: "
+            f"{self.requests:,.0f} requests, {self.input_tokens:,.0f} input and {self.output_tokens:,.0f} output tokens."
+        ]
+        for mode, values in self.modes.items():
+            wall = values.get("wall_time_s")
+            if wall is None:
+                wall = values.get("wall_time_note", "unknown")
+            else:
+                wall = f"{wall / 3600:.2f} h" if wall >= 3600 else f"{wall:.1f} s"
+            extra = f", {values['batches']} batch(es)" if "batches" in values else ""
+            lines.append(f"  {mode}: cost {values['cost']:.4g}, wall time {wall}{extra}")
+        return "\n".join(lines)
+
+
+def stratified_sample(dataset: datasets.Dataset, label_column: str, num_rows: int, seed: int = 0) -> list[int]:
+    """Row indices of a sample with the classes as evenly represented as `num_rows` allows (round robin over
+    the classes, each class's rows shuffled with `seed`), sorted."""
+    rng = np.random.default_rng(seed)
+    by_label: dict = {}
+    for index, label in enumerate(dataset[label_column]):
+        by_label.setdefault(label, []).append(index)
+    queues = [list(rng.permutation(rows)) for _, rows in sorted(by_label.items(), key=lambda item: str(item[0]))]
+    chosen = []
+    while len(chosen) < min(num_rows, len(dataset)):
+        for queue in queues:
+            if queue and len(chosen) < num_rows:
+                chosen.append(int(queue.pop()))
+    return sorted(chosen)
+
+
+def caption_keys(
+    dataset: datasets.Dataset,
+    captioner,
+    *,
+    domain: str,
+    caption_types: Sequence[str] = CAPTION_TYPES,
+    captions_per_type: int = 1,
+    image_column: str = "image",
+    label_column: str = "label",
+    class_names: Sequence[str] | None = None,
+    prompt_template: str = PROMPT_TEMPLATE,
+    words: int = DEFAULT_WORDS,
+) -> list[list[str | None]]:
+    """The cache key of every caption `caption_dataset` would make with these settings, per row (type-major);
+    `None` for a row without an image."""
+    from .caption import _image_bytes, resolve_class_names
+
+    types = validate_caption_types(caption_types)
+    names = resolve_class_names(dataset, label_column, class_names)
+    identity = identity_json(captioner.cache_identity())
+    slots = [(kind, copy) for kind in types for copy in range(captions_per_type)]
+    raw = dataset.select_columns([image_column, label_column]).cast_column(image_column, datasets.Image(decode=False))
+    keys = []
+    for row, item in enumerate(raw):
+        data = _image_bytes(item[image_column], row, image_column)
+        label = item[label_column]
+        name = normalize_class_name(str(label) if names is None else names[label])
+        digest = hashlib.sha256(data).hexdigest() if data else None
+        keys.append(
+            [
+                caption_key(digest, build_prompt(name, domain, kind, words, prompt_template), identity, copy)
+                if digest
+                else None
+                for kind, copy in slots
+            ]
+        )
+    return keys
+
+
+def estimate_captioning_cost(
+    dataset: datasets.Dataset,
+    captioner,
+    *,
+    domain: str,
+    sample_rows: int = 20,
+    price_per_million_input_tokens: float = 0.0,
+    price_per_million_output_tokens: float = 0.0,
+    batch_discount: float = 0.5,
+    one_request_per_image: bool = False,
+    label_column: str = "label",
+    seed: int = 0,
+    show_progress: bool = False,
+    **caption_kwargs,
+) -> CostEstimate:
+    """Captions a small stratified sample and extrapolates requests, tokens, cost and wall time to the dataset.
+
+    The sample goes through `caption_dataset` (so through the cache: it is paid once, and reused by the full
+    run). A batch captioner's sample is sent synchronously, to answer now; its captions are the same. Tokens are
+    the usage the server reported, read back from the cache, so an estimate repeated later costs nothing.
+
+    Args:
+        dataset (`datasets.Dataset`): the split to caption.
+        captioner (`Captioner`): the captioner of the full run.
+        domain (`str`): the prompt's domain word.
+        sample_rows (`int`, defaults to 20): rows to caption, spread evenly over the classes.
+        price_per_million_input_tokens (`float`, defaults to 0.0): the provider's synchronous input price.
+        price_per_million_output_tokens (`float`, defaults to 0.0): the provider's synchronous output price.
+        batch_discount (`float`, defaults to 0.5): the fraction of the price the Batch API takes off.
+        one_request_per_image (`bool`, defaults to `False`): estimate the joint-request mode.
+        label_column (`str`, defaults to `"label"`): the label column (the strata).
+        seed (`int`, defaults to 0): seeds the sample.
+        show_progress (`bool`, defaults to `False`): show the sample's progress bar.
+        **caption_kwargs: the other `caption_dataset` arguments of the full run (`caption_types`, `cache_dir`, ...).
+
+    Returns:
+        `CostEstimate`: the extrapolation; `str()` gives a short table.
+    """
+    import copy
+
+    from .caption import caption_dataset
+    from .ledger import SubmissionLedger
+
+    if not 0 <= batch_discount < 1:
+        raise ValueError(f"batch_discount must be in [0, 1), got {batch_discount}.")
+    if not isinstance(sample_rows, int) or sample_rows < 1:
+        raise ValueError(f"sample_rows must be a positive integer, got {sample_rows!r}.")
+    sample = dataset.select(stratified_sample(dataset, label_column, sample_rows, seed))
+    sample_captioner = captioner
+    if getattr(captioner, "submits_batches", False):
+        sample_captioner = copy.copy(captioner)
+        sample_captioner.submits_batches = False  # its `caption` is synchronous: the sample answers now
+    result = caption_dataset(
+        sample,
+        sample_captioner,
+        domain=domain,
+        label_column=label_column,
+        one_request_per_image=one_request_per_image,
+        show_progress=show_progress,
+        **caption_kwargs,
+    )
+    key_settings = {
+        name: caption_kwargs[name]
+        for name in ("caption_types", "captions_per_type", "image_column", "class_names", "prompt_template", "words")
+        if name in caption_kwargs
+    }
+    keys = caption_keys(sample, captioner, domain=domain, label_column=label_column, **key_settings)
+    requests = input_tokens = output_tokens = 0
+    cache = CaptionCache(result.caption_summary.cache_path)
+    try:
+        with SubmissionLedger(cache) as ledger:
+            usages = ledger.usages(key for row in keys for key in row if key)
+    finally:
+        cache.close()
+    per_type = key_settings.get("captions_per_type", 1)
+    for row_keys in keys:
+        joint_requests = set()
+        for index, key in enumerate(row_keys):
+            if key not in usages:
+                continue  # a failed caption: its tokens are not known
+            usage, origin = usages[key]
+            if origin is not None:  # the captions of one joint request (one copy) share its usage: count it once
+                request = (origin["prompt"], index % per_type)
+                if request in joint_requests:
+                    continue
+                joint_requests.add(request)
+                usage = origin.get("usage") or {}
+            requests += 1
+            input_tokens += usage.get("prompt_tokens", 0)
+            output_tokens += usage.get("completion_tokens", 0)
+    scale = len(dataset) / len(sample)
+    requests, input_tokens, output_tokens = requests * scale, input_tokens * scale, output_tokens * scale
+    cost = (input_tokens * price_per_million_input_tokens + output_tokens * price_per_million_output_tokens) / 1e6
+    summary = result.caption_summary
+    wall = summary.elapsed_s / summary.requests * requests if summary.requests else None
+    per_batch = getattr(captioner, "max_requests_per_batch", 50_000)
+    modes = {
+        "synchronous": {"cost": cost, "wall_time_s": wall},
+        "batch": {
+            "cost": cost * (1 - batch_discount),
+            "wall_time_s": None,
+            "wall_time_note": f"within the completion window ({getattr(captioner, 'completion_window', '24h')})",
+            "batches": max(1, math.ceil(requests / per_batch)),
+        },
+    }
+    if wall is None:
+        modes["synchronous"]["wall_time_note"] = "unknown (the sample was cached)"
+    return CostEstimate(
+        len(dataset),
+        len(sample),
+        summary.requests,
+        one_request_per_image,
+        requests,
+        input_tokens,
+        output_tokens,
+        modes,
+    )
