@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -254,6 +255,42 @@ class CaptionCache:
 
     def close(self):
         self._connection.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ClaimKeeper:
+    """Renews the leases of `owner` from a background thread while a run works; releases them all on `close`.
+
+    The thread has its own SQLite connection and renews every `ttl_s / 3` seconds, so a lease lapses only when its
+    process stops (or hangs for `ttl_s`). Use it as a context manager or call `close()`.
+
+    Args:
+        path (`str`): the cache (as for `CaptionCache`).
+        owner (`str`): the claim owner (`new_claim_owner()`).
+        ttl_s (`float`): the lease length in seconds.
+    """
+
+    def __init__(self, path: str, owner: str, ttl_s: float):
+        self.path, self.owner, self.ttl_s = path, owner, ttl_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name="caption-claims", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        with CaptionCache(self.path) as cache:  # a connection belongs to the thread that made it
+            while not self._stop.wait(self.ttl_s / 3):
+                cache.renew(self.owner, self.ttl_s)
+            cache.release(self.owner)
+
+    def close(self) -> None:
+        """Stops renewing and releases every lease of `owner` (captions not stored by then are free again)."""
+        self._stop.set()
+        self._thread.join()
 
     def __enter__(self):
         return self

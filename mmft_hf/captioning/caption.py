@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 
 from ..images import IMAGE_DECODE_ERRORS, load_image
 from ..version import __version__
-from .cache import CaptionCache, caption_key, default_cache_dir, identity_json
-from .captioners.base import CaptionRequest
+from .cache import CaptionCache, ClaimKeeper, caption_key, default_cache_dir, identity_json, new_claim_owner
+from .captioners.base import CaptionerUnavailableError, CaptionRequest
 from .prompts import (
     CAPTION_TYPES,
     DEFAULT_WORDS,
@@ -46,6 +46,10 @@ IMAGE_KEY = "sha256 of the image bytes as encoded in the dataset"
 CAPTION_ORDER = "type-major: all captions of caption_types[0], then caption_types[1], ..."
 # Provenance entries that differ between parts of one job (shards, splits) without the captions differing.
 _VOLATILE_KEYS = ("shard", "counts", "mmft_hf_version")
+# A run claims each caption in the cache before requesting it; its leases last this long unless renewed (they are
+# renewed every third of it while the run lives), and a run waiting for another's captions looks this often.
+CLAIM_TTL_S = 60.0
+CLAIM_POLL_S = 0.5
 
 
 @dataclass
@@ -77,6 +81,8 @@ class CaptioningSummary:
         captions_expected (`int`): `num_rows × len(caption_types) × captions_per_type`.
         captions_done (`int`): captions in the result.
         cache_hits (`int`): captions found in the cache before any request.
+        from_other_runs (`int`): captions another run sharing the cache was requesting (it had claimed them), read
+            from the cache once stored instead of being paid for twice.
         requests (`int`): requests handed to the captioner, over all passes.
         retries (`int`): extra attempts the backend reported (`CaptionResult.retries`).
         passes (`int`): passes over missing captions that made requests.
@@ -92,6 +98,7 @@ class CaptioningSummary:
     captions_expected: int = 0
     captions_done: int = 0
     cache_hits: int = 0
+    from_other_runs: int = 0
     requests: int = 0
     retries: int = 0
     passes: int = 0
@@ -108,7 +115,9 @@ class CaptioningSummary:
     def __str__(self) -> str:
         text = (
             f"Captioned {self.num_rows} rows: {self.captions_done}/{self.captions_expected} captions "
-            f"({self.cache_hits} from cache, {self.requests} requests in {self.passes} pass(es), "
+            f"({self.cache_hits} from cache, "
+            + (f"{self.from_other_runs} from another run, " if self.from_other_runs else "")
+            + f"{self.requests} requests in {self.passes} pass(es), "
             f"{self.retries} backend retries, {len(self.failures)} failed) in {self.elapsed_s:.1f} s; "
             f"tokens {self.usage or {}}; cache {self.cache_path}."
         )
@@ -133,6 +142,19 @@ class CaptioningError(RuntimeError):
             f"in {summary.cache_path}; rerun to request only the missing ones, or pass strict=False to keep the rows "
             "with the captions they have."
         )
+
+
+class CaptioningInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `caption_dataset`: a `KeyboardInterrupt` whose message says what is cached and how to resume."""
+
+
+def _resume_note(texts: list[list[str | None]], cache_path: str) -> str:
+    done = sum(text is not None for row in texts for text in row)
+    expected = sum(len(row) for row in texts)
+    return (
+        f"{done} of {expected} captions are cached in {cache_path}; run the same command again to resume (only the "
+        "missing captions are requested)."
+    )
 
 
 def shard_bounds(num_rows: int, num_shards: int, shard_index: int) -> tuple[int, int]:
@@ -393,6 +415,10 @@ def caption_dataset(
     summary = CaptioningSummary(num_rows=len(part), captions_expected=len(part) * len(slots))
     cache = CaptionCache(cache_dir if cache_dir is not None else default_cache_dir())
     summary.cache_path = cache.path
+    # Two runs sharing the cache never pay twice: each claims a caption before requesting it (see cache.py).
+    claim_owner = new_claim_owner()
+    claim_keeper = ClaimKeeper(cache.path, claim_owner, CLAIM_TTL_S)
+    texts: list[list[str | None]] = []
     try:
         keys = [
             [caption_key(digest, prompts[row][s], identity_text, slots[s][1]) for s in range(len(slots))]
@@ -430,6 +456,31 @@ def caption_dataset(
         complete_rows = missing_per_row.count(0)
         unreadable: dict[int, str] = {}  # rows whose image cannot be decoded: reported, never sent, not retried
         rng = random.Random(seed)
+
+        def claim(items: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+            """Splits `items` into those to request now (claimed here) and those another run (or an earlier item
+            with the same key) is making; captions stored meanwhile are read from the cache."""
+            nonlocal complete_rows
+            granted = cache.claim({keys[row][s] for row, s in items}, claim_owner, CLAIM_TTL_S)
+            mine, others = [], []
+            for row, s in items:
+                key = keys[row][s]
+                (mine if key in granted else others).append((row, s))
+                granted.discard(key)  # an equal key later in `items` waits for this one
+            stored = cache.get_many(keys[row][s] for row, s in others)
+            waiting = []
+            for row, s in others:
+                if keys[row][s] not in stored:
+                    waiting.append((row, s))
+                    continue
+                texts[row][s] = stored[keys[row][s]]
+                reasons.pop((row, s), None)
+                missing_per_row[row] -= 1
+                complete_rows += missing_per_row[row] == 0
+                summary.from_other_runs += 1
+                bar.update(1)
+            return mine, waiting
+
         with tqdm(total=len(pending), unit="req", desc="Captioning", disable=not show_progress or not pending) as bar:
             for pass_index in range(sync_passes):
                 if not pending:
@@ -439,8 +490,15 @@ def caption_dataset(
                 if pass_index:
                     bar.total += len(pending)
                     bar.refresh()
-                for chunk_start in range(0, len(pending), chunk_size):
-                    chunk = pending[chunk_start : chunk_start + chunk_size]
+                queue, waiting = list(pending), []  # waiting: captions claimed by another run
+                while queue or waiting:
+                    if not queue:  # only captions others are making are left: look again in a moment
+                        bar.set_postfix(waiting_for_another_run=len(waiting))
+                        time.sleep(CLAIM_POLL_S)
+                        queue, waiting = waiting, []
+                    chunk, queue = queue[:chunk_size], queue[chunk_size:]
+                    chunk, claimed_elsewhere = claim(chunk)
+                    waiting += claimed_elsewhere
                     images = {}
                     for row, _ in chunk:
                         if row in images or row in unreadable:
@@ -492,12 +550,18 @@ def caption_dataset(
                         else:
                             reasons[(row, s)] = result.error or "the captioner returned an empty caption"
                             failed_this_pass += 1
+                            cache.release(claim_owner, [keys[row][s]])  # free for another run to try
                         bar.update(1)
                         bar.set_postfix(images=f"{complete_rows}/{len(part)}", failed=failed_this_pass, refresh=False)
                     for index in set(range(len(chunk))) - answered:
                         reasons[chunk[index]] = "the captioner returned no result for this request"
                 pending = [(row, s) for row, s in pending if texts[row][s] is None and row not in unreadable]
+    except CaptionerUnavailableError as error:  # the backend cannot answer at all: stop, saying how to resume
+        raise type(error)(f"{error}\n{_resume_note(texts, cache.path)}") from None
+    except KeyboardInterrupt:
+        raise CaptioningInterrupted(f"Interrupted. {_resume_note(texts, cache.path)}") from None
     finally:
+        claim_keeper.close()
         cache.close()
 
     summary.failures = [
@@ -513,7 +577,7 @@ def caption_dataset(
     summary.elapsed_s = time.monotonic() - started
     if summary.failures:
         logger.warning("%d caption(s) missing:\n%s", len(summary.failures), "\n".join(map(str, summary.failures[:20])))
-    logger.info("%s", summary)
+    logger.debug("%s", summary)  # callers print it (the CLI does), or read result.caption_summary
     if strict and summary.failures:
         raise CaptioningError(summary.failures, summary)
 

@@ -108,6 +108,10 @@ def validate_caption_types(caption_types) -> tuple[str, ...]:
     for kind in types:
         if not isinstance(kind, str) or not kind.strip() or "{" in kind or "}" in kind:
             raise ValueError(f"Invalid caption type {kind!r}: use a characteristic word such as 'shape'.")
+        if "," in kind:
+            raise ValueError(
+                f"Invalid caption type {kind!r}: give each characteristic separately, e.g. ('shape', 'texture')."
+            )
     if len(set(types)) != len(types):
         raise ValueError(f"caption_types has duplicates: {types}.")
     return types

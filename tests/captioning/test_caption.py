@@ -1,4 +1,5 @@
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -14,6 +15,7 @@ from PIL import Image
 from mmft_hf.captioning.cache import CACHE_FILENAME
 from mmft_hf.captioning.caption import (
     CaptioningError,
+    CaptioningInterrupted,
     caption_dataset,
     caption_provenance,
     merge_caption_shards,
@@ -351,30 +353,28 @@ def _count_cached(path):
         return 0
 
 
+def _save_worker_dataset(path, rows=8):
+    """Saves `rows` small distinct images of two classes ("a_b", "c") for tests/scripts/caption_worker.py."""
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a_b", "c"])})
+    images = [Image.new("RGB", (16 + i, 16), (30 * i % 256, 10, 200 - 20 * i % 200)) for i in range(rows)]
+    labels = [i % 2 for i in range(rows)]
+    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).save_to_disk(str(path))
+
+
+def _start_worker(*args):
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(root / "tests/scripts/caption_worker.py"), *map(str, args)]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
 def test_sigkill_mid_run_then_resume_loses_nothing(tmp_path):
     from mmft_hf.captioning.captioners.openai_compatible import OpenAICompatibleCaptioner
 
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a_b", "c"])})
-    images = [Image.new("RGB", (16 + i, 16), (30 * i, 10, 200 - 20 * i)) for i in range(8)]
-    datasets.Dataset.from_dict({"image": images, "label": [i % 2 for i in range(8)]}, features=features).save_to_disk(
-        str(tmp_path / "ds")
-    )
+    _save_worker_dataset(tmp_path / "ds")
     server = start_fake_api(delay=0.25)
     cache_file = tmp_path / "cache" / CACHE_FILENAME
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            str(root / "tests/scripts/caption_worker.py"),
-            str(tmp_path / "ds"),
-            str(tmp_path / "cache"),
-            server.base_url,
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    worker = _start_worker(tmp_path / "ds", tmp_path / "cache", server.base_url)
     try:
         deadline = time.monotonic() + 120
         while _count_cached(cache_file) < 5:
@@ -409,8 +409,9 @@ def test_sigkill_mid_run_then_resume_loses_nothing(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
-    # no stored caption was requested again: the resume asks exactly for the captions missing from the cache,
-    # and the total is every caption once plus the requests that were in flight (or unstored) at the kill
+    # no stored caption was requested again: the resume asks exactly for the captions missing from the cache (the
+    # killed run's claims on the others ended with its process), and the total is every caption once plus the
+    # requests that were in flight (or unstored) at the kill
     assert second_run_requests == 24 - stored == result.caption_summary.requests
     assert len(server.requests) == 24 + (first_run_requests - stored)
     assert result.caption_summary.cache_hits == stored and result.caption_summary.failures == []
@@ -489,7 +490,7 @@ def test_unreadable_image_is_a_reported_failure_and_the_rest_is_captioned(labell
 def test_cache_claims_are_exclusive_leases(tmp_path):
     import socket
 
-    from mmft_hf.captioning.cache import CaptionCache, new_claim_owner
+    from mmft_hf.captioning.cache import CaptionCache, ClaimKeeper, new_claim_owner
 
     first, second = CaptionCache(str(tmp_path)), CaptionCache(str(tmp_path))  # two connections, as two runs
     me, other = new_claim_owner(), new_claim_owner()
@@ -522,6 +523,13 @@ def test_cache_claims_are_exclusive_leases(tmp_path):
     # ... while one of another machine keeps them until they expire (its process id means nothing here)
     assert first.claim(["i"], f"not-{host}:{dead.pid}:x", ttl_s=600) == {"i"}
     assert second.claim(["i"], other, ttl_s=60) == set()
+
+    # a live run's keeper renews its leases past their ttl, and releases them when the run ends
+    with ClaimKeeper(str(tmp_path), "keeper:1:x", ttl_s=0.3):
+        assert first.claim(["j"], "keeper:1:x", ttl_s=0.3) == {"j"}
+        time.sleep(0.6)
+        assert second.claim(["j"], other, ttl_s=60) == set()
+    assert second.claim(["j"], other, ttl_s=60) == {"j"}
     first.close()
     second.close()
 
@@ -534,3 +542,126 @@ def test_corrupt_cache_file_names_its_path_and_the_fix(tmp_path):
     with pytest.raises(sqlite3.DatabaseError) as info:
         CaptionCache(str(tmp_path), timeout=0.1)
     assert str(path) in str(info.value) and f"mv '{path}' '{path}.broken'" in str(info.value)
+
+
+def _count_claims(path):
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
+            return db.execute("SELECT COUNT(*) FROM claims").fetchone()[0]
+    except sqlite3.OperationalError:  # no file or table yet
+        return 0
+
+
+def test_two_runs_sharing_a_cache_pay_for_each_caption_once(tmp_path):
+    """A worker process and this test process caption the same data into one cache at once: every caption is
+    requested once, and both end with the complete dataset."""
+    from mmft_hf.captioning.captioners.openai_compatible import OpenAICompatibleCaptioner
+
+    _save_worker_dataset(tmp_path / "ds")
+    server = start_fake_api(delay=0.3)  # 24 captions, 2 at a time: ~3.6 s of requests for one run
+    worker = _start_worker(tmp_path / "ds", tmp_path / "cache", server.base_url, "--output", tmp_path / "out")
+    try:
+        deadline = time.monotonic() + 120
+        while not _count_claims(tmp_path / "cache" / CACHE_FILENAME):  # the worker is requesting captions
+            assert worker.poll() is None, worker.stdout.read().decode()
+            assert time.monotonic() < deadline, "the worker made no progress"
+            time.sleep(0.02)
+        captioner = OpenAICompatibleCaptioner(
+            model="fake-mllm", base_url=server.base_url, api_key_env=None, max_concurrency=2, max_retries=0
+        )
+        here = caption_dataset(
+            datasets.load_from_disk(str(tmp_path / "ds")),
+            captioner,
+            domain="textures",
+            cache_dir=tmp_path / "cache",
+            show_progress=False,
+        )
+        output = worker.communicate(timeout=120)[0].decode()
+        assert worker.returncode == 0, output
+        total = wait_until_quiet(server, quiet=0.3)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        server.shutdown()
+        server.server_close()
+    assert total == 24  # 8 images x 3 caption types, each paid once
+    summary = here.caption_summary
+    worker_requests = int(re.search(r"(\d+) requests in", output).group(1))
+    assert worker_requests + summary.requests == 24
+    assert summary.from_other_runs > 0  # it waited for captions the worker had claimed, then read them
+    assert summary.cache_hits + summary.from_other_runs + summary.requests == 24 and summary.failures == []
+    names = ["a b", "c"]
+    for result in (here, datasets.load_from_disk(str(tmp_path / "out"))):
+        for row in range(8):
+            assert result[row]["captions"] == [build_prompt(names[row % 2], "textures", kind) for kind in TYPES]
+
+
+def test_unreachable_server_raises_with_how_to_resume(labelled, tmp_path):
+    import socket
+
+    from mmft_hf.captioning.captioners import CaptionerConnectionError, OpenAICompatibleCaptioner
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        base_url = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+    captioner = OpenAICompatibleCaptioner("fake-mllm", base_url=base_url, api_key_env=None, max_retries=0)
+    with pytest.raises(CaptionerConnectionError) as info:  # raised, never a dataset of empty caption lists
+        caption_dataset(labelled, captioner, domain="textures", cache_dir=tmp_path, show_progress=False)
+    message = str(info.value)
+    assert f"Cannot connect to {base_url}" in message
+    assert f"0 of 36 captions are cached in {tmp_path / CACHE_FILENAME}" in message
+    assert "run the same command again to resume" in message
+
+
+def test_server_that_stops_answering_trips_the_breaker_and_the_rerun_resumes(labelled, tmp_path):
+    from mmft_hf.captioning.captioners import CaptionerConnectionError, OpenAICompatibleCaptioner
+
+    stall = (200, {"X-Delay": "1.0"})
+    server = start_fake_api(plan=[(200, {})] * 5 + [stall] * 3)
+    try:
+        captioner = OpenAICompatibleCaptioner(
+            "fake-mllm", base_url=server.base_url, api_key_env=None, max_retries=0, timeout=0.3, max_concurrency=1
+        )
+        with pytest.raises(CaptionerConnectionError, match="3 consecutive requests") as info:
+            caption_dataset(labelled, captioner, domain="textures", cache_dir=tmp_path, show_progress=False)
+        assert "5 of 36 captions are cached" in str(info.value)
+        assert wait_until_quiet(server, quiet=0.3) == 8  # stopped after the third failure in a row
+        healthy = OpenAICompatibleCaptioner("fake-mllm", base_url=server.base_url, api_key_env=None)
+        result = caption_dataset(labelled, healthy, domain="textures", cache_dir=tmp_path, show_progress=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (result.caption_summary.cache_hits, result.caption_summary.requests) == (5, 31)
+
+
+def test_caption_types_with_commas_are_rejected_before_any_request(labelled, tmp_path):
+    fake = FakeCaptioner()
+    for bad, message in (
+        (["shape,texture"], "give each characteristic separately"),
+        (["shape", ""], "Invalid caption type ''"),
+        (["shape", "shape"], "duplicates"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            caption_dataset(labelled, fake, domain="textures", caption_types=bad, cache_dir=tmp_path)
+    assert fake.requests == []
+
+
+def test_ctrl_c_says_what_is_cached_and_how_to_resume(labelled, tmp_path):
+    class InterruptedAfter(FakeCaptioner):
+        def caption(self, requests):
+            for number, item in enumerate(super().caption(requests)):
+                if number == 5:
+                    raise KeyboardInterrupt
+                yield item
+
+    with pytest.raises(KeyboardInterrupt) as info:  # still a KeyboardInterrupt, for notebooks and scripts
+        caption_dataset(labelled, InterruptedAfter(), domain="textures", cache_dir=tmp_path, show_progress=False)
+    assert isinstance(info.value, CaptioningInterrupted)
+    assert str(info.value) == (
+        f"Interrupted. 5 of 36 captions are cached in {tmp_path / CACHE_FILENAME}; run the same command again to "
+        "resume (only the missing captions are requested)."
+    )
+    resumed = FakeCaptioner()
+    caption_dataset(labelled, resumed, domain="textures", cache_dir=tmp_path, show_progress=False)
+    assert len(resumed.requests) == 31

@@ -1,9 +1,10 @@
-"""Captions a dataset saved with `save_to_disk` through the OpenAI-compatible captioner (run by the kill test).
+"""Captions a dataset saved with `save_to_disk` through the OpenAI-compatible captioner (run by the kill and the
+two-run tests).
 
-Usage: caption_worker.py DATASET_DIR CACHE_DIR BASE_URL [NUM_SHARDS SHARD_INDEX]
+Usage: caption_worker.py DATASET_DIR CACHE_DIR BASE_URL [--num_shards N --shard_index I] [--output DIR]
 """
 
-import sys
+import argparse
 
 import datasets
 
@@ -12,20 +13,33 @@ from mmft_hf.captioning.captioners.openai_compatible import OpenAICompatibleCapt
 
 
 def main():
-    dataset_dir, cache_dir, base_url = sys.argv[1:4]
-    num_shards, shard_index = (int(sys.argv[4]), int(sys.argv[5])) if len(sys.argv) > 5 else (1, 0)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("dataset_dir")
+    parser.add_argument("cache_dir")
+    parser.add_argument("base_url")
+    parser.add_argument("--num_shards", type=int, default=1)
+    parser.add_argument("--shard_index", type=int, default=0)
+    parser.add_argument("--max_concurrency", type=int, default=2)
+    parser.add_argument("--output", help="save the captioned dataset here (save_to_disk)")
+    args = parser.parse_args()
     captioner = OpenAICompatibleCaptioner(
-        model="fake-mllm", base_url=base_url, api_key_env=None, max_concurrency=2, max_retries=0
+        model="fake-mllm",
+        base_url=args.base_url,
+        api_key_env=None,
+        max_concurrency=args.max_concurrency,
+        max_retries=0,
     )
     result = caption_dataset(
-        datasets.load_from_disk(dataset_dir),
+        datasets.load_from_disk(args.dataset_dir),
         captioner,
         domain="textures",
-        cache_dir=cache_dir,
-        num_shards=num_shards,
-        shard_index=shard_index,
+        cache_dir=args.cache_dir,
+        num_shards=args.num_shards,
+        shard_index=args.shard_index,
         show_progress=False,
     )
+    if args.output:
+        result.save_to_disk(args.output)
     print(result.caption_summary)
 
 
