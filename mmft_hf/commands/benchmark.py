@@ -36,14 +36,18 @@ import torch
 from transformers import AutoModel, AutoProcessor, HfArgumentParser
 
 from mmft_hf.captioning.builder import PRESETS
+from mmft_hf.commands.flags import errors_in_flags, flag_names
 from mmft_hf.commands.launch import log_launch, process_group_teardown
 from mmft_hf.evaluation import (
     METHOD_HELP,
     RESULTS_FILENAME,
     append_result,
+    backbone_settings,
     cell_key,
+    cell_settings,
     check_method_arguments,
-    finished_cells,
+    check_settings,
+    dataset_settings,
     load_benchmark_splits,
     parse_method,
     parse_shots,
@@ -52,6 +56,8 @@ from mmft_hf.evaluation import (
     read_results,
     render_table,
     run_cell,
+    settings_fingerprint,
+    shared_results,
 )
 from mmft_hf.synthetic import DEMO_TRAINING_ARGUMENTS, build_demo_clip, make_synthetic_dataset
 from mmft_hf.training.arguments import MMFTTrainingArguments
@@ -182,9 +188,18 @@ def cell_dir(output_dir: str, cell: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     """Runs the command with `argv` (default: `sys.argv[1:]`); returns the planned, run and skipped cells. Under a
-    launcher the process group is destroyed at the end, whether the run succeeded or not."""
-    with process_group_teardown():
+    launcher the process group is destroyed at the end, whether the run succeeded or not. A `ValueError` names the
+    command's flags (`--learning_rate`), not Python keywords."""
+    with process_group_teardown(), errors_in_flags(flag_names((BenchmarkArguments, MMFTTrainingArguments))):
         return run(sys.argv[1:] if argv is None else argv)
+
+
+def parse_list(text: str, flag: str, convert=str) -> list:
+    """`"a, b"` -> `["a", "b"]` (each through `convert`); an empty list is an error naming `flag`."""
+    items = [convert(item.strip()) for item in text.split(",") if item.strip()]
+    if not items:
+        raise ValueError(f"{flag} {text!r} names nothing; give a comma-separated list (see {flag} in --help).")
+    return items
 
 
 def run(argv: list[str]) -> dict:
@@ -192,14 +207,34 @@ def run(argv: list[str]) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     log_launch(training_args, logger)
     entries = parse_datasets(bench.dataset)
-    methods = [m.strip() for m in bench.methods.split(",") if m.strip()]
+    methods = parse_list(bench.methods, "--methods")
     for method in methods:  # fail before any work on a typo or an unsupported combination
         check_method_arguments(parse_method(method), training_args)
-    seeds = [int(s) for s in bench.seeds.split(",") if s.strip()]
+    seeds = parse_list(bench.seeds, "--seeds", int)
     cells = plan_cells(list(entries), methods, parse_shots(bench.shots), seeds)
     results_path = os.path.join(training_args.output_dir, RESULTS_FILENAME)
-    is_main = training_args.process_index == 0  # sets up the process group `finished_cells` broadcasts over
-    done = finished_cells(results_path)  # read by rank 0 before any rank writes, the same on every rank
+    is_main = training_args.process_index == 0  # sets up the process group `shared_results` broadcasts over
+    stored = shared_results(results_path)  # read by rank 0 before any rank writes, the same on every rank
+    done = {cell_key(record) for record in stored}
+
+    # every cell's settings, before anything runs: a finished cell is reused, and new cells join the file, only
+    # when they were (or will be) trained the same way
+    backbone = backbone_settings(bench.model_name_or_path)
+    loaded = {name: load_raw(name, location, bench) for name, location in entries.items()}
+    facts = {
+        name: dataset_settings(
+            raw,
+            **split_names,
+            validation_fraction=bench.validation_fraction,
+            label_column=training_args.label_column,
+            caption_column=training_args.caption_column,
+        )
+        for name, (raw, split_names) in loaded.items()
+    }
+    for cell in cells:
+        method = parse_method(cell["method"])
+        cell["settings"] = cell_settings(method, training_args, backbone=backbone, dataset=facts[cell["dataset"]])
+    check_settings(stored, cells, results_path)
     pending = [cell for cell in cells if cell_key(cell) not in done]
     if bench.dry_run:
         if is_main:
@@ -210,15 +245,13 @@ def run(argv: list[str]) -> dict:
             print(f"{len(cells)} cells: {len(cells) - len(pending)} done, {len(pending)} to run.")
         return {"cells": cells, "ran": [], "skipped": [c for c in cells if cell_key(c) in done]}
 
-    backbone = bench.model_name_or_path or "tiny-random-clip"
-    loaded: dict[str, tuple] = {}
+    model_loaders = {}
     ran = []
     for cell in pending:
         name = cell["dataset"]
-        if name not in loaded:
-            raw, split_names = load_raw(name, entries[name], bench)
-            loaded[name] = (raw, split_names, model_loader(bench, raw, split_names["train_split"]))
-        raw, split_names, load_model = loaded[name]
+        raw, split_names = loaded[name]
+        if name not in model_loaders:
+            model_loaders[name] = model_loader(bench, raw, split_names["train_split"])
         splits, protocol = load_benchmark_splits(
             raw,
             cell["shots"],
@@ -230,30 +263,29 @@ def run(argv: list[str]) -> dict:
         args = dataclasses.replace(
             training_args, output_dir=cell_dir(training_args.output_dir, cell), seed=cell["seed"]
         )
-        logger.info(f"Cell {cell}: {len(splits['train'])} train / {len(splits['validation'])} validation / "
-                    f"{len(splits['test'])} test rows ({protocol}).")  # fmt: skip
+        logger.info(f"Cell {cell_key(cell)}: {len(splits['train'])} train / {len(splits['validation'])} validation "
+                    f"/ {len(splits['test'])} test rows ({protocol}).")  # fmt: skip
         record = run_cell(
             splits,
             parse_method(cell["method"]),
             args,
-            load_model,
+            model_loaders[name],
             dataset=name,
             shots=cell["shots"],
             seed=cell["seed"],
             protocol=protocol,
-            backbone=backbone,
+            backbone=backbone["backbone"],
             keep_checkpoints=bench.keep_checkpoints,
         )
+        record.update(fingerprint=settings_fingerprint(cell["settings"]), settings=cell["settings"])
         if is_main:
             append_result(results_path, record)
         ran.append(record)
         logger.info(f"Cell done: test accuracy {record['accuracy']:.2%} in {record['wall_time_s']:.1f} s.")
 
     summary = {"cells": cells, "ran": ran, "skipped": [c for c in cells if cell_key(c) in done]}
-    if is_main:
+    if is_main:  # the table and the plot show every cell of the file, not only this run's
         records = read_results(results_path)
-        wanted = {cell_key(cell) for cell in cells}
-        records = [r for r in records if cell_key(r) in wanted]
         table = render_table(records, min_seeds=bench.min_seeds)
         with open(os.path.join(training_args.output_dir, "results.md"), "w", encoding="utf-8") as handle:
             handle.write(table + "\n")

@@ -8,6 +8,14 @@ record = run_cell(splits, parse_method("mmft"), args, load_model, dataset="dtd",
 """
 
 from .ce_baseline import CETrainer, ZeroShotLinearClassifier, build_ce_trainer
+from .fingerprint import (
+    backbone_settings,
+    cell_settings,
+    check_settings,
+    dataset_settings,
+    settings_conflicts,
+    settings_fingerprint,
+)
 from .protocol import (
     BASE_METHODS,
     FULL,
@@ -34,4 +42,6 @@ from .results import (
     plot_results,
     read_results,
     render_table,
+    shared_results,
+    unique_cells,
 )

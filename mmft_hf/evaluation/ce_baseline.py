@@ -130,9 +130,16 @@ def build_ce_trainer(
         `CETrainer`, with the prepared test split as `trainer.test_dataset`.
 
     Raises:
-        `ValueError`: with `args.use_lora`.
+        `ValueError`: with `args.use_lora`, or when `class_names` does not name each class of the training split's
+            label feature exactly once by id (a longer or shorter list would mislabel the head's rows).
     """
     check_ce_arguments(args)
+    label = splits["train"].features.get(args.label_column)
+    if isinstance(label, datasets.ClassLabel) and len(class_names) != label.num_classes:
+        raise ValueError(
+            f"{len(class_names)} class names for the {label.num_classes} classes of the label column "
+            f"{args.label_column!r}; give one name per label id, in label-id order."
+        )
     text_class_names = [normalize_class_name(name) for name in class_names]
     model.eval()
     prototypes = zero_shot_prototypes(model, processor.tokenizer, text_class_names, OPENAI_IMAGENET_TEMPLATES)

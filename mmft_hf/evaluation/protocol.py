@@ -134,7 +134,11 @@ def parse_method(name: str) -> MethodSpec:
 
 
 def parse_shots(text: str) -> list[int | str]:
-    """`"1,2,4,full"` → `[1, 2, 4, "full"]`; each k must be a positive integer."""
+    """The value of `--shots`: `"1,2,4,full"` → `[1, 2, 4, "full"]`.
+
+    Raises:
+        `ValueError`: for a k that is not a positive integer or `full`, or a list naming nothing (`""`).
+    """
     shots: list[int | str] = []
     for item in (part.strip() for part in text.split(",") if part.strip()):
         if item == FULL:
@@ -142,7 +146,10 @@ def parse_shots(text: str) -> list[int | str]:
         elif item.isdigit() and int(item) > 0:
             shots.append(int(item))
         else:
-            raise ValueError(f"Shots {item!r} in {text!r}: use positive integers or 'full', e.g. '1,2,4,8,16,full'.")
+            raise ValueError(f"--shots {text!r}: {item!r} is not a shot count; use positive integers or 'full', "
+                             "e.g. '1,2,4,8,16,full'.")  # fmt: skip
+    if not shots:
+        raise ValueError(f"--shots {text!r} names no shot count; use positive integers or 'full', e.g. '1,2,16,full'.")
     return shots
 
 
@@ -235,6 +242,11 @@ def load_benchmark_splits(
     splits = {"train": train, "validation": validation}
     if test_name is not None:
         splits["test"] = raw[test_name]
+    label_feature = train.features[label_column]
+    if isinstance(label_feature, datasets.ClassLabel):  # evaluated splits follow the training label order, by name
+        for name in ("validation", "test"):
+            if name in splits:
+                splits[name] = align_label_names(splits[name], label_feature.names, label_column, name)
     return datasets.DatasetDict(splits), protocol
 
 
@@ -242,11 +254,6 @@ def select_caption_types(
     dataset: datasets.Dataset,
     keep: Sequence[str],
     caption_column: str = "captions",
-    label_feature = train.features[label_column]
-    if isinstance(label_feature, datasets.ClassLabel):  # evaluated splits follow the training label order, by name
-        for name in ("validation", "test"):
-            if name in splits:
-                splits[name] = align_label_names(splits[name], label_feature.names, label_column, name)
     all_types: Sequence[str] | None = None,
 ) -> datasets.Dataset:
     """Keeps only the captions of the types in `keep` (captions are stored type-major, see `caption_dataset`).

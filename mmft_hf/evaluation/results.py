@@ -40,16 +40,31 @@ def read_results(path: str) -> list[dict]:
     return records
 
 
-def finished_cells(path: str) -> set[tuple]:
-    """The `cell_key`s of the records in the results file `path`, as the main process reads them.
+def shared_results(path: str) -> list[dict]:
+    """The records of the results file `path`, as the main process reads them.
 
-    Under several processes only the main process reads the file and broadcasts the keys, so every process skips
-    the same cells (processes reading a shared file themselves can see different states of it). Call it after the
-    accelerate state is set up (e.g. after reading `TrainingArguments.process_index`) and on every process.
+    Under several processes only the main process reads the file and broadcasts the records, so every process skips
+    the same cells and checks the same settings (processes reading a shared file themselves can see different
+    states of it). Call it after the accelerate state is set up (e.g. after reading
+    `TrainingArguments.process_index`) and on every process.
     """
-    keys = [[cell_key(record) for record in read_results(path)] if PartialState().is_main_process else None]
-    broadcast_object_list(keys, from_process=0)
-    return set(keys[0])
+    records = [read_results(path) if PartialState().is_main_process else None]
+    broadcast_object_list(records, from_process=0)
+    return records[0]
+
+
+def finished_cells(path: str) -> set[tuple]:
+    """The `cell_key`s of the records in the results file `path`, read as `shared_results` does."""
+    return {cell_key(record) for record in shared_results(path)}
+
+
+def unique_cells(records: Iterable[dict]) -> list[dict]:
+    """`records` with one record per cell (the first; a cell appears twice in files concatenated by hand), so that
+    no run is counted twice in the mean over seeds."""
+    kept: dict[tuple, dict] = {}
+    for record in records:
+        kept.setdefault(cell_key(record), record)
+    return list(kept.values())
 
 
 def append_result(path: str, record: dict) -> None:
@@ -72,13 +87,14 @@ def _shots_label(shots) -> str:
 
 
 def aggregate(records: Iterable[dict]) -> dict[tuple, dict]:
-    """Mean and standard error (sample std / √n) of the test accuracy, in %, per (dataset, method, shots).
+    """Mean and standard error (sample std / √n) of the test accuracy, in %, per (dataset, method, shots); a cell
+    recorded twice counts once (`unique_cells`).
 
     Returns:
         `{(dataset, method, shots): {"mean", "se", "n"}}`; `se` is `None` for a single run.
     """
     groups: dict[tuple, list[float]] = {}
-    for record in records:
+    for record in unique_cells(records):
         key = (record["dataset"], record["method"], str(record["shots"]))
         groups.setdefault(key, []).append(100.0 * record["accuracy"])
     stats = {}
