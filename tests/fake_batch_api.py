@@ -87,6 +87,23 @@ def completion(body: dict, json_replies: bool = True, drop_types: tuple = ()) ->
     }
 
 
+def run_engine(requests_path, output_path, fail=(), extra_lines=()):
+    """A simulated offline engine, as `vllm run-batch` does it: one output line per request line (an error line for
+    the custom_ids in `fail`), then `extra_lines` as they are."""
+    with open(requests_path) as source, open(output_path, "w") as sink:
+        for line in source:
+            request = json.loads(line)
+            assert request["method"] == "POST" and request["url"] == "/v1/chat/completions"
+            if request["custom_id"] in fail:
+                response = {"status_code": 400, "body": {"error": {"message": "context length exceeded"}}}
+            else:
+                response = {"status_code": 200, "request_id": "r", "body": completion(request["body"])}
+            record = {"id": "vllm-1", "custom_id": request["custom_id"], "response": response, "error": None}
+            sink.write(json.dumps(record) + "\n")
+        for line in extra_lines:
+            sink.write(line + "\n")
+
+
 class FakeBatchHandler(FakeChatHandler):
     def reply(self, body):
         return fake_reply(body, self.server.json_replies, self.server.drop_types)

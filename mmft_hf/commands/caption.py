@@ -19,21 +19,38 @@ python examples/generate_captions.py --preset gtsrb --captioner openai:Qwen/Qwen
 # two machines: each captions a shard into its own copy of the cache ... or all into one shared cache directory.
 # Then rerun without --num_shards: every caption is a cache hit, and the full dataset is written.
 python examples/generate_captions.py ... --num_shards 2 --shard_index 0 --cache_dir /shared/captions
+
+# at scale (docs/scaling.md): know the bill first, then pay half through the provider's Batch API (a rerun after an
+# interruption polls the same batch), optionally with one request per image for all caption types
+mmft-hf caption --preset dtd --captioner openai-batch:gpt-4o-mini --estimate_only \
+    --price_per_million_input_tokens 0.15 --price_per_million_output_tokens 0.6
+mmft-hf caption --preset dtd --captioner openai-batch:gpt-4o-mini --one_request_per_image --output_dir captioned-dtd
+
+# an offline engine: export the requests, run `vllm run-batch`, import the results, write the dataset
+mmft-hf caption --preset dtd --split train --captioner openai:Qwen/Qwen3-VL-8B-Instruct --export_requests requests.jsonl
+mmft-hf caption --preset dtd --split train --captioner openai:Qwen/Qwen3-VL-8B-Instruct --import_results results.jsonl \
+    --base_url http://localhost:8000/v1 --api_key_env none --output_dir captioned-dtd
 ```
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 
 import datasets
 from transformers import HfArgumentParser
 
 from mmft_hf.captioning.builder import PRESETS, make_captioner, push_captioned
-from mmft_hf.captioning.caption import caption_dataset
-from mmft_hf.captioning.prompts import CAPTION_TYPES, DEFAULT_WORDS, PROMPT_TEMPLATE
+from mmft_hf.captioning.caption import CaptioningError, CaptioningInterrupted, caption_dataset
+from mmft_hf.captioning.captioners.base import CaptionerUnavailableError
+from mmft_hf.captioning.offline import export_caption_requests, import_caption_results
+from mmft_hf.captioning.prompts import CAPTION_TYPES, DEFAULT_WORDS, PROMPT_TEMPLATE, validate_caption_types
+from mmft_hf.captioning.stats import estimate_captioning_cost
+from mmft_hf.commands.flags import errors_in_flags, flag_names
 
 logger = logging.getLogger("generate_captions")
 
@@ -55,7 +72,10 @@ class CaptioningArguments:
         },
     )
     captioner: str = field(
-        default="openai:gemini-2.5-flash-lite", metadata={"help": "openai:MODEL or transformers:MODEL_OR_PATH."}
+        default="openai:gemini-2.5-flash-lite",
+        metadata={
+            "help": "openai:MODEL, openai-batch:MODEL (the provider's Batch API) or transformers:MODEL_OR_PATH."
+        },
     )
     base_url: str | None = field(default=None, metadata={"help": "API root of an OpenAI-compatible server."})
     api_key_env: str = field(
@@ -66,6 +86,33 @@ class CaptioningArguments:
     batch_size: int = field(default=8, metadata={"help": "Images per generate() call (transformers backend)."})
     temperature: float = field(default=0.2, metadata={"help": "Sampling temperature (both backends)."})
     max_tokens: int = field(default=256, metadata={"help": "Caption token limit (both backends)."})
+    # OpenAI-compatible API options (openai: and openai-batch: captioners); unset = the captioner's default
+    timeout: float | None = field(default=None, metadata={"help": "Seconds per HTTP attempt (default 60)."})
+    max_retries: int | None = field(
+        default=None,
+        metadata={"help": "Retries per request for 408/429/5xx, timeouts and connection errors (default 5)."},
+    )
+    max_answer_retries: int | None = field(
+        default=None, metadata={"help": "Times an empty or refused answer is asked again (default 2)."}
+    )
+    max_consecutive_connection_errors: int | None = field(
+        default=None,
+        metadata={"help": "Stop after this many requests in a row get no answer from the server (default 3)."},
+    )
+    extra_body: str | None = field(
+        default=None,
+        metadata={
+            "help": 'JSON merged into every request body, e.g. \'{"reasoning_effort": "none"}\' (Gemini) or '
+            '\'{"chat_template_kwargs": {"enable_thinking": false}}\' (vLLM). Part of the cache identity.'
+        },
+    )
+    image_format: str | None = field(default=None, metadata={"help": "JPEG (default, smaller) or PNG (lossless)."})
+    max_image_side: int | None = field(
+        default=None, metadata={"help": "Downscale images to this longer side (default 768); 0 sends full size."}
+    )
+    cache_tag: str | None = field(
+        default=None, metadata={"help": "Label kept in the cache identity, for deployments sharing a model name."}
+    )
     caption_types: list[str] = field(
         default_factory=lambda: list(CAPTION_TYPES), metadata={"help": "Characteristics."}
     )
@@ -81,6 +128,34 @@ class CaptioningArguments:
     push_to_hub: bool = field(default=False, metadata={"help": "Push the captioned dataset to --hub_repo_id."})
     hub_repo_id: str | None = field(default=None, metadata={"help": "Dataset repo id, e.g. me/captioned-dtd."})
     license: str | None = field(default=None, metadata={"help": "Licence id for the card (must suit the source)."})
+    # captioning at scale (docs/scaling.md)
+    one_request_per_image: bool = field(
+        default=False, metadata={"help": "Ask for every caption type of an image in one JSON request."}
+    )
+    completion_window: str = field(default="24h", metadata={"help": "Batch completion window (openai-batch)."})
+    poll_interval_s: float = field(default=30.0, metadata={"help": "Seconds between batch status checks."})
+    max_requests_per_batch: int = field(default=50_000, metadata={"help": "Requests per batch (openai-batch)."})
+    batch_retry: str = field(
+        default="batch", metadata={"help": "How failed batch requests are retried: 'batch' (a new batch) or 'sync'."}
+    )
+    export_requests: str | None = field(
+        default=None,
+        metadata={
+            "help": "Write the missing captions' requests as Batch API JSONL to this file (one file per split: "
+            "FILE-SPLIT.jsonl when there are several) for an offline engine such as `vllm run-batch`, then stop."
+        },
+    )
+    import_results: list[str] | None = field(
+        default=None,
+        metadata={"help": "Batch API result JSONL file(s) to read into the cache before captioning."},
+    )
+    estimate_only: bool = field(
+        default=False, metadata={"help": "Caption a small sample and print the estimated requests, tokens and cost."}
+    )
+    estimate_sample_rows: int = field(default=20, metadata={"help": "Rows captioned for --estimate_only."})
+    price_per_million_input_tokens: float = field(default=0.0, metadata={"help": "Input price, for the estimate."})
+    price_per_million_output_tokens: float = field(default=0.0, metadata={"help": "Output price, for the estimate."})
+    batch_discount: float = field(default=0.5, metadata={"help": "Fraction of the price a Batch API takes off."})
 
 
 def load_source(args: CaptioningArguments) -> datasets.DatasetDict:
@@ -105,15 +180,83 @@ def read_class_names(path: str) -> list[str]:
     return names
 
 
+API_OPTIONS = (
+    "timeout",
+    "max_retries",
+    "max_answer_retries",
+    "max_consecutive_connection_errors",
+    "extra_body",
+    "image_format",
+    "max_image_side",
+    "cache_tag",
+)
+
+
+def api_options(args: CaptioningArguments) -> dict:
+    """The OpenAI-compatible captioner options given on the command line (the unset ones are left out)."""
+    options = {name: getattr(args, name) for name in API_OPTIONS if getattr(args, name) is not None}
+    if "extra_body" in options:
+        try:
+            options["extra_body"] = json.loads(options["extra_body"])
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--extra_body must be a JSON object: {error} in {args.extra_body!r}.") from None
+        if not isinstance(options["extra_body"], dict):
+            raise ValueError(f"--extra_body must be a JSON object ({{...}}), got {args.extra_body!r}.")
+    if options.get("max_image_side") == 0:
+        options["max_image_side"] = None  # full size
+    return options
+
+
+def parse_caption_types(values: list[str]) -> list[str]:
+    """`--caption_types shape texture` or `--caption_types shape,texture`: the characteristics, checked.
+
+    Raises:
+        `ValueError`: for an empty or repeated characteristic, before anything is requested.
+    """
+    types = []
+    for value in values:
+        for part in value.split(","):
+            if not part.strip():
+                raise ValueError(
+                    f"--caption_types has an empty characteristic in {value!r}: separate characteristics with spaces "
+                    "or commas, e.g. --caption_types shape texture."
+                )
+            types.append(part.strip())
+    if len(set(types)) != len(types):
+        raise ValueError(f"--caption_types names a characteristic twice: {types}.")
+    return list(validate_caption_types(types))
+
+
+def quiet_http_loggers() -> None:
+    """One line per request (`HTTP Request: POST ...`, the SDK's retries) would scroll the progress bar away."""
+    for name in ("httpx", "httpcore", "openai"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def captioner_kwargs(args: CaptioningArguments) -> dict:
     """The backend keyword arguments for `make_captioner(args.captioner, ...)`."""
-    if args.captioner.partition(":")[0] == "openai":
-        return dict(
+    backend = args.captioner.partition(":")[0]
+    if backend in ("openai", "openai-batch"):
+        kwargs = dict(
             base_url=args.base_url,
             api_key_env=None if args.api_key_env.strip().lower() in ("", "none") else args.api_key_env,
             max_concurrency=args.max_concurrency,
             temperature=args.temperature,
             max_tokens=args.max_tokens,
+            **api_options(args),
+        )
+        if backend == "openai-batch":
+            kwargs.update(
+                completion_window=args.completion_window,
+                poll_interval_s=args.poll_interval_s,
+                max_requests_per_batch=args.max_requests_per_batch,
+                retry_failed=args.batch_retry,
+            )
+        return kwargs
+    if api_options(args):
+        given = ", ".join(f"--{name}" for name in api_options(args))
+        raise ValueError(
+            f"{given} apply to API captioners (--captioner openai:MODEL) only, not to {args.captioner!r}."
         )
     return dict(batch_size=args.batch_size, temperature=args.temperature, max_new_tokens=args.max_tokens)
 
@@ -121,6 +264,22 @@ def captioner_kwargs(args: CaptioningArguments) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(CaptioningArguments).parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_http_loggers()
+    names = flag_names((CaptioningArguments,))
+    try:
+        with errors_in_flags(names):
+            return caption_splits(args)
+    except KeyboardInterrupt as error:  # one line, no traceback: what is kept and how to go on
+        message = str(error) if isinstance(error, CaptioningInterrupted) else "Interrupted."
+        print(f"\n{message}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (CaptionerUnavailableError, CaptioningError) as error:  # the message says it all: no traceback
+        raise SystemExit(f"mmft-hf caption: error: {error}") from None
+
+
+def caption_splits(args: CaptioningArguments) -> dict:
+    """Runs the command with parsed arguments; returns the `CaptioningSummary` (or estimate, export) per split."""
+    args.caption_types = parse_caption_types(args.caption_types)
     if args.preset and args.preset not in PRESETS:
         raise ValueError(f"Unknown preset {args.preset!r}; choose from {list(PRESETS)}.")
     preset = PRESETS[args.preset] if args.preset else None
@@ -129,13 +288,16 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError("Give --domain (the prompt's domain word) or --preset.")
     source = load_source(args)
     splits = args.split or (list(preset.splits) if preset and not args.dataset_name else list(source))
+    unknown = [split for split in splits if split not in source]
+    if unknown:
+        raise ValueError(f"--split {' '.join(unknown)}: no such split; the dataset has {', '.join(source)}.")
     class_names = read_class_names(args.class_names) if args.class_names else None
     captioner = make_captioner(args.captioner, **captioner_kwargs(args))
     captioned, summaries = {}, {}
+    for path in args.import_results or ():
+        print(import_caption_results(path, cache_dir=args.cache_dir))
     for split in splits:
-        result = caption_dataset(
-            source[split],
-            captioner,
+        settings = dict(
             domain=domain,
             caption_types=args.caption_types,
             captions_per_type=args.captions_per_type,
@@ -145,13 +307,41 @@ def main(argv: list[str] | None = None) -> dict:
             prompt_template=args.prompt_template,
             words=args.words,
             cache_dir=args.cache_dir,
+            one_request_per_image=args.one_request_per_image,
+        )
+        if args.estimate_only:
+            summaries[split] = estimate_captioning_cost(
+                source[split],
+                captioner,
+                sample_rows=args.estimate_sample_rows,
+                price_per_million_input_tokens=args.price_per_million_input_tokens,
+                price_per_million_output_tokens=args.price_per_million_output_tokens,
+                batch_discount=args.batch_discount,
+                **settings,
+            )
+            print(f"[{split}] {summaries[split]}")
+            continue
+        if args.export_requests:
+            stem, extension = os.path.splitext(args.export_requests)
+            path = args.export_requests if len(splits) == 1 else f"{stem}-{split}{extension or '.jsonl'}"
+            summaries[split] = export_caption_requests(
+                source[split], path, captioner, num_shards=args.num_shards, shard_index=args.shard_index, **settings
+            )
+            print(f"[{split}] {summaries[split]}")
+            continue
+        result = caption_dataset(
+            source[split],
+            captioner,
             num_shards=args.num_shards,
             shard_index=args.shard_index,
             strict=args.strict,
             max_passes=args.max_passes,
+            **settings,
         )
         captioned[split], summaries[split] = result, result.caption_summary
         print(f"[{split}] {result.caption_summary}")
+    if args.estimate_only or args.export_requests:
+        return summaries
     dataset_dict = datasets.DatasetDict(captioned)
     if args.num_shards > 1:
         # a shard is an intermediate result: keep it with save_to_disk; rerun unsharded to publish (cache hits)

@@ -7,7 +7,7 @@ import pytest
 from mmft_hf import caption_dataset
 from mmft_hf.captioning.captioners.openai_compatible import OpenAICompatibleCaptioner
 from mmft_hf.captioning.offline import export_caption_requests, import_caption_results
-from tests.fake_batch_api import completion
+from tests.fake_batch_api import completion, run_engine
 from tests.fake_chat_server import start_fake_api
 
 TYPES = ("visual", "shape", "texture")
@@ -24,22 +24,6 @@ def server():
 @pytest.fixture
 def labelled(image_files_dataset):
     return image_files_dataset.remove_columns("captions")
-
-
-def run_engine(requests_path, output_path, fail=(), extra_lines=()):
-    """What `vllm run-batch` does: one output line per request line (an error line for the custom_ids in `fail`)."""
-    with open(requests_path) as source, open(output_path, "w") as sink:
-        for line in source:
-            request = json.loads(line)
-            assert request["method"] == "POST" and request["url"] == "/v1/chat/completions"
-            if request["custom_id"] in fail:
-                response = {"status_code": 400, "body": {"error": {"message": "context length exceeded"}}}
-            else:
-                response = {"status_code": 200, "request_id": "r", "body": completion(request["body"])}
-            record = {"id": "vllm-1", "custom_id": request["custom_id"], "response": response, "error": None}
-            sink.write(json.dumps(record) + "\n")
-        for line in extra_lines:
-            sink.write(line + "\n")
 
 
 def test_export_engine_import_then_rerun_makes_zero_requests(server, labelled, tmp_path):
