@@ -24,6 +24,7 @@ import datasets
 from transformers import AutoModel, AutoProcessor, HfArgumentParser, set_seed
 
 from mmft_hf import MMFTTrainer, MMFTTrainingArguments
+from mmft_hf.commands.flags import errors_in_flags, flag_names
 from mmft_hf.commands.launch import log_launch, process_group_teardown
 from mmft_hf.evaluation import load_benchmark_splits
 from mmft_hf.synthetic import DEMO_TRAINING_ARGUMENTS, build_demo_clip, make_synthetic_dataset
@@ -123,8 +124,10 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, MMF
 
 def main(argv: list[str] | None = None) -> dict:
     """Runs the command with `argv` (default: `sys.argv[1:]`); returns the before/after metrics. Under a launcher
-    the process group is destroyed at the end, whether the run succeeded or not."""
-    with process_group_teardown():
+    the process group is destroyed at the end, whether the run succeeded or not. A `ValueError` names the
+    command's flags (`--supcon_weight`), not Python keywords."""
+    flags = flag_names((ModelArguments, DataArguments, MMFTTrainingArguments))
+    with process_group_teardown(), errors_in_flags(flags):
         return run(sys.argv[1:] if argv is None else argv)
 
 

@@ -56,6 +56,22 @@ def test_demo_defaults_yield_to_explicit_flags():
     assert not demo and args.learning_rate == 1e-5 and args.num_train_epochs == 50  # the paper's defaults
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--supcon_weight", "1.5"], r"^--supcon_weight must be in \[0, 1\]"),
+        (["--crop_scale_min", "0"], r"^--crop_scale_min must be in \(0, 1\]"),
+        (["--class_template", "a photo"], r"^--class_template must contain"),
+    ],
+)
+def test_errors_name_the_command_line_flags(flags, message, tmp_path):
+    """The library's checks name Python keywords (`supcon_weight`); under the command they name its flags."""
+    finetune = load_finetune_module()
+    with pytest.raises(ValueError, match=message):
+        finetune.main(["--output_dir", str(tmp_path / "out"), *flags])
+    assert not (tmp_path / "out").exists()
+
+
 def test_splits_follow_the_benchmark_protocol_and_the_label_column(tmp_path, synthetic_dataset):
     """Labels in another column and no validation split: the seeded hold-out and the k-shot sample read
     `--label_column`; a split named on the command line must exist."""
