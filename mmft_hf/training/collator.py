@@ -239,12 +239,15 @@ class MMFTDataCollator:
 
     def _row_name(self, row: dict, position: int) -> str:
         if self.index_column is not None and self.index_column in row:
+            if self.index_column.startswith("__"):  # an internal row-index column: its name tells the user nothing
+                return f"Row {row[self.index_column]!r}"
             return f"Row {row[self.index_column]!r} ({self.index_column!r})"
         return f"Row at batch position {position}"
 
     def _missing(self, row: dict, position: int, column: str, argument: str) -> ValueError:
         return ValueError(
-            f"{self._row_name(row, position)} has no column {column!r}; it has {sorted(row)}. Pass the right name "
+            f"{self._row_name(row, position)} has no column {column!r}; it has "
+            f"{sorted(name for name in row if not name.startswith('__'))}. Pass the right name "
             f"with `{argument}=`; with transformers.Trainer also set `remove_unused_columns=False`, or the Trainer "
             "drops the columns the model does not take."
         )
