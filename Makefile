@@ -1,10 +1,13 @@
 # Two set-up commands (see README): `make demo` runs the offline fine-tuning demo, `make test` the suite.
+# `make test-floor` runs the suite again in a fresh venv holding every dependency at the floor of its range.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+FLOOR_VENV ?= .venv-floor
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test test-floor lint format clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,11 +19,23 @@ $(STAMP): setup.cfg pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	OMP_NUM_THREADS=2 $(BIN)/python examples/finetune.py --output_dir outputs/demo
+	OMP_NUM_THREADS=2 $(BIN)/mmft-hf finetune --output_dir outputs/demo
 
 test: $(STAMP)
 	$(BIN)/ruff check mmft_hf tests examples benchmarks
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest tests
+	$(OFFLINE) $(BIN)/python -m pytest tests
+
+# Every dependency pinned (pip -c) to the lower bound of its range in setup.cfg; see constraints/floor.txt.
+test-floor:
+	rm -rf $(FLOOR_VENV)
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/pip install --quiet --upgrade pip
+	$(FLOOR_VENV)/bin/pip install --quiet -c constraints/floor.txt torch
+	$(FLOOR_VENV)/bin/pip install --quiet -c constraints/floor.txt -e ".[test]"
+	$(FLOOR_VENV)/bin/pip check
+	$(FLOOR_VENV)/bin/python -c "import importlib.metadata as m, re; floors = re.findall(r'^([\w.-]+)==', open('constraints/floor.txt').read(), re.M); print('floors:', *(f'{n}=={m.version(n)}' for n in floors))"
+	$(FLOOR_VENV)/bin/ruff check mmft_hf tests examples benchmarks
+	$(OFFLINE) $(FLOOR_VENV)/bin/python -m pytest tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check mmft_hf tests examples benchmarks
@@ -31,4 +46,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix mmft_hf tests examples benchmarks
 
 clean:
-	rm -rf $(VENV) outputs build *.egg-info
+	rm -rf $(VENV) $(FLOOR_VENV) outputs build *.egg-info
