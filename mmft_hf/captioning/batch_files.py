@@ -63,6 +63,8 @@ def parse_output_line(line: str) -> tuple[str, CaptionResult]:
         if isinstance(error, dict):
             error = f"{error.get('code') or 'error'}: {error.get('message') or ''}".strip()
         return custom_id, CaptionResult(text=None, error=f"batch error {error}")
+    if isinstance(response, dict) and "choices" in response and "body" not in response:
+        response = {"status_code": 200, "body": response}  # engines that write the completion itself as response
     if not isinstance(response, dict) or not isinstance(response.get("body"), dict):
         raise ValueError("neither a 'response' with a 'body' nor an 'error'")
     status, body = response.get("status_code"), response["body"]

@@ -200,3 +200,25 @@ def test_sigkill_while_polling_then_rerun_polls_the_same_batch(api, tmp_path):
     assert server.requests == [] and len(server.processed) == 18
     assert result.caption_summary.requests == 18 and result.caption_summary.failures == []
     assert result[0]["captions"] == [build_prompt("a b", "textures", kind) for kind in TYPES]
+
+
+def test_killed_between_creating_and_recording_the_batch_finds_it_again(api, labelled, tmp_path, monkeypatch):
+    from mmft_hf.captioning.ledger import SubmissionLedger
+
+    server = api(hold=True)
+    original = SubmissionLedger.set_remote_id
+
+    def die(self, submission_id, remote_id):
+        raise SystemExit("killed right after batches.create")
+
+    monkeypatch.setattr(SubmissionLedger, "set_remote_id", die)
+    with pytest.raises(SystemExit):
+        caption_dataset(labelled, batch_captioner(server), domain="textures", cache_dir=tmp_path, show_progress=False)
+    assert len(server.created) == 1 and len(server.uploads) == 1  # the file is recorded, the batch id is not
+    monkeypatch.setattr(SubmissionLedger, "set_remote_id", original)
+    server.hold = False
+    result = caption_dataset(
+        labelled, batch_captioner(server), domain="textures", cache_dir=tmp_path, show_progress=False
+    )
+    assert len(server.created) == 1 and len(server.uploads) == 1  # found by its input file: not created again
+    assert result.caption_summary.failures == [] and server.requests == []

@@ -93,3 +93,26 @@ def test_export_rejects_a_captioner_without_a_request_body(labelled, tmp_path):
 
     with pytest.raises(TypeError, match="needs an OpenAICompatibleCaptioner"):
         export_caption_requests(labelled, tmp_path / "r.jsonl", Local(), domain="textures", cache_dir=tmp_path)
+
+
+def test_output_lines_of_every_shape():
+    from mmft_hf.captioning.batch_files import parse_output_line
+
+    body = completion({"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a b c"}]}]})
+    ok = parse_output_line(json.dumps({"custom_id": "k", "response": {"status_code": 200, "body": body}}))
+    assert ok[0] == "k" and ok[1].text == "a b c" and ok[1].usage["completion_tokens"] == 3
+    bare = parse_output_line(json.dumps({"custom_id": "k", "response": body, "error": None}))  # completion as response
+    assert bare[1].text == "a b c"
+    expired = parse_output_line(json.dumps({"custom_id": "k", "error": {"code": "batch_expired", "message": "late"}}))
+    assert expired[1].text is None and expired[1].error == "batch error batch_expired: late"
+    refused = {**body, "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant",
+               "content": None, "refusal": "no"}}]}  # fmt: skip
+    result = parse_output_line(json.dumps({"custom_id": "k", "response": {"status_code": 200, "body": refused}}))[1]
+    assert result.text is None and result.error == "refused: no"
+    for line, message in (
+        ("{", "not valid JSON"),
+        ('{"response": {}}', "no string 'custom_id'"),
+        ('{"custom_id": "k", "response": {"status_code": 200}}', "neither a 'response'"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            parse_output_line(line)

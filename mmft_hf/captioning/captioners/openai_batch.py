@@ -145,10 +145,16 @@ class OpenAIBatchCaptioner(OpenAICompatibleCaptioner):
                     os.remove(path)
                 info = {"base_url": self.base_url, "model": self.model, "requests": len(records)}
                 ledger.record(uploaded.id, BATCH_KIND, records, info)  # recorded before the batch exists
-                tracked.append({"id": uploaded.id, "remote_id": None, "info": info, "custom_ids": set(records)})
+                submission = {"id": uploaded.id, "remote_id": None, "info": info, "custom_ids": set(records)}
+                submission["remote_id"] = self._create_batch(client, uploaded.id, CHAT_COMPLETIONS_URL)
+                ledger.set_remote_id(uploaded.id, submission["remote_id"])
+                tracked.append(submission)
             for submission in tracked:
-                if submission["remote_id"] is None:
-                    submission["remote_id"] = self._create_batch(client, submission["id"], CHAT_COMPLETIONS_URL)
+                if submission["remote_id"] is None:  # an earlier run stopped between upload and batch creation
+                    found = self._find_batch(client, submission["id"])
+                    submission["remote_id"] = found or self._create_batch(
+                        client, submission["id"], CHAT_COMPLETIONS_URL
+                    )
                     ledger.set_remote_id(submission["id"], submission["remote_id"])
             yield from self._wait_and_read(client, tracked, ledger, show_progress)
         finally:
@@ -210,11 +216,18 @@ class OpenAIBatchCaptioner(OpenAICompatibleCaptioner):
                 handle.close()
                 os.remove(path)
 
-    def _create_batch(self, client, input_file_id: str, endpoint: str) -> str:
-        """Creates the batch of an uploaded file, or finds the one an interrupted run created for it."""
-        for batch in client.batches.list(limit=100):
+    @staticmethod
+    def _find_batch(client, input_file_id: str, search: int = 1000) -> str | None:
+        """The batch an interrupted run created for an uploaded file, among the account's newest `search` batches."""
+        for index, batch in enumerate(client.batches.list(limit=100)):
             if batch.input_file_id == input_file_id:
                 return batch.id
+            if index + 1 >= search:
+                break
+        return None
+
+    def _create_batch(self, client, input_file_id: str, endpoint: str) -> str:
+        """Creates the batch of an uploaded file; returns its id."""
         batch = client.batches.create(
             input_file_id=input_file_id,
             endpoint=endpoint,
