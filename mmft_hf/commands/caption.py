@@ -229,7 +229,7 @@ def parse_caption_types(values: list[str]) -> list[str]:
 
 def quiet_http_loggers() -> None:
     """One line per request (`HTTP Request: POST ...`, the SDK's retries) would scroll the progress bar away."""
-    for name in ("httpx", "httpcore", "openai"):
+    for name in ("httpx2", "httpx", "openai"):  # openai 3 sends through httpx2, older versions through httpx
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -291,6 +291,16 @@ def caption_splits(args: CaptioningArguments) -> dict:
     unknown = [split for split in splits if split not in source]
     if unknown:
         raise ValueError(f"--split {' '.join(unknown)}: no such split; the dataset has {', '.join(source)}.")
+    for flag, column in (
+        ("--image_column", args.image_column or (preset.image_column if preset else "image")),
+        ("--label_column", args.label_column or (preset.label_column if preset else "label")),
+    ):
+        for split in splits:
+            if column not in source[split].column_names:
+                raise ValueError(
+                    f"{flag} {column!r}: split {split!r} has no such column; its columns are "
+                    f"{', '.join(source[split].column_names)}."
+                )
     class_names = read_class_names(args.class_names) if args.class_names else None
     captioner = make_captioner(args.captioner, **captioner_kwargs(args))
     captioned, summaries = {}, {}

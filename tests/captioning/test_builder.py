@@ -1,5 +1,12 @@
 import json
+import logging
 import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import datasets
@@ -284,7 +291,17 @@ def generate_captions():
     return caption_command
 
 
-def test_generate_captions_arguments(generate_captions):
+@pytest.fixture(autouse=True)
+def http_log_levels():
+    """The command quiets the HTTP loggers of its process; give other tests theirs back."""
+    names = ("httpx2", "httpx", "openai")
+    levels = {name: logging.getLogger(name).level for name in names}
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def test_generate_captions_arguments(generate_captions, monkeypatch):
     def kwargs(*argv):
         parser = HfArgumentParser(generate_captions.CaptioningArguments)
         return generate_captions.captioner_kwargs(parser.parse_args_into_dataclasses(args=list(argv))[0])
@@ -298,8 +315,136 @@ def test_generate_captions_arguments(generate_captions):
     with pytest.raises(ValueError, match="Unknown preset 'dtdd'; choose from"):
         generate_captions.main(["--preset", "dtdd"])
 
+    # every option of the API captioner has a flag; unset ones keep the captioner's defaults
+    tuned = kwargs(
+        "--timeout", "20", "--max_retries", "1", "--max_answer_retries", "0", "--image_format", "PNG",
+        "--max_image_side", "0", "--extra_body", '{"reasoning_effort": "none"}', "--cache_tag", "q4",
+        "--max_consecutive_connection_errors", "5",
+    )  # fmt: skip
+    assert {key: tuned[key] for key in generate_captions.API_OPTIONS} == {
+        "timeout": 20.0,
+        "max_retries": 1,
+        "max_answer_retries": 0,
+        "image_format": "PNG",
+        "max_image_side": None,  # 0: full size
+        "extra_body": {"reasoning_effort": "none"},
+        "cache_tag": "q4",
+        "max_consecutive_connection_errors": 5,
+    }
+    assert not set(generate_captions.API_OPTIONS) & set(api)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    captioner = make_captioner("openai:m", **tuned)
+    assert (captioner.timeout, captioner.max_image_side, captioner.extra_body) == (
+        20.0,
+        None,
+        {"reasoning_effort": "none"},
+    )
+    with pytest.raises(ValueError, match="--extra_body must be a JSON object"):
+        kwargs("--extra_body", "{reasoning_effort: none}")
+    with pytest.raises(ValueError, match="--extra_body must be a JSON object"):
+        kwargs("--extra_body", "[1]")
+    with pytest.raises(ValueError, match="--timeout, --extra_body apply to API captioners"):
+        kwargs("--captioner", "transformers:x", "--timeout", "5", "--extra_body", "{}")
 
-def test_generate_captions_example_end_to_end(generate_captions, source, tmp_path, monkeypatch):
+
+def test_caption_types_accept_spaces_or_commas():
+    parse = caption_command.parse_caption_types
+    assert parse(["shape", "texture"]) == parse(["shape,texture"]) == parse(["shape, texture"]) == ["shape", "texture"]
+    assert parse(["visual", "shape,texture"]) == ["visual", "shape", "texture"]
+    for bad, message in ((["shape,,texture"], "empty characteristic"), (["shape,"], "empty characteristic")):
+        with pytest.raises(ValueError, match=message):
+            parse(bad)
+    with pytest.raises(ValueError, match="twice"):
+        parse(["shape", "texture,shape"])
+
+
+def free_port():
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_generate_captions_errors_name_flags_and_come_before_any_request(generate_captions, source, tmp_path):
+    source.save_to_disk(str(tmp_path / "src"))
+    source.cast_column("label", datasets.Value("int64")).save_to_disk(str(tmp_path / "ids"))
+    server = start_fake_api()
+    try:
+        argv = ["--dataset_name", str(tmp_path / "src"), "--captioner", "openai:fake-mllm", "--api_key_env", "none"]
+        argv += ["--base_url", server.base_url, "--domain", "textures", "--cache_dir", str(tmp_path / "cache")]
+        with pytest.raises(ValueError, match=r"^--split trian: no such split; the dataset has train, test\.$"):
+            generate_captions.main([*argv, "--split", "trian"])
+        with pytest.raises(ValueError, match="--caption_types has an empty characteristic in 'shape,'"):
+            generate_captions.main([*argv, "--caption_types", "shape,", "texture"])
+        with pytest.raises(
+            ValueError, match="--image_column 'picture': split 'train' has no such column; its columns are"
+        ):
+            generate_captions.main([*argv, "--image_column", "picture"])
+        with pytest.raises(ValueError, match="--class_names") as info:  # integer labels without names
+            generate_captions.main([*argv, "--dataset_name", str(tmp_path / "ids")])
+        assert "class_names=" not in str(info.value)
+        assert server.requests == []
+        # a server that cannot answer: one line naming the cause, a non-zero exit, nothing retried for hours
+        server.plan[:] = [(404, {}, {"error": {"message": "no such model"}})]
+        with pytest.raises(SystemExit) as info:
+            generate_captions.main(argv)
+        assert info.value.code.startswith("mmft-hf caption: error: Model 'fake-mllm' not found (HTTP 404)")
+        assert len(server.requests) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    unreachable = f"http://127.0.0.1:{free_port()}/v1"
+    with pytest.raises(SystemExit) as info:
+        generate_captions.main([*argv, "--base_url", unreachable, "--max_retries", "0"])
+    assert info.value.code.startswith(f"mmft-hf caption: error: Cannot connect to {unreachable}")
+    assert "0 of 24 captions are cached" in info.value.code  # train (8 rows) is the first split: 8 x 3
+
+
+def test_generate_captions_ctrl_c_prints_one_line_then_the_same_command_resumes(source, tmp_path):
+    source.save_to_disk(str(tmp_path / "src"))
+    server = start_fake_api(delay=0.3)
+    argv = ["caption", "--dataset_name", str(tmp_path / "src"), "--split", "train", "--captioner", "openai:fake-mllm"]
+    argv += ["--base_url", server.base_url, "--api_key_env", "none", "--domain", "textures", "--max_concurrency", "1"]
+    argv += ["--caption_types", "shape,texture", "--cache_dir", str(tmp_path / "cache")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = subprocess.Popen(
+        [sys.executable, "-m", "mmft_hf.cli", *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(server.requests) < 3:
+            assert command.poll() is None, command.communicate()
+            assert time.monotonic() < deadline, "the command made no request"
+            time.sleep(0.02)
+        command.send_signal(signal.SIGINT)
+        stdout, stderr = command.communicate(timeout=60)
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.wait()
+    with sqlite3.connect(tmp_path / "cache" / "captions.sqlite") as db:
+        cached = db.execute("SELECT COUNT(*) FROM captions").fetchone()[0]
+    assert command.returncode == 130, stderr
+    assert "Traceback" not in stderr and "HTTP Request:" not in stderr
+    lines = [line for line in stderr.splitlines() if "Interrupted" in line]
+    assert lines == [
+        f"Interrupted. {cached} of 16 captions are cached in {tmp_path / 'cache' / 'captions.sqlite'}; run the same "
+        "command again to resume (only the missing captions are requested)."
+    ]
+    assert 2 <= cached < 16
+    try:
+        summaries = caption_command.main(argv[1:])  # the same command
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert summaries["train"].cache_hits == cached and summaries["train"].requests == 16 - cached
+    assert summaries["train"].failures == []
+
+
+def test_generate_captions_example_end_to_end(generate_captions, source, tmp_path, monkeypatch, caplog, capsys):
     source.save_to_disk(str(tmp_path / "src"))
     names = ["wavy bands", "polka dots", "pinstripes"]
     (tmp_path / "names.txt").write_text("\n".join(names) + "\n\n")
@@ -331,8 +476,13 @@ def test_generate_captions_example_end_to_end(generate_captions, source, tmp_pat
             str(tmp_path / "names.txt"),
         ]
         monkeypatch.setenv("FAKE_KEY", "sk-test")
-        summary = generate_captions.main(argv)
+        with caplog.at_level(logging.INFO):
+            summary = generate_captions.main(argv)
         assert summary["train"].requests == 16 and len(server.requests) == 16
+        # no log line per request, and the summary once (printed; the library no longer logs it as well)
+        assert not [record for record in caplog.records if "HTTP Request" in record.getMessage()]
+        assert not [record for record in caplog.records if "Captioned 8 rows" in record.getMessage()]
+        assert capsys.readouterr().out.count("Captioned 8 rows") == 1
         assert generate_captions.main(argv)["train"].requests == 0 and len(server.requests) == 16
     finally:
         server.shutdown()

@@ -248,8 +248,7 @@ class OpenAICompatibleCaptioner:
 
     # ------------------------------------------------------------------ async core
     async def _caption_all(self, requests: list[CaptionRequest], emit) -> None:
-        import httpx
-        from openai import AsyncOpenAI
+        from openai import AsyncOpenAI, Timeout
 
         semaphore = asyncio.Semaphore(self.max_concurrency)
         # Three prompts per image are the norm: encode each image object once, on a worker thread (PIL work
@@ -268,7 +267,7 @@ class OpenAICompatibleCaptioner:
                 if uses[key] == 0:
                     del encodings[key]
 
-        timeout = httpx.Timeout(self.timeout, connect=min(self.timeout, MAX_CONNECT_TIMEOUT))
+        timeout = Timeout(self.timeout, connect=min(self.timeout, MAX_CONNECT_TIMEOUT))
         async with AsyncOpenAI(
             api_key=self._api_key, base_url=self.base_url, timeout=timeout, max_retries=self.max_retries
         ) as client:
@@ -342,19 +341,22 @@ class OpenAICompatibleCaptioner:
                     model=body["model"], messages=body["messages"], extra_body=fields
                 )
             except (openai.AuthenticationError, openai.PermissionDeniedError) as err:
-                who = (
-                    f"the key in ${self.api_key_env}" if self.api_key_env else "the placeholder key (api_key_env=None)"
-                )
+                if self.api_key_env:
+                    fix = f"the key in ${self.api_key_env}; set {self.api_key_env} to a valid key with access to it"
+                else:
+                    fix = (
+                        "the placeholder key sent when no key variable is given; give the environment variable "
+                        "holding a valid key (api_key_env in Python, --api_key_env in the CLI)"
+                    )
                 raise CaptionerAuthenticationError(
                     f"HTTP {err.status_code} from the API for model {self.model!r}: {_server_message(err)}. "
-                    f"It rejected {who}; set {self.api_key_env or 'api_key_env'} to a valid key with access to "
-                    "this model."
+                    f"It rejected {fix}."
                 ) from None
             except openai.NotFoundError as err:
                 raise CaptionerModelNotFoundError(
                     f"Model {self.model!r} not found (HTTP 404) at {self._api_root(client)}: {_server_message(err)}. "
                     f"Check the model name (GET {self._api_root(client).rstrip('/')}/models lists the served ones) "
-                    "and that base_url is the API root (it usually ends in /v1)."
+                    "and that the base URL is the API root (it usually ends in /v1)."
                 ) from None
             except openai.APIStatusError as err:
                 retries += _retries_of(err.response.request)
