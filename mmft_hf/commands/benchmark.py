@@ -3,21 +3,22 @@
 
 Each (dataset, method, shots, seed) cell trains into `<output_dir>/runs/<dataset>/<method>/<shots>shot-seed<seed>/`,
 selects its best epoch on the validation split, evaluates the test split once and appends one JSON line to
-`<output_dir>/results.jsonl`. A rerun skips every cell already there. At the end `results.md` (mean ± standard
-error over seeds) and `results.png` (accuracy vs shots) are rendered from the whole file.
+`<output_dir>/results.jsonl` with the settings it was trained with. A rerun skips every cell already there, and
+refuses (listing the differences) when its settings differ from the stored cells'. At the end `results.md` (mean ±
+standard error over seeds) and `results.png` (accuracy vs shots) are rendered from the whole file.
 
 Offline demo (synthetic shapes, a small random CLIP; shows the plumbing, not CLIP's accuracy):
 
-    python examples/benchmark.py --dataset synthetic --methods zeroshot,flyp,ce,mmft --shots 1,2,4 --seeds 1,2,3 \\
+    mmft-hf benchmark --dataset synthetic --methods zeroshot,flyp,ce,mmft --shots 1,2,4 --seeds 1,2,3 \\
         --output_dir results/synthetic
 
-Paper setting on a GPU (see docs/evaluation.md):
+Paper setting on GPUs (see docs/evaluation.md; `examples/benchmark.py` is the same command as a script):
 
-    accelerate launch examples/benchmark.py \\
+    accelerate launch -m mmft_hf.cli benchmark \\
         --dataset dtd=captioned-dtd,flowers102=captioned-flowers102,oxford_pets=captioned-oxford_pets \\
         --model_name_or_path openai/clip-vit-base-patch32 \\
         --methods zeroshot,zeroshot_ensemble,flyp,ce,mmft --shots 1,2,4,8,16,full --seeds 1,2,3 \\
-        --fp16 --output_dir results/clip-b32
+        --fp16 true --output_dir results/clip-b32
 
 Every `MMFTTrainingArguments` flag (`--num_train_epochs`, `--learning_rate`, `--per_device_train_batch_size`, ...)
 applies to every trained method; methods fix only what defines them (see `mmft_hf.evaluation.BASE_METHODS`).
@@ -33,10 +34,10 @@ from dataclasses import dataclass, field
 
 import datasets
 import torch
-from transformers import AutoModel, AutoProcessor, HfArgumentParser
+from transformers import AutoModel, AutoProcessor
 
 from mmft_hf.captioning.builder import PRESETS
-from mmft_hf.commands.flags import errors_in_flags, flag_names
+from mmft_hf.commands.flags import command_parser, errors_in_flags, flag_names
 from mmft_hf.commands.launch import log_launch, process_group_teardown
 from mmft_hf.evaluation import (
     METHOD_HELP,
@@ -71,6 +72,8 @@ DEMO_ARGUMENTS = [*DEMO_TRAINING_ARGUMENTS, "--num_train_epochs", "10"]
 
 @dataclass
 class BenchmarkArguments:
+    _argument_group_name = "sweep (datasets, methods, shots, seeds)"  # a heading in --help (`HfArgumentParser`)
+
     dataset: str = field(
         default="synthetic",
         metadata={"help": "Comma-separated datasets, each NAME or NAME=LOCATION. NAME is 'synthetic', a preset ("
@@ -85,13 +88,13 @@ class BenchmarkArguments:
         default=None, metadata={"help": "CLIP-style model; omit for a small random CLIP (demo)."}
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and datasets are kept."})
-    train_split: str | None = field(default=None, metadata={"help": "Training split (default: train)."})
+    train_split: str | None = field(default=None, metadata={"help": "Training split; unset: train."})
     validation_split: str | None = field(
         default=None,
         metadata={"help": "Official validation split; a split named here must exist. Default: 'validation' where "
                   "the dataset has it and it is not the test split, else a seeded --validation_fraction of train."},
     )  # fmt: skip
-    test_split: str | None = field(default=None, metadata={"help": "Test split (default: the preset's, else test)."})
+    test_split: str | None = field(default=None, metadata={"help": "Test split; unset: the preset's, else test."})
     validation_fraction: float = field(default=0.1, metadata={"help": "Held-out share of train without a val split."})
     keep_checkpoints: bool = field(default=False, metadata={"help": "Keep each cell's checkpoint-* directories."})
     dry_run: bool = field(default=False, metadata={"help": "List the cells (done / to run) and exit."})
@@ -102,7 +105,7 @@ class BenchmarkArguments:
 
 
 def parse_arguments(argv: list[str]) -> tuple[BenchmarkArguments, MMFTTrainingArguments]:
-    parser = HfArgumentParser((BenchmarkArguments, MMFTTrainingArguments))
+    parser = command_parser((BenchmarkArguments, MMFTTrainingArguments), __doc__)
     if "--output_dir" not in argv and not any(a.startswith("--output_dir=") for a in argv):
         argv = [*argv, "--output_dir", "benchmark_results"]
     bench, training = parser.parse_args_into_dataclasses(argv)

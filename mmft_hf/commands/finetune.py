@@ -4,12 +4,14 @@
 With no `--model_name_or_path` and no `--dataset_name` it runs an embedded offline demo: a synthetic captioned
 dataset of drawn shapes and a small CLIP built from a config. The demo shows the mechanics, not CLIP's accuracy.
 
-Real run (GPU, any captioned dataset with image / label / captions columns):
+Real run (GPU, any captioned dataset with image / label / captions columns); `mmft-hf finetune ...` for one
+process, `accelerate launch -m mmft_hf.cli finetune ...` (or `accelerate launch examples/finetune.py ...`) for one
+process per GPU:
 
-    accelerate launch examples/finetune.py \\
+    accelerate launch -m mmft_hf.cli finetune \\
         --model_name_or_path openai/clip-vit-base-patch32 \\
         --dataset_name mmft/captioned-dtd --num_shots 16 --seed 1 \\
-        --supcon_weight 0.1 --fp16 --output_dir outputs/dtd-16shot
+        --supcon_weight 0.1 --fp16 true --output_dir outputs/dtd-16shot
 
 All `transformers.TrainingArguments` flags work; MMFT's own are in `MMFTTrainingArguments`.
 """
@@ -21,10 +23,10 @@ import sys
 from dataclasses import dataclass, field
 
 import datasets
-from transformers import AutoModel, AutoProcessor, HfArgumentParser, set_seed
+from transformers import AutoModel, AutoProcessor, set_seed
 
 from mmft_hf import MMFTTrainer, MMFTTrainingArguments
-from mmft_hf.commands.flags import errors_in_flags, flag_names
+from mmft_hf.commands.flags import command_parser, errors_in_flags, flag_names
 from mmft_hf.commands.launch import log_launch, process_group_teardown
 from mmft_hf.evaluation import load_benchmark_splits
 from mmft_hf.synthetic import DEMO_TRAINING_ARGUMENTS, build_demo_clip, make_synthetic_dataset
@@ -39,6 +41,8 @@ DEMO_ARGUMENTS = [*DEMO_TRAINING_ARGUMENTS, "--num_train_epochs", "30"]
 
 @dataclass
 class ModelArguments:
+    _argument_group_name = "model"  # a heading in --help (`HfArgumentParser`)
+
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Hub id or local directory of a CLIP-style model (e.g. openai/clip-vit-base-patch32). "
@@ -49,6 +53,8 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
+    _argument_group_name = "data"
+
     dataset_name: str | None = field(
         default=None, metadata={"help": "Hub id or local directory readable by datasets.load_dataset."}
     )
@@ -112,7 +118,7 @@ def load_model(model_args: ModelArguments, train_dataset: datasets.Dataset):
 
 
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, MMFTTrainingArguments, bool]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, MMFTTrainingArguments))
+    parser = command_parser((ModelArguments, DataArguments, MMFTTrainingArguments), __doc__)
     if len(argv) == 1 and argv[0].endswith(".json"):
         return (*parser.parse_json_file(os.path.abspath(argv[0])), False)
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
