@@ -229,12 +229,23 @@ def free_port():
 def test_unreachable_server_stops_the_run_at_once(monkeypatch):
     monkeypatch.setenv("MMFT_TEST_KEY", SECRET)
     base_url = f"http://127.0.0.1:{free_port()}/v1"
-    captioner = OpenAICompatibleCaptioner("fake-vlm", base_url=base_url, api_key_env="MMFT_TEST_KEY", max_retries=1)
+    captioner = OpenAICompatibleCaptioner("fake-vlm", base_url=base_url, api_key_env="MMFT_TEST_KEY")  # 5 retries
     started = time.monotonic()
     with pytest.raises(CaptionerConnectionError, match=f"Cannot connect to {base_url}") as info:
         list(captioner.caption(make_requests(40)))
-    assert isinstance(info.value, CaptionerUnavailableError) and "after 1 retry" in str(info.value)
-    assert time.monotonic() - started < 10  # one request and its retry, not 40 (the SDK backs off < 1 s)
+    assert isinstance(info.value, CaptionerUnavailableError) and "after 2 retries" in str(info.value)
+    # one request and 2 retries (0.5 + 1 s of backoff), not 40 requests, nor the 15 s of 5 retries
+    assert time.monotonic() - started < 10
+
+
+def test_only_the_first_request_has_fewer_retries(api):
+    server = api(plan=[(503, FAST)] * 3 + [(200, {})] + [(503, FAST)] * 4)
+    captioner = make_captioner(server, max_retries=4, max_concurrency=1)
+    (first,) = [result for _, result in captioner.caption(make_requests(1))]
+    assert first.text is None and first.retries == 2 and len(server.requests) == 3
+    (second,) = [result for _, result in captioner.caption(make_requests(1))]  # answered by the 4th request
+    (third,) = [result for _, result in captioner.caption(make_requests(1))]
+    assert second.text and third.text and third.retries == 4 and len(server.requests) == 9
 
 
 def test_first_request_is_awaited_alone(api):

@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 NO_KEY_PLACEHOLDER = "EMPTY"  # what vLLM/Ollama docs use for servers that check no key
 MAX_CONNECT_TIMEOUT = 10.0  # seconds to open a connection: a host that takes longer is down, whatever `timeout` is
+# Retries of the first request to a server that has not answered yet: a wrong URL or a server that is not up does
+# not heal in the 15 s of the full backoff, and an unreachable server must stop a run within seconds.
+FIRST_REQUEST_MAX_RETRIES = 2
 _UNAVAILABLE_STATUSES = (502, 503, 504)  # a gateway whose backend is down: counted like connection errors
 
 
@@ -47,8 +50,8 @@ class OpenAICompatibleCaptioner:
       exponential backoff and jitter (`min(0.5 * 2**k, 8)` s) or exactly the server's `Retry-After` when it is at
       most 120 s. When they run out, the request fails (`CaptionResult.text is None`, `error` says why).
     - A server that cannot answer stops the run with [`CaptionerConnectionError`] instead of failing every request:
-      until the server has answered once, the first request is sent alone and its connection error or timeout
-      (after the SDK's retries) stops the run at once ("cannot connect to <base_url>"); later,
+      until the server has answered once, the first request is sent alone (with at most 2 retries) and its
+      connection error or timeout stops the run at once ("cannot connect to <base_url>"); later,
       `max_consecutive_connection_errors` failed requests in a row (connection errors, timeouts, HTTP 502/503/504)
       stop it (a circuit breaker). Any answer from the server starts the count again.
     - HTTP 401/403 raise [`CaptionerAuthenticationError`] and HTTP 404 [`CaptionerModelNotFoundError`] at once and
@@ -272,13 +275,13 @@ class OpenAICompatibleCaptioner:
             api_key=self._api_key, base_url=self.base_url, timeout=timeout, max_retries=self.max_retries
         ) as client:
 
-            async def one(index: int) -> None:
+            async def one(index: int, sender=client) -> None:
                 async with semaphore:
-                    emit((index, await self._caption_one(client, requests[index], data_url_of)))
+                    emit((index, await self._caption_one(sender, requests[index], data_url_of)))
 
             first = 0
             if not self._server_answered:  # a server that cannot answer is told by one request, not by a burst
-                await one(0)
+                await one(0, client.with_options(max_retries=min(self.max_retries, FIRST_REQUEST_MAX_RETRIES)))
                 first = 1
             tasks = [asyncio.ensure_future(one(index)) for index in range(first, len(requests))]
             if not tasks:
