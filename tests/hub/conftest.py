@@ -67,10 +67,8 @@ class LoopbackHub:
             subprocess.run([*git, *command], check=True, capture_output=True, timeout=60)
         return subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
 
-    def run(
-        self, script: str, *args, block_mmft_hf: bool = False, timeout: float = 180
-    ) -> subprocess.CompletedProcess:
-        """Runs `script` in a fresh Python process talking to this Hub; fails the test on an error or timeout."""
+    def start(self, script: str, *args, block_mmft_hf: bool = False) -> "HubClient":
+        """Starts `script` in a fresh Python process talking to this Hub (collect it with `HubClient.result`)."""
         workdir = Path(tempfile.mkdtemp(dir=self.root, prefix="client-"))
         path = workdir / "client.py"
         path.write_text((BLOCK_MMFT_HF if block_mmft_hf else "") + textwrap.dedent(script))
@@ -87,17 +85,35 @@ class LoopbackHub:
         )
         if not block_mmft_hf:
             env["PYTHONPATH"] = str(REPO_ROOT)
-        result = subprocess.run(
-            [sys.executable, str(path), *map(str, args)],
-            cwd=workdir,  # not the repository: with block_mmft_hf its root must not be importable
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        if result.returncode != 0:
-            pytest.fail(f"Hub client failed ({result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-5000:]}")
-        return result
+        stdout, stderr = open(workdir / "stdout", "w+"), open(workdir / "stderr", "w+")
+        # cwd is not the repository: with block_mmft_hf its root must not be importable
+        command = [sys.executable, str(path), *map(str, args)]
+        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=stdout, stderr=stderr, text=True)
+        return HubClient(process, stdout, stderr)
+
+
+class HubClient:
+    """A running client process; `result()` waits for it and fails the test on an error or a timeout."""
+
+    def __init__(self, process: subprocess.Popen, stdout, stderr):
+        self.process, self.stdout, self.stderr = process, stdout, stderr
+
+    def result(self, timeout: float = 240) -> str:
+        try:
+            self.process.wait(timeout=timeout)
+            problem = None if self.process.returncode == 0 else f"exited with {self.process.returncode}"
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            problem = f"timed out after {timeout} s"
+        outputs = []
+        for stream in (self.stdout, self.stderr):
+            stream.seek(0)
+            outputs.append(stream.read())
+            stream.close()
+        if problem:
+            pytest.fail(f"Hub client {problem}:\n{outputs[0][-2000:]}\n{outputs[1][-5000:]}")
+        return outputs[0]
 
 
 def wait_until_ready(process: subprocess.Popen, url: str, log: Path) -> None:

@@ -2,7 +2,7 @@
 load with `load_dataset("org/name")`, `pipeline(model="org/name", ...)` and `CLIPModel.from_pretrained`.
 
 Each client is a fresh Python process with an empty cache (importing the stack takes most of its time), so one
-process with mmft_hf does every library-side check and one without it checks the remote code.
+process with mmft_hf does every library-side check and one without it checks the remote code; both run at once.
 """
 
 import hashlib
@@ -66,8 +66,8 @@ print(json.dumps({"class": type(classifier).__module__ + "." + type(classifier).
 """
 
 
-def last_json(result):
-    return json.loads(result.stdout.strip().splitlines()[-1])
+def last_json(stdout: str):
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def image_digest(image):
@@ -104,8 +104,11 @@ def published(loopback_hub, image_files_dataset, synthetic_dataset, tiny_tokeniz
 
 @pytest.fixture(scope="module")
 def served(loopback_hub, published):
-    """What a user with mmft_hf gets over HTTP (one client process for every library-side check)."""
-    return last_json(loopback_hub.run(WITH_MMFT_HF, DATASET_REPO, CLASSIFIER_REPO, *published["images"]))
+    """What users get over HTTP: with mmft_hf (every library-side check) and without it (remote code)."""
+    images = published["images"]
+    with_library = loopback_hub.start(WITH_MMFT_HF, DATASET_REPO, CLASSIFIER_REPO, *images)
+    without_library = loopback_hub.start(WITHOUT_MMFT_HF, CLASSIFIER_REPO, *images, block_mmft_hf=True)
+    return {**last_json(with_library.result()), "remote": last_json(without_library.result())}
 
 
 def assert_same_outputs(got, expected):
@@ -144,10 +147,8 @@ def test_classifier_loads_as_a_plain_clip_model(served, published):
     assert list(served["weights"].values()) == pytest.approx(list(expected.values()), rel=1e-6, abs=1e-6)
 
 
-def test_classifier_loads_without_mmft_hf_through_remote_code(loopback_hub, published):
-    images = published["images"]
-    result = loopback_hub.run(WITHOUT_MMFT_HF, CLASSIFIER_REPO, *images, block_mmft_hf=True)
-    served = last_json(result)
-    assert served["class"].startswith("transformers_modules.")
-    assert served["class"].endswith("remote_pipeline.MMFTClassificationPipeline")
-    assert_same_outputs(served["outputs"], published["classifier"](images, top_k=4))
+def test_classifier_loads_without_mmft_hf_through_remote_code(served, published):
+    remote = served["remote"]
+    assert remote["class"].startswith("transformers_modules.")
+    assert remote["class"].endswith("remote_pipeline.MMFTClassificationPipeline")
+    assert_same_outputs(remote["outputs"], published["classifier"](published["images"], top_k=4))
