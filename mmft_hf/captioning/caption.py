@@ -440,7 +440,7 @@ def caption_dataset(
             state = PassState(
                 keys, prompts, image_hashes, slots, identity_text, texts, reasons, summary, chunk_size=chunk_size,
                 load_image=row_image_loader(raw, image_column, image_feature.mode, retry_resize, seed),
-                unreadable_errors=IMAGE_DECODE_ERRORS,
+                unreadable_errors=IMAGE_DECODE_ERRORS, claim_owner=claim_owner, claim_ttl_s=CLAIM_TTL_S,
             )  # fmt: skip
             sync_passes -= run_scale_passes(
                 captioner, state, cache, one_request_per_image=one_request_per_image, max_passes=max_passes,

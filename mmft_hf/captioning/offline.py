@@ -132,7 +132,9 @@ class _RequestFileWriter:
     def caption(self, requests):
         raise TypeError("The request exporter sends nothing; use export_caption_requests.")
 
-    def submit_and_collect(self, units, load_image, ledger, show_progress=True) -> Iterator[tuple[str, CaptionResult]]:
+    def submit_and_collect(
+        self, units, load_image, ledger, show_progress=True, claim=None
+    ) -> Iterator[tuple[str, CaptionResult]]:
         partial, records, failures, image_row, image = self.path + ".partial", {}, [], None, None
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         with open(partial, "w", encoding="utf-8") as handle:

@@ -65,6 +65,9 @@ class PassState:
             flag is set); raises on an unreadable image.
         unreadable_errors (`tuple[type, ...]`): the exceptions `load_image` raises for an unreadable image.
         chunk_size (`int`): requests handed to a synchronous captioner at once.
+        claim_owner (`str`, *optional*): the run's claim owner (see `CaptionCache.claim`): each request's captions
+            are claimed before it is sent, so that two runs sharing the cache never pay twice. `None` claims nothing.
+        claim_ttl_s (`float`, defaults to 60.0): the claims' lease (the run's `ClaimKeeper` renews them).
     """
 
     keys: list
@@ -78,6 +81,8 @@ class PassState:
     load_image: Callable
     unreadable_errors: tuple
     chunk_size: int = 256
+    claim_owner: str | None = None
+    claim_ttl_s: float = 60.0
 
 
 def row_image_loader(raw, image_column: str, mode: str | None, retry_resize: tuple[int, int] | None, seed: int):
@@ -176,6 +181,41 @@ def store_answer(
     return stored
 
 
+OTHER_RUN = (
+    "another run sharing this cache holds its claim (it is requesting this caption now); rerun later to read it "
+    "from the cache"
+)
+
+
+def _claim_units(cache: CaptionCache, state: PassState, units: list[RequestUnit]) -> tuple[list, list]:
+    """Splits units into those whose captions this run claimed (to send) and those another run is making."""
+    if state.claim_owner is None or not units:
+        return units, []
+    keys_of = {unit.custom_id: [entry["key"] for entry in unit.record["entries"]] for unit in units}
+    granted = cache.claim([key for keys in keys_of.values() for key in keys], state.claim_owner, state.claim_ttl_s)
+    mine, others = [], []
+    for unit in units:
+        (mine if all(key in granted for key in keys_of[unit.custom_id]) else others).append(unit)
+    partly = [key for unit in others for key in keys_of[unit.custom_id] if key in granted]
+    if partly:
+        cache.release(state.claim_owner, partly)
+    return mine, others
+
+
+def _read_others(cache: CaptionCache, state: PassState, others: list[RequestUnit]) -> None:
+    """Reads the captions of units another run was making from the cache; the rest stay missing, with the reason."""
+    stored = cache.get_many(entry["key"] for unit in others for entry in unit.record["entries"])
+    for unit in others:
+        for s in unit.targets:
+            caption = stored.get(state.keys[unit.row][s])
+            if caption is not None:
+                state.texts[unit.row][s] = caption
+                state.reasons.pop((unit.row, s), None)
+                state.summary.from_other_runs += 1
+            else:
+                state.reasons[(unit.row, s)] = OTHER_RUN
+
+
 def _account(summary, result: CaptionResult) -> None:
     summary.requests += 1
     summary.retries += int(result.retries or 0)
@@ -257,15 +297,24 @@ def run_scale_passes(
                 break
             if not (joint or batching):
                 break
-            units = build_units(state, joint)
+            units, others = build_units(state, joint), []
+
+            def claim(candidates: list[RequestUnit], others: list = others) -> list[RequestUnit]:
+                mine, theirs = _claim_units(cache, state, candidates)
+                others.extend(theirs)
+                return mine
+
+            if not batching:
+                units = claim(units)
             used = pass_index + 1
             if not units:
+                _read_others(cache, state, others)
                 break
             state.summary.passes += 1
             by_id = {unit.custom_id: unit for unit in units}
-            if batching:
+            if batching:  # the engine claims only what it is about to submit: open batches are adopted, not claimed
                 results = captioner.submit_and_collect(
-                    units, lambda row, retry=pass_index > 0: state.load_image(row, retry), ledger, show_progress
+                    units, lambda row, retry=pass_index > 0: state.load_image(row, retry), ledger, show_progress, claim
                 )
             else:
                 results = _sync_results(captioner, state, units, pass_index > 0)
@@ -292,6 +341,7 @@ def run_scale_passes(
                 reason = getattr(captioner, "unanswered_reason", "the captioner returned no result for this request")
                 for s in unit.targets:
                     state.reasons[(unit.row, s)] = reason
+            _read_others(cache, state, others)
     if not batching:
         return 0  # the joint pass comes on top: every per-type pass of `max_passes` is left for what it missed
     if retry_in_batches or getattr(captioner, "retry_failed", None) is None:

@@ -222,3 +222,57 @@ def test_killed_between_creating_and_recording_the_batch_finds_it_again(api, lab
     )
     assert len(server.created) == 1 and len(server.uploads) == 1  # found by its input file: not created again
     assert result.caption_summary.failures == [] and server.requests == []
+
+
+def _claims(cache_file):
+    try:
+        with sqlite3.connect(cache_file) as connection:
+            return connection.execute("SELECT COUNT(*) FROM claims").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def test_two_live_batch_runs_sharing_a_cache_submit_once(api, labelled, tmp_path):
+    import threading
+
+    server = api(hold=True)
+    server.upload_delay = 1.0
+    results = {}
+
+    def first_run():
+        results["first"] = caption_dataset(
+            labelled, batch_captioner(server), domain="textures", cache_dir=tmp_path, show_progress=False
+        )
+
+    thread = threading.Thread(target=first_run)
+    thread.start()
+    # without claims the second run would submit and wait for its own held batch: end the hold so that it fails
+    unblock = threading.Timer(30, setattr, (server, "hold", False))
+    unblock.start()
+    try:
+        deadline = time.monotonic() + 60
+        while _claims(tmp_path / "captions.sqlite") < 36:  # the first run claimed; it is uploading, nothing recorded
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.01)
+        racing = caption_dataset(
+            labelled, batch_captioner(server), domain="textures", cache_dir=tmp_path, show_progress=False
+        )
+        while len(server.retrieves) < 2:  # the first run's batch is recorded and polled
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.01)
+        server.hold = False
+        later = caption_dataset(  # started while the first run waits: adopts its open batch
+            labelled, batch_captioner(server), domain="textures", cache_dir=tmp_path, show_progress=False
+        )
+    finally:
+        unblock.cancel()
+        server.hold = False
+        thread.join(60)
+    assert len(server.created) == 1 and len(server.uploads) == 1  # the other runs paid for nothing
+    assert racing.caption_summary.requests == 0 and len(racing.caption_summary.failures) == 36
+    assert "another run sharing this cache" in racing.caption_summary.failures[0].reason
+    assert results["first"].caption_summary.failures == [] and later.caption_summary.failures == []
+    third = caption_dataset(
+        labelled, batch_captioner(server), domain="textures", cache_dir=tmp_path, show_progress=False
+    )
+    assert third.caption_summary.cache_hits == 36 and len(server.created) == 1

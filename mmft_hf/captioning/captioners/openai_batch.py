@@ -99,7 +99,7 @@ class OpenAIBatchCaptioner(OpenAICompatibleCaptioner):
         )
 
     def submit_and_collect(
-        self, units: list, load_image: Callable, ledger, show_progress: bool = True
+        self, units: list, load_image: Callable, ledger, show_progress: bool = True, claim: Callable | None = None
     ) -> Iterator[tuple[str, CaptionResult]]:
         """Submits the units no open batch holds yet, waits for every batch holding one, yields their results.
 
@@ -112,6 +112,9 @@ class OpenAIBatchCaptioner(OpenAICompatibleCaptioner):
             load_image (`Callable[[int], PIL.Image.Image]`): loads a unit's row image; raises if unreadable.
             ledger (`SubmissionLedger`): the cache's submission tables.
             show_progress (`bool`, defaults to `True`): show a progress bar.
+            claim (`Callable[[list], list]`, *optional*): claims the units about to be submitted in the cache and
+                returns those granted; the others (another live run is making them) are not submitted and get no
+                result here.
 
         Yields:
             `tuple[str, CaptionResult]`: the `custom_id` and its result.
@@ -134,6 +137,8 @@ class OpenAIBatchCaptioner(OpenAICompatibleCaptioner):
                     len(covered),
                 )
             to_send = [unit for unit in units if unit.custom_id not in covered]
+            if claim is not None:
+                to_send = claim(to_send)
             for path, records, failures in self._write_request_files(to_send, load_image):
                 yield from failures
                 if path is None:
