@@ -80,8 +80,9 @@ def main() -> None:
                 for _ in range(2)
             ]
             for run in runs:
-                _, stderr = run.communicate()
-                print(f"run exited {run.returncode} after {time.monotonic() - started:.1f} s", flush=True)
+                stdout, stderr = run.communicate()
+                summary = next((line for line in stdout.splitlines() if "Captioned" in line), "")
+                print(f"run exited {run.returncode} after {time.monotonic() - started:.1f} s: {summary}", flush=True)
                 if run.returncode:
                     print(stderr[-2000:])
             paid = wait_until_quiet(server, quiet=1.0)

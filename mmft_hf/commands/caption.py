@@ -45,6 +45,7 @@ import datasets
 from transformers import HfArgumentParser
 
 from mmft_hf.captioning.builder import PRESETS, make_captioner, push_captioned
+from mmft_hf.captioning.cache import CaptionCacheError
 from mmft_hf.captioning.caption import CaptioningError, CaptioningInterrupted, caption_dataset
 from mmft_hf.captioning.captioners.base import CaptionerUnavailableError
 from mmft_hf.captioning.offline import export_caption_requests, import_caption_results
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
         message = str(error) if isinstance(error, CaptioningInterrupted) else "Interrupted."
         print(f"\n{message}", file=sys.stderr)
         raise SystemExit(130) from None
-    except (CaptionerUnavailableError, CaptioningError) as error:  # the message says it all: no traceback
+    except (CaptionerUnavailableError, CaptioningError, CaptionCacheError) as error:  # the message says it all
         raise SystemExit(f"mmft-hf caption: error: {error}") from None
 
 

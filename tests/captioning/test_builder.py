@@ -392,6 +392,13 @@ def test_generate_captions_errors_name_flags_and_come_before_any_request(generat
     finally:
         server.shutdown()
         server.server_close()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "captions.sqlite").write_bytes(b"not a database" * 100)
+    with pytest.raises(SystemExit) as info:
+        generate_captions.main([*argv, "--cache_dir", str(tmp_path / "broken")])
+    broken = tmp_path / "broken" / "captions.sqlite"
+    assert info.value.code.startswith(f"mmft-hf caption: error: Cannot use the caption cache {broken}")
+    assert f"mv '{broken}' '{broken}.broken'" in info.value.code
     unreachable = f"http://127.0.0.1:{free_port()}/v1"
     with pytest.raises(SystemExit) as info:
         generate_captions.main([*argv, "--base_url", unreachable, "--max_retries", "0"])
