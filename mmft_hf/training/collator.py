@@ -299,9 +299,8 @@ class MMFTDataCollator:
                 "This warning is shown once."
             )
         ids = [row if len(row) <= self.max_length else row[: self.max_length - 1] + row[-1:] for row in ids]
-        encoding = tokenizer.pad(
-            {"input_ids": ids}, padding=self.padding, max_length=self.max_length, return_tensors="pt"
-        )
+        max_length = self.max_length if self.padding == "max_length" else None  # else the tokenizer warns per call
+        encoding = tokenizer.pad({"input_ids": ids}, padding=self.padding, max_length=max_length, return_tensors="pt")
         return {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
 
     # ----------------------------------------------------------------------------------------------- images

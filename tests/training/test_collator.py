@@ -2,6 +2,7 @@
 
 import logging
 import random
+import warnings
 from collections import Counter
 from types import SimpleNamespace
 
@@ -237,6 +238,16 @@ def test_keyed_draws_are_stateless_across_batches_workers_and_epochs(tiny_clip):
     assert len(main) == 3
     for one, other in zip(main, workers):
         assert all(torch.equal(one[name], other[name]) for name in one)
+
+
+def test_padding_to_the_longest_text_gives_no_tokenizer_warning(tiny_clip):
+    """Every batch of every worker would otherwise print "`max_length` is ignored when `padding`=`True`"."""
+    _, processor = tiny_clip
+    collator = MMFTDataCollator(processor=processor, class_names=NAMES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batch = collator([_row(["short"]), _row(["a much longer caption than the other"])])
+    assert batch["input_ids"].shape[1] < collator.max_length  # padded to the longest text, not to max_length
 
 
 # ------------------------------------------------------------------------------------------------ truncation
