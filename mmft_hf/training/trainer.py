@@ -127,7 +127,13 @@ class MMFTTrainer(Trainer):
     normalised embeddings of every training caption of a class) and reports `eval_accuracy`, `eval_balanced_accuracy`
     and one `eval_accuracy_<class>` per class, so `metric_for_best_model="accuracy"` selects the best epoch. Every
     checkpoint and the final output directory hold a standard model + processor, the class prototypes
-    (`class_prototypes.safetensors`) and the label names (`config.id2label`).
+    (`class_prototypes.safetensors`) and the label names (`config.id2label`). Evaluated splits are matched to the
+    training classes by label **name** (`align_label_names`), never by position alone.
+
+    Training rows are read in an `EpochSampler` order (seeded by `data_seed`, else `seed`, and the epoch; the
+    `train_sampling_strategy` option does not apply) and each carries its `(epoch, row)` key, from which the collator
+    draws the caption and the crop. A run resumed from a checkpoint therefore replays exactly the batches, texts and
+    crops of the uninterrupted run, with any `dataloader_num_workers`.
 
     Args:
         model (`PreTrainedModel`):
