@@ -151,7 +151,11 @@ def test_rerun_with_other_settings_refuses_and_the_table_shows_the_whole_file(ti
             benchmark.main([*common, "--methods", "flyp", "--shots", "1", "--seeds", seeds, "--learning_rate", "5e-4"])
         message = str(refused.value)
         assert "holds results trained with other settings" in message and "nothing was run" in message
-        assert "learning_rate:\n    0.001  (stored: synthetic/flyp/1-shot/seed 1)\n    0.0005  (this run)" in message
+        # under the command, a setting that is a flag is written as one
+        assert (
+            "\n  --learning_rate:\n    0.001  (stored: synthetic/flyp/1-shot/seed 1)\n    0.0005  (this run)\n"
+            in message
+        )
         assert "--output_dir" in message
     assert (out / "results.jsonl").read_text() == lines
     # another backbone (same folder name, other weights) is another model
