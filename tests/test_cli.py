@@ -11,6 +11,7 @@ import pytest
 
 from mmft_hf import cli
 from mmft_hf.commands import benchmark, finetune
+from mmft_hf.commands.flags import as_flags
 from mmft_hf.version import __version__
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +51,22 @@ def test_subcommand_help_reads_as_the_command(command, capsys, monkeypatch):
     own = out.index("\nmodel:\n") if command is finetune else out.index("\nsweep (datasets, methods, shots, seeds):\n")
     assert own < training  # the command's own flags come before the ~150 TrainingArguments flags
     assert out.index("\n  --output_dir OUTPUT_DIR") > training and "\n  --supcon_weight" in out[training:]
+
+
+def test_messages_name_flags_where_they_name_arguments():
+    names = ["label_column", "label", "seed", "supcon_weight", "output_dir"]
+    assert as_flags("supcon_weight must be in [0, 1]; pass seed=3 or set `label`.", names) == (
+        "--supcon_weight must be in [0, 1]; pass --seed 3 or set `--label`."
+    )
+    untouched = [
+        "--output_dir 'x' exists",  # already a flag
+        "no column 'label_column' in the dataset",  # a quoted value
+        "cannot read /data/label_column/x.png",  # a path
+        "dataset.class_encode_column(label_column)",  # Python code
+        "the seed and the label of row 3",  # English words
+    ]
+    for message in untouched:
+        assert as_flags(message, names) == message
 
 
 def test_errors_are_one_line_naming_the_flag(tmp_path, capsys, monkeypatch):

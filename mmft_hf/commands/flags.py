@@ -57,7 +57,7 @@ def as_flags(message: str, names: Iterable[str]) -> str:
         names (`Iterable[str]`): the command's argument names.
     """
     for name in sorted(set(names), key=len, reverse=True):  # `label_column` before `label`
-        bare = rf"(?<![\w\-.`('\"]){re.escape(name)}(?![\w`'\"])"
+        bare = rf"(?<![\w\-.`('\"/\\]){re.escape(name)}(?![\w`'\"/\\])"  # not in code, quotes or paths
         message = re.sub(rf"`{re.escape(name)}`", f"`--{name}`", message)
         message = re.sub(rf"{bare}=", f"--{name} ", message)
         if "_" in name:
