@@ -41,10 +41,17 @@ def trained(request, synthetic_dataset, tmp_path_factory):
         report_to="none",
     )
     trainer = MMFTTrainer(model=model, args=args, train_dataset=synthetic_dataset["train"], processing_class=processor)
+    batch = trainer.data_collator([synthetic_dataset["train"][index] for index in range(4)])
     result = trainer.train()
     trainer.save_model()
     return SimpleNamespace(
-        family=family, model=model.eval(), processor=processor, directory=str(directory), before=before, result=result
+        family=family,
+        model=model.eval(),
+        processor=processor,
+        directory=str(directory),
+        before=before,
+        result=result,
+        batch=batch,
     )
 
 
@@ -55,6 +62,17 @@ def images(synthetic_dataset):
 
 def image_inputs(processor, images):
     return dict(processor.image_processor(images=images, return_tensors="pt"))
+
+
+def test_training_batches_carry_what_the_family_needs(trained):
+    batch, tokenizer = trained.batch, trained.processor.tokenizer
+    names = getattr(trained.processor.image_processor, "model_input_names", ["pixel_values"])
+    assert set(names) <= set(batch)  # SigLIP 2: pixel_attention_mask and spatial_shapes too
+    lengths = batch["attention_mask"].sum(dim=1)
+    if TEXT_PADDING[trained.family] == "max_length":
+        assert batch["input_ids"].shape[1] == tokenizer.model_max_length and lengths.max() < tokenizer.model_max_length
+    else:
+        assert batch["input_ids"].shape[1] == lengths.max()
 
 
 def test_trains_saves_and_loads_with_its_own_class(trained):
