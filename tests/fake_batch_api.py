@@ -6,7 +6,7 @@
 - `POST /v1/batches`, `GET /v1/batches/{id}`, `GET /v1/batches` (list), `POST /v1/batches/{id}/cancel`.
 
 A batch walks `validating -> in_progress -> finalizing -> completed` one step per retrieve (like a real batch seen
-by a poller), unless `server.hold` is set (it then stays `in_progress`); `server.upload_delay` slows uploads down. Each created batch takes the next entry of
+by a poller), unless `server.hold` is set (it then stays `in_progress`); `server.upload_delay` slows uploads down; `server.batch_api = False` answers 404 to every files and batches call. Each created batch takes the next entry of
 `script` (a dict; defaults when the script is empty): `final` (`"completed"`, `"expired"`, `"cancelled"` or
 `"failed"`), `fraction` (of the lines processed before an expiry or cancellation, default 0.5) and `line_error`
 (`custom_id -> HTTP status or None`, for per-line errors). Processed lines are answered like chat requests (echo;
@@ -124,6 +124,8 @@ class FakeBatchHandler(FakeChatHandler):
         if path.endswith("/chat/completions"):
             return super().do_POST()
         data = self.rfile.read(int(self.headers["Content-Length"]))
+        if not server.batch_api:  # like vLLM's server: chat completions only
+            return self._send_json({"error": {"message": f"Not Found: {path}"}}, 404)
         if path.endswith("/files"):
             time.sleep(server.upload_delay)
         with server.lock:
@@ -250,7 +252,7 @@ def start_fake_batch_api(script=(), hold=False, json_replies=True, drop_types=()
     server.script, server.hold, server.json_replies, server.drop_types = list(script), hold, json_replies, drop_types
     server.files, server.contents, server.batches, server.scripts = {}, {}, {}, {}
     server.uploads, server.created, server.retrieves, server.processed = [], [], [], []
-    server.upload_delay = 0.0
+    server.upload_delay, server.batch_api = 0.0, True
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     server.base_url = f"http://127.0.0.1:{server.server_port}/v1"
     return server

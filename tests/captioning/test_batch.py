@@ -276,3 +276,15 @@ def test_two_live_batch_runs_sharing_a_cache_submit_once(api, labelled, tmp_path
         labelled, batch_captioner(server), domain="textures", cache_dir=tmp_path, show_progress=False
     )
     assert third.caption_summary.cache_hits == 36 and len(server.created) == 1
+
+
+def test_unusable_batch_api_stops_the_run_with_one_clear_error(api, labelled, tmp_path):
+    from mmft_hf.captioning.captioners import CaptionerConnectionError, CaptionerModelNotFoundError
+
+    server = api()
+    server.batch_api = False  # a server with chat completions only, like vLLM's
+    with pytest.raises(CaptionerModelNotFoundError, match="export the requests for `vllm run-batch`"):
+        caption_dataset(labelled, batch_captioner(server), domain="textures", cache_dir=tmp_path, show_progress=False)
+    closed = OpenAIBatchCaptioner("m", base_url="http://127.0.0.1:9/v1", api_key_env=None, max_retries=0)
+    with pytest.raises(CaptionerConnectionError, match="Cannot reach the Batch API at http://127.0.0.1:9/v1"):
+        caption_dataset(labelled, closed, domain="textures", cache_dir=tmp_path, show_progress=False)

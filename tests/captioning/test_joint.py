@@ -137,3 +137,15 @@ def test_joint_prompt_holds_each_per_type_prompt():
     assert '"visual", "shape"' in prompt and "JSON object" in prompt
     with pytest.raises(ValueError):
         build_joint_prompt({})
+
+
+def test_joint_requests_per_copy_with_several_captions_per_type(api, labelled, tmp_path):
+    server = api()
+    result = caption_dataset(
+        labelled.select(range(4)), sync_captioner(server), domain="textures", cache_dir=tmp_path,
+        one_request_per_image=True, captions_per_type=2, show_progress=False,
+    )  # fmt: skip
+    assert len(server.requests) == 8 and result.caption_summary.captions_done == 24  # one request per image and copy
+    prompts = [body["messages"][0]["content"][1]["text"] for *_, body in server.requests]
+    assert len(set(prompts)) == len(set(labelled.select(range(4))["label"]))  # both copies ask the same question
+    assert len(origins(tmp_path)) == 24

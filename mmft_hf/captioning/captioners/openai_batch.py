@@ -18,7 +18,13 @@ from collections.abc import Callable, Iterator
 
 from tqdm.auto import tqdm
 
-from .base import CaptionResult
+from .base import (
+    CaptionerAuthenticationError,
+    CaptionerConnectionError,
+    CaptionerModelNotFoundError,
+    CaptionerUnavailableError,
+    CaptionResult,
+)
 from .openai_compatible import OpenAICompatibleCaptioner
 
 logger = logging.getLogger(__name__)
@@ -119,6 +125,8 @@ class OpenAIBatchCaptioner(OpenAICompatibleCaptioner):
         Yields:
             `tuple[str, CaptionResult]`: the `custom_id` and its result.
         """
+        import openai
+
         from ..batch_files import CHAT_COMPLETIONS_URL
 
         client = self._client()
@@ -162,6 +170,8 @@ class OpenAIBatchCaptioner(OpenAICompatibleCaptioner):
                     )
                     ledger.set_remote_id(submission["id"], submission["remote_id"])
             yield from self._wait_and_read(client, tracked, ledger, show_progress)
+        except openai.APIError as error:  # the Batch API cannot be used at all: one clear error, not a traceback
+            raise self._unavailable(error, ledger.path) from None
         finally:
             client.close()
 
@@ -220,6 +230,32 @@ class OpenAIBatchCaptioner(OpenAICompatibleCaptioner):
             if handle is not None and not handle.closed:
                 handle.close()
                 os.remove(path)
+
+    def _unavailable(self, error, cache_path: str) -> CaptionerUnavailableError:
+        """The error to stop the run with when a files or batches call fails for good (after the SDK's retries)."""
+        import openai
+
+        where = self.base_url or "the OpenAI API"
+        resume = f"Batches already submitted are recorded in {cache_path}; the same command polls them again."
+        if isinstance(error, (openai.AuthenticationError, openai.PermissionDeniedError)):
+            who = f"the key in ${self.api_key_env}" if self.api_key_env else "the placeholder key (api_key_env=None)"
+            return CaptionerAuthenticationError(
+                f"HTTP {error.status_code} from the Batch API at {where}: it rejected {who}; set "
+                f"{self.api_key_env or 'api_key_env'} to a valid key with Batch API access."
+            )
+        if isinstance(error, openai.NotFoundError):
+            return CaptionerModelNotFoundError(
+                f"HTTP 404 from the Batch API at {where} ({error.message}). Servers without /v1/files and /v1/batches "
+                "(vLLM's, for one) cannot take batches: export the requests for `vllm run-batch` "
+                "(export_caption_requests, --export_requests) or caption synchronously (openai:MODEL)."
+            )
+        if isinstance(error, openai.APIStatusError):
+            return CaptionerUnavailableError(
+                f"HTTP {error.status_code} from the Batch API at {where}: {error.message}"
+            )
+        return CaptionerConnectionError(
+            f"Cannot reach the Batch API at {where} ({type(error).__name__}: {error}). {resume}"
+        )
 
     @staticmethod
     def _find_batch(client, input_file_id: str, search: int = 1000) -> str | None:
