@@ -159,7 +159,8 @@ class SubmissionLedger:
                 chunk,
             )
             found.update(
-                (key, (json.loads(usage or "{}"), json.loads(origin) if origin else None)) for key, usage, origin in rows
+                (key, (json.loads(usage or "{}"), json.loads(origin) if origin else None))
+                for key, usage, origin in rows
             )
         return found
 
