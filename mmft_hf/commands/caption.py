@@ -42,7 +42,6 @@ import sys
 from dataclasses import dataclass, field
 
 import datasets
-from transformers import HfArgumentParser
 
 from mmft_hf.captioning.builder import PRESETS, make_captioner, push_captioned
 from mmft_hf.captioning.cache import CaptionCacheError
@@ -51,7 +50,7 @@ from mmft_hf.captioning.captioners.base import CaptionerUnavailableError
 from mmft_hf.captioning.offline import export_caption_requests, import_caption_results
 from mmft_hf.captioning.prompts import CAPTION_TYPES, DEFAULT_WORDS, PROMPT_TEMPLATE, validate_caption_types
 from mmft_hf.captioning.stats import estimate_captioning_cost
-from mmft_hf.commands.flags import errors_in_flags, flag_names
+from mmft_hf.commands.flags import command_parser, errors_in_flags, flag_names
 
 logger = logging.getLogger("generate_captions")
 
@@ -263,7 +262,7 @@ def captioner_kwargs(args: CaptioningArguments) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    (args,) = HfArgumentParser(CaptioningArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = command_parser((CaptioningArguments,), __doc__).parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_http_loggers()
     names = flag_names((CaptioningArguments,))
