@@ -79,6 +79,7 @@ class ImportReport:
         unknown (`list[tuple[int, str]]`): `(line number, custom_id)` of lines whose `custom_id` no export or batch
             of this cache holds: never stored.
         malformed (`list[tuple[int, str]]`): `(line number, reason)` of lines that are not valid result lines.
+        usage (`dict[str, int]`): the token counts the engine reported, summed over the known lines.
     """
 
     path: str
@@ -88,12 +89,13 @@ class ImportReport:
     failed: list = field(default_factory=list)
     unknown: list = field(default_factory=list)
     malformed: list = field(default_factory=list)
+    usage: dict = field(default_factory=dict)
 
     def __str__(self) -> str:
         text = (
             f"Imported {self.path}: {self.lines} line(s), {self.captions_stored} caption(s) stored, "
             f"{self.already_cached} already cached, {len(self.failed)} failed, {len(self.unknown)} unknown "
-            f"custom_id(s), {len(self.malformed)} malformed."
+            f"custom_id(s), {len(self.malformed)} malformed; tokens {self.usage}."
         )
         for line, custom_id, reason in self.failed[:10]:
             text += f"\n  line {line} ({custom_id[:16]}...): failed: {reason}"
@@ -246,6 +248,8 @@ def import_caption_results(path: str, cache_dir: str | None = None) -> ImportRep
                     report.unknown.append((number, custom_id))
                     continue
                 stored = store_answer(cache, ledger, record, result)
+                for name, value in result.usage.items():
+                    report.usage[name] = report.usage.get(name, 0) + value
                 for entry in record["entries"]:
                     if stored.get(entry["key"]) is None:
                         continue

@@ -54,6 +54,12 @@ def test_export_engine_import_then_rerun_makes_zero_requests(server, labelled, t
     assert report.unknown == [(25, "f" * 64)]
     assert [number for number, _ in report.malformed] == [26, 27]
     assert "unknown custom_id" in str(report) and "line 26: malformed" in str(report)
+    engine_tokens = sum(
+        json.loads(line)["response"]["body"]["usage"]["prompt_tokens"]
+        for line in open(tmp_path / "results.jsonl").readlines()[:24]
+        if json.loads(line)["response"]["status_code"] == 200
+    )
+    assert report.usage["prompt_tokens"] == engine_tokens  # the unknown line's tokens are not counted
 
     again = import_caption_results(tmp_path / "results.jsonl", cache_dir=tmp_path)  # idempotent
     assert again.captions_stored == 0 and again.already_cached == 22
