@@ -6,6 +6,7 @@ from transformers import pipeline
 
 classifier = pipeline("mmft-classification", model="outputs/dtd-16shot")  # reads class_prototypes.safetensors
 classifier("cat.jpg", top_k=3)  # [{"label": ..., "score": ...}, ...]
+classifier("cat.jpg", function_to_apply="sigmoid")  # per-class scores (SigLIP's probabilities); "none": logits
 
 # plain zero-shot CLIP from class names, one template or OpenAI's 80-template ensemble
 zero_shot = pipeline("mmft-classification", model=clip_dir, class_names=["cat", "dog"], templates="ensemble")
