@@ -3,7 +3,9 @@
 The expensive part of MMFT is paying an MLLM for three captions per training image, so this module never pays
 twice: every caption is committed to a persistent SQLite cache (`caption_cache.py`) the moment it arrives, keyed
 by the image's encoded bytes, the full prompt, the captioner identity and the caption slot. A rerun makes zero
-requests; a killed run resumes with only the missing captions; shards running at once share one cache.
+requests; a killed run resumes with only the missing captions; runs and shards sharing one cache at once never
+pay twice for a caption: each claims a caption in the cache before requesting it, and waits for the captions
+another live run has claimed (`CaptionCache.claim`).
 
 Provenance (captioner identity, prompt template, domain, caption types, counts) travels with the result in two
 places: `info.description` (kept by `save_to_disk`) and the `id` of the caption column's string feature, which
@@ -351,6 +353,14 @@ def caption_dataset(
         then of the second, and so on. A row missing some captions keeps the ones it has (fewer entries); a row
         with none gets an empty list and is never dropped. `caption_provenance(result)` gives the provenance and
         `result.caption_summary` the `CaptioningSummary` of this call.
+
+    Raises:
+        [`~captioners.base.CaptionerUnavailableError`]: the backend cannot answer (unreachable server, rejected key,
+            unknown model, or a server that stopped answering mid-run); the message adds how many captions are
+            cached and that the same call resumes.
+        [`CaptioningInterrupted`]: on Ctrl-C (a `KeyboardInterrupt`), with the same one-line message.
+        [`CaptioningError`]: with `strict=True`, when captions are still missing after all passes.
+        `ValueError`: invalid arguments or data (before anything is requested).
     """
     started = time.monotonic()
     if isinstance(dataset, datasets.DatasetDict):
