@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -24,6 +25,7 @@ from .prompts import (
 )
 
 PERCENTILES = (5, 25, 50, 75, 95)
+logger = logging.getLogger(__name__)
 
 
 def _distribution(values: Sequence[float]) -> dict:
@@ -228,6 +230,8 @@ class CostEstimate:
         sample_rows (`int`): rows captioned for the estimate (their captions are cached, so not wasted).
         sample_requests (`int`): requests the sample made now (0 when it was cached already).
         one_request_per_image (`bool`): the request mode estimated.
+        joint_share (`float`): the share of the sample's requests that were joint (one per image). It differs from
+            the mode asked for when the sample rows were captioned earlier in the other mode (a warning says so).
         requests (`float`): requests for the whole dataset.
         input_tokens (`float`): input (prompt) tokens for the whole dataset.
         output_tokens (`float`): output (completion) tokens for the whole dataset.
@@ -240,6 +244,7 @@ class CostEstimate:
     sample_rows: int
     sample_requests: int
     one_request_per_image: bool
+    joint_share: float
     requests: float
     input_tokens: float
     output_tokens: float
@@ -387,7 +392,7 @@ def estimate_captioning_cost(
         if name in caption_kwargs
     }
     keys = caption_keys(sample, captioner, domain=domain, label_column=label_column, **key_settings)
-    requests = input_tokens = output_tokens = 0
+    requests = input_tokens = output_tokens = joint = 0
     cache = CaptionCache(result.caption_summary.cache_path)
     try:
         with SubmissionLedger(cache) as ledger:
@@ -407,9 +412,18 @@ def estimate_captioning_cost(
                     continue
                 joint_requests.add(request)
                 usage = origin.get("usage") or {}
+                joint += 1
             requests += 1
             input_tokens += usage.get("prompt_tokens", 0)
             output_tokens += usage.get("completion_tokens", 0)
+    joint_share = joint / requests if requests else 0.0
+    if (one_request_per_image and requests and not joint) or (not one_request_per_image and joint):
+        logger.warning(
+            "The sample's captions were made %s earlier (%.0f %% joint requests), so the estimate measures that "
+            "mode, not the one asked for; pass another seed to sample rows not captioned yet.",
+            "per type" if one_request_per_image else "with one request per image",
+            100 * joint_share,
+        )
     scale = len(dataset) / len(sample)
     requests, input_tokens, output_tokens = requests * scale, input_tokens * scale, output_tokens * scale
     cost = (input_tokens * price_per_million_input_tokens + output_tokens * price_per_million_output_tokens) / 1e6
@@ -432,6 +446,7 @@ def estimate_captioning_cost(
         len(sample),
         summary.requests,
         one_request_per_image,
+        joint_share,
         requests,
         input_tokens,
         output_tokens,

@@ -153,6 +153,9 @@ class CaptioningArguments:
         default=False, metadata={"help": "Caption a small sample and print the estimated requests, tokens and cost."}
     )
     estimate_sample_rows: int = field(default=20, metadata={"help": "Rows captioned for --estimate_only."})
+    estimate_seed: int = field(
+        default=0, metadata={"help": "Seeds the --estimate_only sample (another seed samples other rows)."}
+    )
     price_per_million_input_tokens: float = field(default=0.0, metadata={"help": "Input price, for the estimate."})
     price_per_million_output_tokens: float = field(default=0.0, metadata={"help": "Output price, for the estimate."})
     batch_discount: float = field(default=0.5, metadata={"help": "Fraction of the price a Batch API takes off."})
@@ -324,6 +327,7 @@ def caption_splits(args: CaptioningArguments) -> dict:
                 source[split],
                 captioner,
                 sample_rows=args.estimate_sample_rows,
+                seed=args.estimate_seed,
                 price_per_million_input_tokens=args.price_per_million_input_tokens,
                 price_per_million_output_tokens=args.price_per_million_output_tokens,
                 batch_discount=args.batch_discount,

@@ -77,3 +77,18 @@ def test_stratified_sample_spreads_over_classes(varied):
     assert len(set(rows)) == 7 and sorted(labels.count(label) for label in range(3)) == [2, 2, 3]
     assert stratified_sample(varied, "label", 7, seed=1) == rows
     assert len(stratified_sample(varied, "label", 100)) == 30
+
+
+def test_sample_captioned_earlier_in_the_other_mode_is_named(server, varied, tmp_path, caplog):
+    captioner = OpenAICompatibleCaptioner("fake-vlm", base_url=server.base_url, api_key_env=None)
+    per_type = estimate_captioning_cost(varied, captioner, domain="nature", sample_rows=3, cache_dir=tmp_path)
+    assert per_type.joint_share == 0.0
+    reused = estimate_captioning_cost(
+        varied, captioner, domain="nature", sample_rows=3, cache_dir=tmp_path, one_request_per_image=True
+    )
+    assert reused.joint_share == 0.0 and reused.requests == per_type.requests  # it measured the per-type captions
+    assert "the estimate measures that mode, not the one asked for" in caplog.text
+    fresh = estimate_captioning_cost(
+        varied, captioner, domain="nature", sample_rows=3, cache_dir=tmp_path, one_request_per_image=True, seed=1
+    )
+    assert fresh.joint_share == 1.0 and fresh.requests == 30
