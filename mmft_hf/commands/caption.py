@@ -305,7 +305,15 @@ def caption_splits(args: CaptioningArguments) -> dict:
                     f"{', '.join(source[split].column_names)}."
                 )
     class_names = read_class_names(args.class_names) if args.class_names else None
-    captioner = make_captioner(args.captioner, **captioner_kwargs(args))
+    kwargs = captioner_kwargs(args)
+    key_variable = kwargs.get("api_key_env")
+    if key_variable and not os.environ.get(key_variable, "").strip():
+        raise ValueError(
+            f"--api_key_env {key_variable}: the environment variable {key_variable} is not set. Set it (export "
+            f"{key_variable}=...), name the variable holding your key with --api_key_env, or pass --api_key_env none "
+            "for a local server that needs no key."
+        )
+    captioner = make_captioner(args.captioner, **kwargs)
     captioned, summaries = {}, {}
     for path in args.import_results or ():
         print(import_caption_results(path, cache_dir=args.cache_dir))

@@ -364,7 +364,10 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def test_generate_captions_errors_name_flags_and_come_before_any_request(generate_captions, source, tmp_path):
+def test_generate_captions_errors_name_flags_and_come_before_any_request(
+    generate_captions, source, tmp_path, monkeypatch
+):
+    monkeypatch.delenv("MMFT_UNSET_KEY", raising=False)
     source.save_to_disk(str(tmp_path / "src"))
     source.cast_column("label", datasets.Value("int64")).save_to_disk(str(tmp_path / "ids"))
     server = start_fake_api()
@@ -382,6 +385,10 @@ def test_generate_captions_errors_name_flags_and_come_before_any_request(generat
         with pytest.raises(ValueError, match="--class_names") as info:  # integer labels without names
             generate_captions.main([*argv, "--dataset_name", str(tmp_path / "ids")])
         assert "class_names=" not in str(info.value)
+        with pytest.raises(
+            ValueError, match="^--api_key_env MMFT_UNSET_KEY: the environment variable MMFT_UNSET_KEY is not"
+        ):
+            generate_captions.main([*argv, "--api_key_env", "MMFT_UNSET_KEY"])
         assert server.requests == []
         # a server that cannot answer: one line naming the cause, a non-zero exit, nothing retried for hours
         server.plan[:] = [(404, {}, {"error": {"message": "no such model"}})]
