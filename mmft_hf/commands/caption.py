@@ -304,6 +304,12 @@ def caption_splits(args: CaptioningArguments) -> dict:
                     f"{flag} {column!r}: split {split!r} has no such column; its columns are "
                     f"{', '.join(source[split].column_names)}."
                 )
+    for split in splits:
+        if "captions" in source[split].column_names:
+            raise ValueError(
+                f"Split {split!r} already has a 'captions' column: give the source dataset, without captions (or "
+                "remove that column first)."
+            )
     class_names = read_class_names(args.class_names) if args.class_names else None
     kwargs = captioner_kwargs(args)
     key_variable = kwargs.get("api_key_env")

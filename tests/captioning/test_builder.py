@@ -370,6 +370,7 @@ def test_generate_captions_errors_name_flags_and_come_before_any_request(
     monkeypatch.delenv("MMFT_UNSET_KEY", raising=False)
     source.save_to_disk(str(tmp_path / "src"))
     source.cast_column("label", datasets.Value("int64")).save_to_disk(str(tmp_path / "ids"))
+    source["train"].add_column("captions", [["a caption"]] * 8).save_to_disk(str(tmp_path / "captioned"))
     server = start_fake_api()
     try:
         argv = ["--dataset_name", str(tmp_path / "src"), "--captioner", "openai:fake-mllm", "--api_key_env", "none"]
@@ -385,6 +386,8 @@ def test_generate_captions_errors_name_flags_and_come_before_any_request(
         with pytest.raises(ValueError, match="--class_names") as info:  # integer labels without names
             generate_captions.main([*argv, "--dataset_name", str(tmp_path / "ids")])
         assert "class_names=" not in str(info.value)
+        with pytest.raises(ValueError, match="^Split 'train' already has a 'captions' column"):
+            generate_captions.main([*argv, "--dataset_name", str(tmp_path / "captioned")])
         with pytest.raises(
             ValueError, match="^--api_key_env MMFT_UNSET_KEY: the environment variable MMFT_UNSET_KEY is not"
         ):
