@@ -37,6 +37,13 @@ def request_line(captioner, custom_id: str, image, prompt: str, response_format:
     )
 
 
+def not_sent(error: str) -> CaptionResult:
+    """The result of a request that never left this machine (e.g. its image cannot be read): not counted as one."""
+    result = CaptionResult(text=None, error=error)
+    result.sent = False
+    return result
+
+
 def parse_output_line(line: str) -> tuple[str, CaptionResult]:
     """Reads one line of a Batch API output or error file.
 

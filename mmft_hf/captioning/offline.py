@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import datasets
 from tqdm.auto import tqdm
 
-from .batch_files import parse_output_line, request_line
+from ..images import IMAGE_DECODE_ERRORS
+from .batch_files import not_sent, parse_output_line, request_line
 from .cache import CaptionCache, default_cache_dir
 from .captioners.base import CaptionResult
 from .ledger import SubmissionLedger
@@ -145,10 +146,10 @@ class _RequestFileWriter:
                     image_row = unit.row
                     try:
                         image = load_image(unit.row)
-                    except Exception as error:  # unreadable image: reported, the rest is written
+                    except IMAGE_DECODE_ERRORS as error:  # unreadable image: reported, the rest is written
                         image = f"the image cannot be read ({type(error).__name__}: {error})"
                 if isinstance(image, str):
-                    failures.append((unit.custom_id, CaptionResult(text=None, error=image)))
+                    failures.append((unit.custom_id, not_sent(image)))
                     self.failures.append(f"row {unit.row}: {image}")
                     continue
                 line = request_line(self.captioner, unit.custom_id, image, unit.prompt, unit.response_format)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
+from .batch_files import not_sent
 from .cache import CaptionCache, caption_key
 from .captioners.base import CaptionRequest, CaptionResult
 from .joint import build_joint_prompt, joint_response_format, parse_joint_reply
@@ -216,7 +217,35 @@ def _read_others(cache: CaptionCache, state: PassState, others: list[RequestUnit
                 state.reasons[(unit.row, s)] = OTHER_RUN
 
 
+def _split_duplicates(units: list[RequestUnit]) -> tuple[list[RequestUnit], list[tuple[RequestUnit, RequestUnit]]]:
+    """One unit per `custom_id` (rows with identical image bytes and prompts share their captions' keys, and a
+    batch file needs distinct ids); the others, each with the unit that is sent for it."""
+    first: dict[str, RequestUnit] = {}
+    duplicates = []
+    for unit in units:
+        if unit.custom_id in first:
+            duplicates.append((unit, first[unit.custom_id]))
+        else:
+            first[unit.custom_id] = unit
+    return list(first.values()), duplicates
+
+
+def _copy_duplicates(cache: CaptionCache, state: PassState, duplicates: list) -> None:
+    """Gives duplicate units the captions (or the failure reasons) of the unit sent for them."""
+    stored = cache.get_many(state.keys[unit.row][s] for unit, _ in duplicates for s in unit.targets)
+    for unit, sent in duplicates:
+        for s in unit.targets:
+            caption = stored.get(state.keys[unit.row][s])
+            if caption is not None:
+                state.texts[unit.row][s] = caption
+                state.reasons.pop((unit.row, s), None)
+            else:
+                state.reasons[(unit.row, s)] = state.reasons.get((sent.row, s), "no caption in the answer")
+
+
 def _account(summary, result: CaptionResult) -> None:
+    if not getattr(result, "sent", True):
+        return
     summary.requests += 1
     summary.retries += int(result.retries or 0)
     for name, value in (result.usage or {}).items():
@@ -250,7 +279,7 @@ def _sync_results(captioner, state: PassState, units: list[RequestUnit], retry: 
                 except state.unreadable_errors as error:
                     images[unit.row] = f"the image cannot be read ({type(error).__name__}: {error})"
             if isinstance(images[unit.row], str):
-                yield unit.custom_id, CaptionResult(text=None, error=images[unit.row])
+                yield unit.custom_id, not_sent(images[unit.row])
                 continue
             requests.append(CaptionRequest(images[unit.row], unit.prompt, unit.response_format))
             sent.append(unit)
@@ -297,7 +326,7 @@ def run_scale_passes(
                 break
             if not (joint or batching):
                 break
-            units, others = build_units(state, joint), []
+            (units, duplicates), others = _split_duplicates(build_units(state, joint)), []
 
             def claim(candidates: list[RequestUnit], others: list = others) -> list[RequestUnit]:
                 mine, theirs = _claim_units(cache, state, candidates)
@@ -309,6 +338,7 @@ def run_scale_passes(
             used = pass_index + 1
             if not units:
                 _read_others(cache, state, others)
+                _copy_duplicates(cache, state, duplicates)
                 break
             state.summary.passes += 1
             by_id = {unit.custom_id: unit for unit in units}
@@ -342,6 +372,7 @@ def run_scale_passes(
                 for s in unit.targets:
                     state.reasons[(unit.row, s)] = reason
             _read_others(cache, state, others)
+            _copy_duplicates(cache, state, duplicates)
     if not batching:
         return 0  # the joint pass comes on top: every per-type pass of `max_passes` is left for what it missed
     if retry_in_batches or getattr(captioner, "retry_failed", None) is None:

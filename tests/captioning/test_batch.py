@@ -288,3 +288,28 @@ def test_unusable_batch_api_stops_the_run_with_one_clear_error(api, labelled, tm
     closed = OpenAIBatchCaptioner("m", base_url="http://127.0.0.1:9/v1", api_key_env=None, max_retries=0)
     with pytest.raises(CaptionerConnectionError, match="Cannot reach the Batch API at http://127.0.0.1:9/v1"):
         caption_dataset(labelled, closed, domain="textures", cache_dir=tmp_path, show_progress=False)
+
+
+def test_unreadable_image_is_reported_and_duplicate_rows_share_one_request(api, tmp_path):
+    from mmft_hf.captioning.offline import export_caption_requests
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    good = Image.new("RGB", (20, 20), (1, 2, 3))
+    ds = datasets.Dataset.from_dict(
+        {"image": [good, {"bytes": b"not an image", "path": None}, good], "label": [0, 1, 0]}, features=features
+    )
+    server = api()
+    result = caption_dataset(
+        ds, batch_captioner(server), domain="textures", cache_dir=tmp_path, max_passes=1, show_progress=False
+    )
+    failures = result.caption_summary.failures
+    assert [failure.row for failure in failures] == [1, 1, 1]
+    assert all("cannot be read" in failure.reason for failure in failures)
+    # rows 0 and 2 hold the same image bytes and class: one request per caption serves both (distinct custom_ids)
+    assert len(server.processed) == 3 and result.caption_summary.requests == 3 and result["captions"][1] == []
+    assert result["captions"][0] == result["captions"][2] and len(result["captions"][0]) == 3
+    exported = export_caption_requests(
+        ds, tmp_path / "r.jsonl", batch_captioner(server), domain="textures", cache_dir=tmp_path / "x",
+        show_progress=False,
+    )  # fmt: skip
+    assert exported.requests == 3 and len(exported.failures) == 3 and "row 1" in exported.failures[0]

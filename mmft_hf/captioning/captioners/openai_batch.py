@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 
 from tqdm.auto import tqdm
 
+from ...images import IMAGE_DECODE_ERRORS
 from .base import (
     CaptionerAuthenticationError,
     CaptionerConnectionError,
@@ -181,7 +182,7 @@ class OpenAIBatchCaptioner(OpenAICompatibleCaptioner):
         `records` maps each written `custom_id` to its unit record; `failures` are the units that could not be
         written (unreadable image, request too large); `path` is `None` when only failures are left.
         """
-        from ..batch_files import request_line
+        from ..batch_files import not_sent, request_line
 
         handle, path, records, size, failures = None, None, {}, 0, []
         images: dict = {}
@@ -191,24 +192,16 @@ class OpenAIBatchCaptioner(OpenAICompatibleCaptioner):
                     images.clear()  # units come row by row: keep one decoded image at a time
                     try:
                         images[unit.row] = load_image(unit.row)
-                    except Exception as error:  # unreadable image: this unit fails, the batch goes on
+                    except IMAGE_DECODE_ERRORS as error:  # unreadable image: this unit fails, the batch goes on
                         images[unit.row] = f"the image cannot be read ({type(error).__name__}: {error})"
                 if isinstance(images[unit.row], str):
-                    failures.append((unit.custom_id, CaptionResult(text=None, error=images[unit.row])))
+                    failures.append((unit.custom_id, not_sent(images[unit.row])))
                     continue
                 line = request_line(self, unit.custom_id, images[unit.row], unit.prompt, unit.response_format)
                 data = (line + "\n").encode("utf-8")
                 if len(data) > self.max_batch_file_bytes:
-                    failures.append(
-                        (
-                            unit.custom_id,
-                            CaptionResult(
-                                text=None,
-                                error=f"the request is {len(data)} bytes, over max_batch_file_bytes="
-                                f"{self.max_batch_file_bytes}; lower max_image_side",
-                            ),
-                        )
-                    )
+                    error = f"the request is {len(data)} bytes, over max_batch_file_bytes={self.max_batch_file_bytes}"
+                    failures.append((unit.custom_id, not_sent(error + "; lower max_image_side")))
                     continue
                 if handle is not None and (
                     len(records) >= self.max_requests_per_batch or size + len(data) > self.max_batch_file_bytes
