@@ -79,3 +79,23 @@ def test_export_engine_import_then_write(server, source_dir, tmp_path):
     loaded = datasets.load_dataset(str(tmp_path / "out"), cache_dir=str(tmp_path / "hf"))["train"]
     assert sum(len(row) for row in loaded["captions"]) == 36
     assert json.loads(loaded.features["captions"].feature.id)["captioner"]["model"] == "fake-vlm"
+
+
+def test_builder_with_a_batch_spec_and_one_request_per_image(server, image_files_dataset, tmp_path):
+    from mmft_hf import CaptionedImages
+
+    ds = image_files_dataset.remove_columns("captions")
+    builder = CaptionedImages(
+        source=datasets.DatasetDict({"train": ds.select(range(8)), "test": ds.select(range(8, 12))}),
+        domain="textures",
+        captioner="openai-batch:fake-vlm",
+        captioner_kwargs={"base_url": server.base_url, "api_key_env": None, "poll_interval_s": 0.01},
+        one_request_per_image=True,
+        dataset_name="captioned_batch",
+        cache_dir=str(tmp_path / "hf"),
+        caption_cache_dir=str(tmp_path / "captions"),
+    )
+    builder.download_and_prepare()
+    dataset = builder.as_dataset()
+    assert len(server.created) == 2 and len(server.processed) == 12 and server.requests == []  # a batch per split
+    assert all(len(row) == 3 for split in dataset.values() for row in split["captions"])
