@@ -313,3 +313,32 @@ def test_unreadable_image_is_reported_and_duplicate_rows_share_one_request(api, 
         show_progress=False,
     )  # fmt: skip
     assert exported.requests == 3 and len(exported.failures) == 3 and "row 1" in exported.failures[0]
+
+
+def test_cancel_open_batches_keeps_what_finished(api, labelled, tmp_path):
+    import threading
+
+    server = api(hold=True)
+    results = {}
+
+    def run():
+        results["run"] = caption_dataset(
+            labelled, batch_captioner(server), domain="textures", cache_dir=tmp_path, max_passes=1,
+            show_progress=False,
+        )  # fmt: skip
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(server.retrieves) < 2:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.01)
+        assert batch_captioner(server).cancel_open_batches(tmp_path) == server.created
+    finally:
+        server.hold = False
+        thread.join(60)
+    assert server.batches[server.created[0]]["status"] == "cancelled"
+    summary = results["run"].caption_summary
+    assert summary.captions_done == 18 and all("batch_cancelled" in failure.reason for failure in summary.failures)
+    assert batch_captioner(server).cancel_open_batches(tmp_path) == []  # closed in the cache once read

@@ -250,6 +250,31 @@ class OpenAIBatchCaptioner(OpenAICompatibleCaptioner):
             f"Cannot reach the Batch API at {where} ({type(error).__name__}: {error}). {resume}"
         )
 
+    def cancel_open_batches(self, cache_dir: str | None = None) -> list[str]:
+        """Asks the provider to cancel every batch of this API that the caption cache records as open.
+
+        Use it to stop paying for a submission you no longer want. What the batches finished before the
+        cancellation is still paid for: the next `caption_dataset` run reads it (and stores it) as usual, and
+        requests only what is then missing.
+
+        Args:
+            cache_dir (`str`, *optional*): the caption cache (see `caption_dataset`).
+
+        Returns:
+            `list[str]`: the ids of the batches asked to cancel.
+        """
+        from ..cache import CaptionCache, default_cache_dir
+        from ..ledger import SubmissionLedger
+
+        cancelled = []
+        with CaptionCache(cache_dir if cache_dir is not None else default_cache_dir()) as cache:
+            with SubmissionLedger(cache) as ledger, self._client() as client:
+                for submission in ledger.open_submissions(BATCH_KIND):
+                    if submission["remote_id"] and submission["info"].get("base_url") == self.base_url:
+                        client.batches.cancel(submission["remote_id"])
+                        cancelled.append(submission["remote_id"])
+        return cancelled
+
     @staticmethod
     def _find_batch(client, input_file_id: str, search: int = 1000) -> str | None:
         """The batch an interrupted run created for an uploaded file, among the account's newest `search` batches."""
@@ -276,6 +301,7 @@ class OpenAIBatchCaptioner(OpenAICompatibleCaptioner):
 
         total = sum(len(submission["custom_ids"]) for submission in tracked)
         progress: dict[str, int] = {}
+        failed: dict[str, int] = {}
         started, waiting = time.monotonic(), list(tracked)
         with tqdm(total=total, unit="req", desc="Batch", disable=not show_progress or not total) as bar:
             while waiting:
@@ -285,6 +311,7 @@ class OpenAIBatchCaptioner(OpenAICompatibleCaptioner):
                     counts = batch.request_counts
                     done = (counts.completed + counts.failed) if counts is not None else 0
                     progress[submission["id"]] = done
+                    failed[submission["id"]] = counts.failed if counts is not None else 0
                     statuses.append(batch.status)
                     if batch.status not in TERMINAL_STATUSES:
                         continue
@@ -313,6 +340,7 @@ class OpenAIBatchCaptioner(OpenAICompatibleCaptioner):
                 bar.n = min(total, sum(progress.values()))
                 bar.set_postfix(
                     status=",".join(sorted(set(statuses))),
+                    failed=sum(failed.values()),
                     open=len(waiting),
                     elapsed=f"{time.monotonic() - started:.0f}s",
                     refresh=False,
