@@ -153,6 +153,8 @@ class CaptioningInterrupted(KeyboardInterrupt):
 def _resume_note(texts: list[list[str | None]], cache_path: str) -> str:
     done = sum(text is not None for row in texts for text in row)
     expected = sum(len(row) for row in texts)
+    if not expected:  # stopped while reading the cache, before any request
+        return f"Nothing was requested; the caption cache is {cache_path}."
     return (
         f"{done} of {expected} captions are cached in {cache_path}; run the same command again to resume (only the "
         "missing captions are requested)."
