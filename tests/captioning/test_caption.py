@@ -665,3 +665,14 @@ def test_ctrl_c_says_what_is_cached_and_how_to_resume(labelled, tmp_path):
     resumed = FakeCaptioner()
     caption_dataset(labelled, resumed, domain="textures", cache_dir=tmp_path, show_progress=False)
     assert len(resumed.requests) == 31
+
+
+def test_ctrl_c_before_any_request_says_nothing_was_requested(labelled, tmp_path, monkeypatch):
+    from mmft_hf.captioning.cache import CaptionCache
+
+    def interrupted(self, keys):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CaptionCache, "get_many", interrupted)
+    with pytest.raises(CaptioningInterrupted, match=r"^Interrupted\. Nothing was requested; the caption cache is "):
+        caption_dataset(labelled, FakeCaptioner(), domain="textures", cache_dir=tmp_path, show_progress=False)
