@@ -13,6 +13,7 @@ when its owner was a process on this machine that no longer exists (a run killed
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -72,6 +73,32 @@ def _owner_is_gone(owner: str) -> bool:
     except (PermissionError, OverflowError):  # alive but another user's, or not a pid: keep the lease
         return False
     return False
+
+
+def _unusable(path: str, error: sqlite3.DatabaseError) -> str:
+    return (
+        f"Cannot use the caption cache {path}: {error}. If the file is damaged, move it aside "
+        f"(mv '{path}' '{path}.broken') and run again: the captions it held will be requested again. Or use another "
+        "cache directory."
+    )
+
+
+def _names_damage(method):
+    """Re-raises a damaged file's `sqlite3.DatabaseError` (found after opening it) as `CaptionCacheError`.
+
+    Operational errors (a lock held too long, a full disk) are not about the file's content and pass unchanged.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as error:
+            if isinstance(error, (sqlite3.OperationalError, CaptionCacheError)):
+                raise
+            raise CaptionCacheError(_unusable(self.path, error)) from None
+
+    return wrapper
 
 
 def _chunks(items: list, size: int = _MAX_PARAMETERS):
@@ -135,11 +162,7 @@ class CaptionCache:
             self._connection.close()
             if isinstance(error, sqlite3.OperationalError) and "locked" in str(error):
                 raise  # another process held the lock for longer than `timeout`: the file itself is fine
-            raise CaptionCacheError(
-                f"Cannot use the caption cache {path}: {error}. If the file is damaged, move it aside "
-                f"(mv '{path}' '{path}.broken') and run again: the captions it held will be requested again. Or "
-                "use another cache directory."
-            ) from None
+            raise CaptionCacheError(_unusable(path, error)) from None
 
     def _execute_while_locked(self, statement: str, timeout: float) -> None:
         """Runs `statement`, retrying while another connection holds the lock.
@@ -158,6 +181,7 @@ class CaptionCache:
                 time.sleep(pause)
                 pause = min(2 * pause, 0.5)
 
+    @_names_damage
     def get_many(self, keys: Iterable[str]) -> dict[str, str]:
         """Cached texts for `keys` (missing keys are absent from the result)."""
         keys, found = list(keys), {}
@@ -167,6 +191,7 @@ class CaptionCache:
             found.update(rows.fetchall())
         return found
 
+    @_names_damage
     def put(self, key: str, text: str, *, image_sha256: str, prompt: str, identity: str, slot: int, usage=None):
         """Stores one caption and commits at once (autocommit), ending any claim on `key`.
 
@@ -181,6 +206,7 @@ class CaptionCache:
         )
         self._connection.execute("DELETE FROM claims WHERE key = ?", (key,))
 
+    @_names_damage
     def claim(self, keys: Iterable[str], owner: str, ttl_s: float) -> set[str]:
         """Claims the keys nobody else may request now: a lease of `ttl_s` seconds each, taken atomically.
 
@@ -234,6 +260,7 @@ class CaptionCache:
             raise
         return granted
 
+    @_names_damage
     def renew(self, owner: str, ttl_s: float) -> int:
         """Extends every lease of `owner` to `ttl_s` seconds from now; returns how many it holds."""
         cursor = self._connection.execute(
@@ -241,6 +268,7 @@ class CaptionCache:
         )
         return cursor.rowcount
 
+    @_names_damage
     def release(self, owner: str, keys: Iterable[str] | None = None) -> None:
         """Ends the leases of `owner` on `keys` (all of its leases when `keys` is `None`)."""
         if keys is None:

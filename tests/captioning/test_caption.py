@@ -543,6 +543,20 @@ def test_corrupt_cache_file_names_its_path_and_the_fix(tmp_path):
         CaptionCache(str(tmp_path), timeout=0.1)
     assert str(path) in str(info.value) and f"mv '{path}' '{path}.broken'" in str(info.value)
 
+    # damage found only when a page is read, after the file opened fine
+    damaged = tmp_path / "damaged.sqlite"
+    with CaptionCache(str(damaged)) as cache:
+        for index in range(400):
+            cache.put(f"k{index}", "a caption " * 20, image_sha256="s", prompt="p", identity="i", slot=0)
+    data = bytearray(damaged.read_bytes())  # the WAL was checkpointed into the file on close
+    data[4096 * 2 : 4096 * 8] = b"\xff" * (4096 * 6)
+    damaged.write_bytes(bytes(data))
+    cache = CaptionCache(str(damaged), timeout=0.1)
+    with pytest.raises(sqlite3.DatabaseError) as info:
+        cache.get_many(f"k{index}" for index in range(400))
+    cache.close()
+    assert str(damaged) in str(info.value) and f"mv '{damaged}' '{damaged}.broken'" in str(info.value)
+
 
 def _count_claims(path):
     try:
