@@ -38,7 +38,6 @@ from .results import (
     aggregate,
     append_result,
     cell_key,
-    finished_cells,
     plot_results,
     read_results,
     render_table,

@@ -53,11 +53,6 @@ def shared_results(path: str) -> list[dict]:
     return records[0]
 
 
-def finished_cells(path: str) -> set[tuple]:
-    """The `cell_key`s of the records in the results file `path`, read as `shared_results` does."""
-    return {cell_key(record) for record in shared_results(path)}
-
-
 def unique_cells(records: Iterable[dict]) -> list[dict]:
     """`records` with one record per cell (the first; a cell appears twice in files concatenated by hand), so that
     no run is counted twice in the mean over seeds."""

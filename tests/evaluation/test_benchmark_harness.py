@@ -455,28 +455,30 @@ def test_benchmark_reads_the_label_column_argument(tiny_clip_dir, synthetic_data
     assert record["protocol"] == "seeded 90/10 train/validation split" and record["test_samples"] == 16
 
 
-FINISHED_CELLS_SCRIPT = """
+SHARED_RESULTS_SCRIPT = """
 import json, sys
 from accelerate import PartialState
-from mmft_hf.evaluation import finished_cells
+from mmft_hf.evaluation import shared_results
 
 state = PartialState(cpu=True)
 results, missing, out = sys.argv[1:]
-keys = finished_cells(results if state.is_main_process else missing)  # rank 1 cannot see the file
+records = shared_results(results if state.is_main_process else missing)  # rank 1 cannot see the file
 with open(f"{out}/rank{state.process_index}.json", "w") as handle:
-    json.dump(sorted(list(key) for key in keys), handle)
+    json.dump(records, handle)
 state.destroy_process_group()  # exiting with the group alive can abort (SIGABRT) in gloo as the peer leaves
 """
 
 
-def test_every_rank_skips_the_cells_rank_zero_read(tmp_path):
+def test_every_rank_sees_the_records_rank_zero_read(tmp_path):
+    """Every rank skips the same cells and checks the same stored settings: those rank 0 read."""
     results = tmp_path / "results.jsonl"
-    for seed in (1, 2):
-        evaluation.append_result(str(results), {"dataset": "d", "method": "mmft", "shots": 4, "seed": seed})
-    script = tmp_path / "finished_cells_check.py"
-    script.write_text(FINISHED_CELLS_SCRIPT)
+    expected = [{"dataset": "d", "method": "mmft", "shots": 4, "seed": seed, "settings": {"learning_rate": 1e-5}}
+                for seed in (1, 2)]  # fmt: skip
+    for record in expected:
+        evaluation.append_result(str(results), record)
+    script = tmp_path / "shared_results_check.py"
+    script.write_text(SHARED_RESULTS_SCRIPT)
     run_torchrun(2, script, results, tmp_path / "missing.jsonl", tmp_path, cwd=tmp_path, timeout=120)
-    expected = [["d", "mmft", "4", 1], ["d", "mmft", "4", 2]]
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected, rank
 
