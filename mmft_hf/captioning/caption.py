@@ -176,7 +176,19 @@ def resolve_class_names(dataset: datasets.Dataset, label_column: str, class_name
     """Raw class names per label id: `class_names`, else the `ClassLabel` names; `None` for string labels."""
     feature = dataset.features[label_column]
     if class_names is not None:
-        return [str(name) for name in class_names]
+        if isinstance(class_names, str):
+            raise ValueError(
+                f"class_names is the string {class_names!r}; pass a list with one name per label id, e.g. "
+                "['banded', 'dotted']."
+            )
+        names = [str(name) for name in class_names]
+        if isinstance(feature, datasets.ClassLabel) and len(names) != feature.num_classes:
+            raise ValueError(
+                f"class_names has {len(names)} names but column {label_column!r} is a ClassLabel with "
+                f"{feature.num_classes} classes {feature.names}; pass one name per label id, in label order, or "
+                "leave class_names unset to use the ClassLabel's own names."
+            )
+        return names
     if isinstance(feature, datasets.ClassLabel):
         return list(feature.names)
     if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):

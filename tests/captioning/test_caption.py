@@ -259,6 +259,9 @@ def test_labels_class_names_and_bad_input(labelled, tmp_path):
         show_progress=False,
     )
     assert {r.prompt.split(" photo")[0][-1] for r in custom.requests} == {"a", "b", "c"}
+    for wrong in (["A", "B", "C", "D"], ["A", "B"], "ABC"):  # a ClassLabel of 3; a string is not 3 names
+        with pytest.raises(ValueError, match="class_names"):
+            caption_dataset(labelled, custom, domain="textures", class_names=wrong, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="already has a 'captions' column"):
         caption_dataset(labelled.add_column("captions", [[]] * 12), fake, domain="textures", cache_dir=tmp_path)
     with pytest.raises(ValueError, match="'picture'"):
