@@ -41,6 +41,7 @@ class MMFTModelCardData:
         model_name (`str`, *optional*): display name and `model-index` name; defaults to `model_id`.
         base_model (`str`, *optional*): the checkpoint fine-tuned (e.g. `"openai/clip-vit-base-patch32"`); a local
             path is written as `portable_reference` names it.
+        model_class (`str`, defaults to `"CLIPModel"`): the transformers class the checkpoint loads with.
         dataset_id (`str`, *optional*): the captioned dataset (Hub id or path, written as `portable_reference`
             names it).
         dataset_name (`str`, *optional*): its display name; defaults to `dataset_id`.
@@ -70,6 +71,7 @@ class MMFTModelCardData:
     model_id: str | None = None
     model_name: str | None = None
     base_model: str | None = None
+    model_class: str = "CLIPModel"
     dataset_id: str | None = None
     dataset_name: str | None = None
     domain: str | None = None
@@ -262,6 +264,7 @@ def create_model_card(
         template_path=os.fspath(template_path or TEMPLATE_PATH),
         title=card_data.resolved_model_name,
         model_id=card_data.model_id or DEFAULT_MODEL_ID,
+        model_class=card_data.model_class,
         base_model_url=_hub_url(card_data.base_model),
         dataset_id=portable_reference(card_data.dataset_id)[0],
         dataset_url=_hub_url(card_data.dataset_id, datasets=True),

@@ -52,7 +52,8 @@ Top-1 accuracy on the `test` split: \*\*77\.68 %\*\*\.
 \| dotted \| 50\.00 \|
 \| zig\\\|zag \| 93\.33 \|
 .*## Usage
-.*pipeline\("mmft-classification", model="me/mmft-dtd", pipeline_class=MMFTClassificationPipeline\)
+.*import mmft_hf  # registers the "mmft-classification" task
+.*pipeline\("mmft-classification", model="me/mmft-dtd"\)
 .*pipeline\(model="me/mmft-dtd", trust_remote_code=True\)
 .*## Training hyperparameters
 .*\| learning_rate \| 1e-05 \|

@@ -130,7 +130,8 @@ def test_minimal_card_has_no_model_index(tmp_path):
 def test_without_remote_code_only_the_mmft_snippet(tmp_path):
     create_model_card(full_card_data(remote_code=False), tmp_path)
     text = (tmp_path / "README.md").read_text()
-    assert "trust_remote_code" not in text and "pipeline_class=MMFTClassificationPipeline" in text
+    assert "trust_remote_code" not in text and 'pipeline("mmft-classification", model="me/mmft-dtd")' in text
+    assert "pipeline_class" not in text  # with mmft_hf installed the registered task loads the repository
 
 
 @pytest.mark.parametrize("source", ["single_template", "ensemble", None])
@@ -152,6 +153,15 @@ def test_adapter_only_card_does_not_claim_a_standard_clip_model(tmp_path):
     assert "| LoRA | yes (r=4, merged=False) |" in text
     create_model_card(full_card_data(), tmp_path)  # merged
     assert "standard `CLIPModel`" in (tmp_path / "README.md").read_text()
+
+
+def test_card_names_the_class_the_checkpoint_loads_with(tmp_path):
+    create_model_card(full_card_data(model_class="SiglipModel"), tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert "standard `SiglipModel`" in text and 'SiglipModel.from_pretrained("me/mmft-dtd")' in text
+    assert "CLIPModel" not in text
+    create_model_card(full_card_data(model_class="SiglipModel", lora={"r": 4, "merged": False}), tmp_path)
+    assert "PeftModel.from_pretrained(SiglipModel.from_pretrained(" in (tmp_path / "README.md").read_text()
 
 
 def test_unknown_prototype_source_is_rejected():

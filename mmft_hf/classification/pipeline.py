@@ -127,8 +127,10 @@ class MMFTClassificationPipeline(remote_pipeline.MMFTClassificationPipeline):
         if source == "zero-shot":
             templates = tuple(self.prototype_metadata.get("templates", ()))
             source = {SINGLE_TEMPLATE: "single_template", TEMPLATE_PRESETS["ensemble"]: "ensemble"}.get(templates)
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         data = {
             "base_model": base_model,
+            "model_class": type(model).__name__,
             "labels": list(self.labels),
             "prototype_source": source if source in PROTOTYPE_DESCRIPTIONS else None,
         }

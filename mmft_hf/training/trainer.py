@@ -590,6 +590,7 @@ class MMFTTrainer(Trainer):
         data = {
             "model_name": os.path.basename(os.path.normpath(args.output_dir)),
             "base_model": getattr(base.config, "_name_or_path", None) or None,
+            "model_class": type(base).__name__,
             "supcon_weight": args.supcon_weight,
             "seed": args.seed,
             "hyperparameters": {

@@ -120,6 +120,8 @@ def test_stored_prototypes_classify_through_the_library_and_the_remote_copy(trai
     got = torch.tensor([[{o["label"]: o["score"] for o in out}[label] for label in labels] for out in outputs])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     classifier.save_pretrained(tmp_path / "published")  # with remote_pipeline.py
+    card = (tmp_path / "published" / "README.md").read_text()
+    assert f"standard `{type(trained.model).__name__}`" in card  # the card names the family's own class
     remote = pipeline(model=str(tmp_path / "published"), trust_remote_code=True, device="cpu")
     assert type(remote).__module__.startswith("transformers_modules.")
     assert isinstance(remote.model, type(trained.model))
