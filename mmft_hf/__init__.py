@@ -4,8 +4,10 @@ Importing the package registers the `"mmft-classification"` pipeline task with t
 """
 
 from .captioning.builder import PRESETS, CaptionedImages, CaptionedImagesConfig, push_captioned
+from .captioning.cache import CaptionCacheError
 from .captioning.caption import (
     CaptioningError,
+    CaptioningInterrupted,
     CaptioningSummary,
     caption_dataset,
     caption_provenance,
@@ -13,6 +15,9 @@ from .captioning.caption import (
 )
 from .captioning.captioners import (
     CaptionerAuthenticationError,
+    CaptionerConnectionError,
+    CaptionerModelNotFoundError,
+    CaptionerUnavailableError,
     CaptionRequest,
     CaptionResult,
     OpenAIBatchCaptioner,
@@ -37,6 +42,7 @@ from .publishing import publish, save_for_hub
 from .training.arguments import MMFTTrainingArguments
 from .training.collator import MMFTDataCollator
 from .training.data import (
+    align_label_names,
     empty_caption_rows,
     random_resized_crop,
     sample_few_shot,
