@@ -1,24 +1,24 @@
-"""Caption a labelled image dataset with an MLLM for MMFT, then save it in the Hub layout or push it.
+r"""Caption a labelled image dataset with an MLLM for MMFT, then save it in the Hub layout or push it.
 
 Examples:
 
 ```bash
 # a benchmark preset through an OpenAI-compatible API (Gemini here), written to a local Hub-layout folder
-GEMINI_API_KEY=... python examples/generate_captions.py --preset dtd --captioner openai:gemini-2.5-flash-lite \
+GEMINI_API_KEY=... mmft-hf caption --preset dtd --captioner openai:gemini-2.5-flash-lite \
     --base_url https://generativelanguage.googleapis.com/v1beta/openai/ --api_key_env GEMINI_API_KEY \
     --output_dir captioned-dtd
 
 # any dataset with a local VLM, pushed to the Hub
-python examples/generate_captions.py --dataset_name org/my-images --domain flowers \
+mmft-hf caption --dataset_name org/my-images --domain flowers \
     --captioner transformers:Qwen/Qwen3.5-4B --push_to_hub --hub_repo_id me/captioned-flowers
 
 # a local OpenAI-compatible server (vLLM, llama.cpp) needs no key; GTSRB with descriptive names, one per line
-python examples/generate_captions.py --preset gtsrb --captioner openai:Qwen/Qwen3-VL-8B-Instruct \
+mmft-hf caption --preset gtsrb --captioner openai:Qwen/Qwen3-VL-8B-Instruct \
     --base_url http://localhost:8000/v1 --api_key_env none --class_names gtsrb_names.txt --output_dir captioned-gtsrb
 
 # two machines: each captions a shard into its own copy of the cache ... or all into one shared cache directory.
 # Then rerun without --num_shards: every caption is a cache hit, and the full dataset is written.
-python examples/generate_captions.py ... --num_shards 2 --shard_index 0 --cache_dir /shared/captions
+mmft-hf caption ... --num_shards 2 --shard_index 0 --cache_dir /shared/captions
 
 # at scale (docs/scaling.md): know the bill first, then pay half through the provider's Batch API (a rerun after an
 # interruption polls the same batch), optionally with one request per image for all caption types
