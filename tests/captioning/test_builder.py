@@ -451,7 +451,8 @@ def test_generate_captions_ctrl_c_prints_one_line_then_the_same_command_resumes(
         f"Interrupted. {cached} of 16 captions are cached in {tmp_path / 'cache' / 'captions.sqlite'}; run the same "
         "command again to resume (only the missing captions are requested)."
     ]
-    assert 2 <= cached < 16
+    # the third request arrived, so the first answer (0.3 s earlier) is committed; the second may still be on its way
+    assert 1 <= cached < 16
     try:
         summaries = caption_command.main(argv[1:])  # the same command
     finally:
