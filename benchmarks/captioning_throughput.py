@@ -77,20 +77,32 @@ def api_benchmark(num_requests: int, latency: float, concurrency: int) -> None:
 
         timed_captions(captioner(concurrency), requests[:concurrency])  # warm-up: imports, platform probe
         sequential, ok_seq = timed_captions(captioner(1), requests)
+        # A fresh captioner sends its first request alone (to fail fast on a server that cannot answer): a fixed
+        # cost of one latency per run. A captioner whose server has answered sends at full concurrency at once.
         concurrent, ok_conc = timed_captions(captioner(concurrency), requests)
+        answered = captioner(concurrency)
+        timed_captions(answered, requests[:1])
+        steady, ok_steady = timed_captions(answered, requests)
         start = time.perf_counter()
         asyncio.run(bare_sdk(server.base_url, requests, concurrency))
         bare = time.perf_counter() - start
     finally:
         server.shutdown()
         server.server_close()
-    assert ok_seq == ok_conc == num_requests, (ok_seq, ok_conc)
+    assert ok_seq == ok_conc == ok_steady == num_requests, (ok_seq, ok_conc, ok_steady)
     print(f"API captioner, {num_requests} requests, {latency * 1000:.0f} ms latency each (loopback server)")
     print(f"  max_concurrency=1         : {sequential:6.2f} s  {num_requests / sequential:7.1f} captions/s")
     print(f"  max_concurrency={concurrency:<10}: {concurrent:6.2f} s  {num_requests / concurrent:7.1f} captions/s")
+    print(f"  ... server already answered: {steady:6.2f} s  {num_requests / steady:7.1f} captions/s")
     print(f"  bare AsyncOpenAI, sem={concurrency:<4}: {bare:6.2f} s  {num_requests / bare:7.1f} captions/s")
-    print(f"  speed-up concurrent/sequential: {sequential / concurrent:.1f}x (ideal {concurrency}x)")
-    print(f"  captioner vs bare SDK loop    : {bare / concurrent:.2f}x the bare loop's rate")
+    print(
+        f"  speed-up concurrent/sequential: {sequential / concurrent:.1f}x fresh, {sequential / steady:.1f}x once the "
+        f"server has answered (ideal {concurrency}x)"
+    )
+    print(
+        f"  captioner vs bare SDK loop    : {bare / concurrent:.2f}x the bare loop's rate (fresh captioner: its first"
+    )
+    print(f"                                  request goes alone), {bare / steady:.2f}x once the server has answered")
 
 
 def vlm_benchmark(num_images: int, max_new_tokens: int, repeats: int) -> None:
