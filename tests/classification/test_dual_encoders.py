@@ -95,7 +95,9 @@ def test_pipeline_scores_equal_the_models_own_logits(trained, images):
     assert type(classifier) is MMFTClassificationPipeline
     texts = [f"a photo of a {name}" for name in names]
     tokenizer = trained.processor.tokenizer
-    tokens = tokenizer(texts, padding=TEXT_PADDING[trained.family], max_length=tokenizer.model_max_length)
+    tokens = tokenizer(
+        texts, padding=TEXT_PADDING[trained.family], truncation=True, max_length=tokenizer.model_max_length
+    )
     with torch.no_grad():
         inputs = {**image_inputs(trained.processor, images), **{k: torch.tensor(v) for k, v in tokens.items()}}
         inputs.pop("token_type_ids", None)
