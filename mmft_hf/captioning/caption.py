@@ -217,6 +217,85 @@ def _image_bytes(value: dict, row: int, image_column: str) -> bytes:
     raise ValueError(f"Row {row}, column {image_column!r}: the image has neither bytes nor a path.")
 
 
+def _undecoded(dataset: datasets.Dataset, image_column: str, label_column: str) -> datasets.Dataset:
+    """The image and label columns, images as encoded bytes/paths (hashing needs no decoding)."""
+    return dataset.select_columns([image_column, label_column]).cast_column(image_column, datasets.Image(decode=False))
+
+
+def _image_hashes_and_prompts(
+    raw: datasets.Dataset,
+    start: int,
+    names: list[str] | None,
+    image_column: str,
+    label_column: str,
+    slots: list[tuple[str, int]],
+    domain: str,
+    words: int,
+    prompt_template: str,
+) -> tuple[list[str | None], list[list[str]]]:
+    """Per row of `raw` (see `_undecoded`; `start` is its first row's number in messages): the SHA-256 of the
+    encoded image (`None` for a missing image) and the prompt of every slot."""
+    image_hashes, prompts, prompt_of = [], [], {}
+    position = 0
+    for batch in raw.iter(batch_size=256):
+        for value, label in zip(batch[image_column], batch[label_column], strict=True):
+            row = start + position
+            data = _image_bytes(value, row, image_column)
+            image_hashes.append(hashlib.sha256(data).hexdigest() if data else None)
+            if label is None:
+                raise ValueError(f"Row {row}: column {label_column!r} is empty; every image needs a label.")
+            if label not in prompt_of:
+                if names is None:
+                    raw_name = str(label)
+                elif isinstance(label, int) and 0 <= label < len(names):
+                    raw_name = names[label]
+                else:
+                    raise ValueError(f"Row {row}: label {label!r} has no class name ({len(names)} names given).")
+                class_name = normalize_class_name(raw_name)
+                prompt_of[label] = [
+                    build_prompt(class_name, domain, kind, words, prompt_template) for kind, _ in slots
+                ]
+            prompts.append(prompt_of[label])
+            position += 1
+    return image_hashes, prompts
+
+
+def _caption_keys(
+    image_hashes: list[str | None], prompts: list[list[str]], slots: list[tuple[str, int]], identity_text: str
+) -> list[list[str | None]]:
+    return [
+        [caption_key(digest, prompts[row][s], identity_text, slots[s][1]) for s in range(len(slots))]
+        if digest
+        else [None] * len(slots)
+        for row, digest in enumerate(image_hashes)
+    ]
+
+
+def caption_keys(
+    dataset: datasets.Dataset,
+    captioner,
+    *,
+    domain: str,
+    caption_types: Sequence[str] = CAPTION_TYPES,
+    captions_per_type: int = 1,
+    image_column: str = "image",
+    label_column: str = "label",
+    class_names: Sequence[str] | None = None,
+    prompt_template: str = PROMPT_TEMPLATE,
+    words: int = DEFAULT_WORDS,
+) -> list[list[str | None]]:
+    """The cache key of every caption `caption_dataset` would make with these settings, per row (type-major);
+    `None` for a row without an image. Computed exactly as `caption_dataset` computes them."""
+    types = validate_caption_types(caption_types)
+    names = resolve_class_names(dataset, label_column, class_names)
+    slots = [(kind, copy) for kind in types for copy in range(captions_per_type)]
+    image_hashes, prompts = _image_hashes_and_prompts(
+        _undecoded(dataset, image_column, label_column), 0, names, image_column, label_column, slots, domain, words,
+        prompt_template,
+    )  # fmt: skip
+    return _caption_keys(image_hashes, prompts, slots, identity_json(captioner.cache_identity()))
+
+
 def _provenance_settings(
     *,
     prompt_template: str,
@@ -412,29 +491,10 @@ def caption_dataset(
 
     # Hash the encoded bytes, not decoded pixels: no decoding on a rerun, and stable across Pillow/libjpeg
     # versions. Parquet (push_to_hub) keeps the exact file bytes, so a reloaded dataset hits the same cache.
-    raw = part.select_columns([image_column, label_column]).cast_column(image_column, datasets.Image(decode=False))
-    image_hashes, prompts, prompt_of = [], [], {}
-    position = 0
-    for batch in raw.iter(batch_size=256):
-        for value, label in zip(batch[image_column], batch[label_column], strict=True):
-            row = start + position
-            data = _image_bytes(value, row, image_column)
-            image_hashes.append(hashlib.sha256(data).hexdigest() if data else None)
-            if label is None:
-                raise ValueError(f"Row {row}: column {label_column!r} is empty; every image needs a label.")
-            if label not in prompt_of:
-                if names is None:
-                    raw_name = str(label)
-                elif isinstance(label, int) and 0 <= label < len(names):
-                    raw_name = names[label]
-                else:
-                    raise ValueError(f"Row {row}: label {label!r} has no class name ({len(names)} names given).")
-                class_name = normalize_class_name(raw_name)
-                prompt_of[label] = [
-                    build_prompt(class_name, domain, kind, words, prompt_template) for kind, _ in slots
-                ]
-            prompts.append(prompt_of[label])
-            position += 1
+    raw = _undecoded(part, image_column, label_column)
+    image_hashes, prompts = _image_hashes_and_prompts(
+        raw, start, names, image_column, label_column, slots, domain, words, prompt_template
+    )
 
     summary = CaptioningSummary(num_rows=len(part), captions_expected=len(part) * len(slots))
     cache = CaptionCache(cache_dir if cache_dir is not None else default_cache_dir())
@@ -444,12 +504,7 @@ def caption_dataset(
     claim_keeper = ClaimKeeper(cache.path, claim_owner, CLAIM_TTL_S)
     texts: list[list[str | None]] = []
     try:
-        keys = [
-            [caption_key(digest, prompts[row][s], identity_text, slots[s][1]) for s in range(len(slots))]
-            if digest
-            else [None] * len(slots)
-            for row, digest in enumerate(image_hashes)
-        ]
+        keys = _caption_keys(image_hashes, prompts, slots, identity_text)
         cached = cache.get_many(key for row_keys in keys for key in row_keys if key)
         texts = [[cached.get(key) if key else None for key in row_keys] for row_keys in keys]
         summary.cache_hits = sum(text is not None for row in texts for text in row)

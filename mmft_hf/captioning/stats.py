@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Sequence
@@ -14,14 +13,9 @@ import torch
 
 from ..encoders import encode_texts, max_text_length, model_device, pooled_output
 from ..images import to_rgb
-from .cache import CaptionCache, caption_key, identity_json
+from .cache import CaptionCache
 from .prompts import (
-    CAPTION_TYPES,
-    DEFAULT_WORDS,
-    PROMPT_TEMPLATE,
-    build_prompt,
     normalize_class_name,
-    validate_caption_types,
 )
 
 PERCENTILES = (5, 25, 50, 75, 95)
@@ -286,45 +280,6 @@ def stratified_sample(dataset: datasets.Dataset, label_column: str, num_rows: in
     return sorted(chosen)
 
 
-def caption_keys(
-    dataset: datasets.Dataset,
-    captioner,
-    *,
-    domain: str,
-    caption_types: Sequence[str] = CAPTION_TYPES,
-    captions_per_type: int = 1,
-    image_column: str = "image",
-    label_column: str = "label",
-    class_names: Sequence[str] | None = None,
-    prompt_template: str = PROMPT_TEMPLATE,
-    words: int = DEFAULT_WORDS,
-) -> list[list[str | None]]:
-    """The cache key of every caption `caption_dataset` would make with these settings, per row (type-major);
-    `None` for a row without an image."""
-    from .caption import _image_bytes, resolve_class_names
-
-    types = validate_caption_types(caption_types)
-    names = resolve_class_names(dataset, label_column, class_names)
-    identity = identity_json(captioner.cache_identity())
-    slots = [(kind, copy) for kind in types for copy in range(captions_per_type)]
-    raw = dataset.select_columns([image_column, label_column]).cast_column(image_column, datasets.Image(decode=False))
-    keys = []
-    for row, item in enumerate(raw):
-        data = _image_bytes(item[image_column], row, image_column)
-        label = item[label_column]
-        name = normalize_class_name(str(label) if names is None else names[label])
-        digest = hashlib.sha256(data).hexdigest() if data else None
-        keys.append(
-            [
-                caption_key(digest, build_prompt(name, domain, kind, words, prompt_template), identity, copy)
-                if digest
-                else None
-                for kind, copy in slots
-            ]
-        )
-    return keys
-
-
 def estimate_captioning_cost(
     dataset: datasets.Dataset,
     captioner,
@@ -365,7 +320,7 @@ def estimate_captioning_cost(
     """
     import copy
 
-    from .caption import caption_dataset
+    from .caption import caption_dataset, caption_keys
     from .ledger import SubmissionLedger
 
     if not 0 <= batch_discount < 1:
