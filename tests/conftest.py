@@ -125,3 +125,20 @@ def image_files_dataset(tmp_path_factory) -> datasets.Dataset:
         }
     )
     return datasets.Dataset.from_dict(rows, features=features)
+
+
+@pytest.fixture
+def batch_api():
+    """Starts loopback OpenAI APIs with the Batch endpoints (`batch_api(**options)`); all stop after the test."""
+    from tests.fake_batch_api import start_fake_batch_api
+
+    servers = []
+
+    def start(**kwargs):
+        servers.append(start_fake_batch_api(**kwargs))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()

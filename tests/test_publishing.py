@@ -18,23 +18,17 @@ from mmft_hf.classification.pipeline import MMFTClassificationPipeline
 from mmft_hf.classification.prototypes import load_class_prototypes, save_class_prototypes
 from mmft_hf.model_card import MMFTModelCardData
 from mmft_hf.publishing import publish, save_for_hub
+from tests.without_mmft_hf import BLOCK_MMFT_HF
 
 NAMES = ["red circle", "green square", "blue triangle", "yellow cross"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 # Runs where mmft_hf cannot be imported: a cwd and PYTHONPATH without the repository, and a meta path finder that
 # refuses mmft_hf in case an installation (editable finder, .pth) would otherwise provide it.
-REMOTE_SCRIPT = textwrap.dedent(
+REMOTE_SCRIPT = BLOCK_MMFT_HF + textwrap.dedent(
     """
-    import importlib.abc, json, sys
+    import json
 
-    class BlockMMFT(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "mmft_hf" or name.startswith("mmft_hf."):
-                raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
-            return None
-
-    sys.meta_path.insert(0, BlockMMFT())
     try:
         import mmft_hf  # noqa: F401
     except ImportError:

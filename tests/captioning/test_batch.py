@@ -18,24 +18,9 @@ from mmft_hf.captioning.captioners import OpenAIBatchCaptioner as ExportedFromCa
 from mmft_hf.captioning.captioners.base import CaptionRequest
 from mmft_hf.captioning.captioners.openai_compatible import OpenAICompatibleCaptioner
 from mmft_hf.captioning.prompts import build_prompt
-from tests.fake_batch_api import start_fake_batch_api
 
 TYPES = ("visual", "shape", "texture")
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def api():
-    servers = []
-
-    def start(**kwargs):
-        servers.append(start_fake_batch_api(**kwargs))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture
@@ -53,8 +38,8 @@ def expected_captions(ds, row, types=TYPES):
     return [build_prompt(name, "textures", kind) for kind in types]
 
 
-def test_batch_run_makes_no_chat_request_and_fills_the_cache(api, labelled, tmp_path):
-    server = api()
+def test_batch_run_makes_no_chat_request_and_fills_the_cache(batch_api, labelled, tmp_path):
+    server = batch_api()
     result = caption_dataset(
         labelled, batch_captioner(server), domain="textures", cache_dir=tmp_path, show_progress=False
     )
@@ -79,8 +64,8 @@ def test_batch_run_makes_no_chat_request_and_fills_the_cache(api, labelled, tmp_
     assert OpenAIBatchCaptioner is ExportedFromCaptioners
 
 
-def test_batch_body_is_the_synchronous_body(api, tmp_path):
-    server = api()
+def test_batch_body_is_the_synchronous_body(batch_api, tmp_path):
+    server = batch_api()
     settings = {"temperature": 0.3, "max_tokens": 40, "extra_body": {"top_k": 5}, "max_image_side": 32}
     image = Image.new("RGB", (80, 40), (200, 10, 10))
     sync = OpenAICompatibleCaptioner("fake-vlm", base_url=server.base_url, api_key_env=None, **settings)
@@ -92,15 +77,15 @@ def test_batch_body_is_the_synchronous_body(api, tmp_path):
     assert line == {"custom_id": "key-1", "method": "POST", "url": "/v1/chat/completions", "body": sync_body}
 
 
-def test_split_above_request_and_size_limits(api, labelled, tmp_path):
-    server = api()
+def test_split_above_request_and_size_limits(batch_api, labelled, tmp_path):
+    server = batch_api()
     captioner = batch_captioner(server, max_requests_per_batch=10)
     result = caption_dataset(labelled, captioner, domain="textures", cache_dir=tmp_path, show_progress=False)
     assert len(server.created) == 4 and result.caption_summary.failures == []
     sizes = [len(server.contents[server.batches[b]["input_file_id"]].splitlines()) for b in server.created]
     assert sizes == [10, 10, 10, 6]
     # a file-size bound splits too: each request line of these small images is a few kB
-    server2 = api()
+    server2 = batch_api()
     one_line = len(server.contents[server.batches[server.created[0]]["input_file_id"]].splitlines()[0]) + 1
     captioner = batch_captioner(server2, max_batch_file_bytes=int(one_line * 5.5))
     result = caption_dataset(labelled, captioner, domain="textures", cache_dir=tmp_path / "b", show_progress=False)
@@ -109,7 +94,7 @@ def test_split_above_request_and_size_limits(api, labelled, tmp_path):
     assert len(server2.created) >= 36 // 6
 
 
-def test_per_line_errors_end_complete_after_a_second_batch_pass(api, labelled, tmp_path):
+def test_per_line_errors_end_complete_after_a_second_batch_pass(batch_api, labelled, tmp_path):
     failing = set()
 
     def line_error(custom_id):
@@ -118,7 +103,7 @@ def test_per_line_errors_end_complete_after_a_second_batch_pass(api, labelled, t
             return 500
         return None
 
-    server = api(script=[{"line_error": line_error}])
+    server = batch_api(script=[{"line_error": line_error}])
     result = caption_dataset(
         labelled, batch_captioner(server), domain="textures", cache_dir=tmp_path, show_progress=False
     )
@@ -130,14 +115,14 @@ def test_per_line_errors_end_complete_after_a_second_batch_pass(api, labelled, t
     assert all(len(result[row]["captions"]) == 3 for row in range(len(labelled)))
 
 
-def test_sync_retry_of_a_failed_batch_and_rows_reported_when_all_fail(api, labelled, tmp_path):
-    server = api(script=[{"final": "failed"}])
+def test_sync_retry_of_a_failed_batch_and_rows_reported_when_all_fail(batch_api, labelled, tmp_path):
+    server = batch_api(script=[{"final": "failed"}])
     captioner = batch_captioner(server, retry_failed="sync")
     result = caption_dataset(labelled, captioner, domain="textures", cache_dir=tmp_path, show_progress=False)
     assert result.caption_summary.failures == [] and len(server.created) == 1
     assert len(server.requests) == 36  # the second pass went through chat completions
 
-    server = api(script=[{"final": "expired", "fraction": 0.5}, {"final": "failed"}])
+    server = batch_api(script=[{"final": "expired", "fraction": 0.5}, {"final": "failed"}])
     result = caption_dataset(
         labelled, batch_captioner(server), domain="textures", cache_dir=tmp_path / "b", max_passes=2,
         show_progress=False,
@@ -148,8 +133,8 @@ def test_sync_retry_of_a_failed_batch_and_rows_reported_when_all_fail(api, label
     assert sum(len(row) for row in result["captions"]) == 18
 
 
-def test_cancelled_batch_keeps_what_ran(api, labelled, tmp_path):
-    server = api(script=[{"final": "cancelled", "fraction": 0.25}])
+def test_cancelled_batch_keeps_what_ran(batch_api, labelled, tmp_path):
+    server = batch_api(script=[{"final": "cancelled", "fraction": 0.25}])
     result = caption_dataset(
         labelled, batch_captioner(server), domain="textures", cache_dir=tmp_path, max_passes=1, show_progress=False
     )
@@ -165,13 +150,13 @@ def _open_submissions(cache_file):
         return []
 
 
-def test_sigkill_while_polling_then_rerun_polls_the_same_batch(api, tmp_path):
+def test_sigkill_while_polling_then_rerun_polls_the_same_batch(batch_api, tmp_path):
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a_b", "c"])})
     images = [Image.new("RGB", (16 + i, 16), (30 * i, 10, 200 - 20 * i)) for i in range(6)]
     datasets.Dataset.from_dict({"image": images, "label": [i % 2 for i in range(6)]}, features=features).save_to_disk(
         str(tmp_path / "ds")
     )
-    server = api(hold=True)
+    server = batch_api(hold=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(ROOT / "tests/scripts/batch_caption_worker.py"), str(tmp_path / "ds")]
     command += [str(tmp_path / "cache"), server.base_url]
@@ -202,10 +187,10 @@ def test_sigkill_while_polling_then_rerun_polls_the_same_batch(api, tmp_path):
     assert result[0]["captions"] == [build_prompt("a b", "textures", kind) for kind in TYPES]
 
 
-def test_killed_between_creating_and_recording_the_batch_finds_it_again(api, labelled, tmp_path, monkeypatch):
+def test_killed_between_creating_and_recording_the_batch_finds_it_again(batch_api, labelled, tmp_path, monkeypatch):
     from mmft_hf.captioning.ledger import SubmissionLedger
 
-    server = api(hold=True)
+    server = batch_api(hold=True)
     original = SubmissionLedger.set_remote_id
 
     def die(self, submission_id, remote_id):
@@ -232,10 +217,10 @@ def _claims(cache_file):
         return 0
 
 
-def test_two_live_batch_runs_sharing_a_cache_submit_once(api, labelled, tmp_path):
+def test_two_live_batch_runs_sharing_a_cache_submit_once(batch_api, labelled, tmp_path):
     import threading
 
-    server = api(hold=True)
+    server = batch_api(hold=True)
     server.upload_delay = 1.0
     results = {}
 
@@ -278,10 +263,10 @@ def test_two_live_batch_runs_sharing_a_cache_submit_once(api, labelled, tmp_path
     assert third.caption_summary.cache_hits == 36 and len(server.created) == 1
 
 
-def test_unusable_batch_api_stops_the_run_with_one_clear_error(api, labelled, tmp_path):
+def test_unusable_batch_api_stops_the_run_with_one_clear_error(batch_api, labelled, tmp_path):
     from mmft_hf.captioning.captioners import CaptionerConnectionError, CaptionerModelNotFoundError
 
-    server = api()
+    server = batch_api()
     server.batch_api = False  # a server with chat completions only, like vLLM's
     with pytest.raises(CaptionerModelNotFoundError, match="export the requests for `vllm run-batch`"):
         caption_dataset(labelled, batch_captioner(server), domain="textures", cache_dir=tmp_path, show_progress=False)
@@ -290,7 +275,7 @@ def test_unusable_batch_api_stops_the_run_with_one_clear_error(api, labelled, tm
         caption_dataset(labelled, closed, domain="textures", cache_dir=tmp_path, show_progress=False)
 
 
-def test_unreadable_image_is_reported_and_duplicate_rows_share_one_request(api, tmp_path):
+def test_unreadable_image_is_reported_and_duplicate_rows_share_one_request(batch_api, tmp_path):
     from mmft_hf.captioning.offline import export_caption_requests
 
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
@@ -298,7 +283,7 @@ def test_unreadable_image_is_reported_and_duplicate_rows_share_one_request(api, 
     ds = datasets.Dataset.from_dict(
         {"image": [good, {"bytes": b"not an image", "path": None}, good], "label": [0, 1, 0]}, features=features
     )
-    server = api()
+    server = batch_api()
     result = caption_dataset(
         ds, batch_captioner(server), domain="textures", cache_dir=tmp_path, max_passes=1, show_progress=False
     )
@@ -315,10 +300,10 @@ def test_unreadable_image_is_reported_and_duplicate_rows_share_one_request(api, 
     assert exported.requests == 3 and len(exported.failures) == 3 and "row 1" in exported.failures[0]
 
 
-def test_cancel_open_batches_keeps_what_finished(api, labelled, tmp_path):
+def test_cancel_open_batches_keeps_what_finished(batch_api, labelled, tmp_path):
     import threading
 
-    server = api(hold=True)
+    server = batch_api(hold=True)
     results = {}
 
     def run():

@@ -8,23 +8,8 @@ from mmft_hf import OpenAIBatchCaptioner, caption_dataset
 from mmft_hf.captioning.captioners.openai_compatible import OpenAICompatibleCaptioner
 from mmft_hf.captioning.joint import build_joint_prompt, joint_response_format, parse_joint_reply
 from mmft_hf.captioning.prompts import build_prompt
-from tests.fake_batch_api import start_fake_batch_api
 
 TYPES = ("visual", "shape", "texture")
-
-
-@pytest.fixture
-def api():
-    servers = []
-
-    def start(**kwargs):
-        servers.append(start_fake_batch_api(**kwargs))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture
@@ -46,8 +31,8 @@ def origins(cache_dir):
         return connection.execute("SELECT key, origin FROM caption_origins").fetchall()
 
 
-def test_joint_run_makes_one_request_per_image_and_stores_every_caption(api, labelled, tmp_path):
-    server = api()
+def test_joint_run_makes_one_request_per_image_and_stores_every_caption(batch_api, labelled, tmp_path):
+    server = batch_api()
     result = caption_dataset(
         labelled, sync_captioner(server), domain="textures", cache_dir=tmp_path, one_request_per_image=True,
         show_progress=False,
@@ -69,8 +54,8 @@ def test_joint_run_makes_one_request_per_image_and_stores_every_caption(api, lab
     assert again.caption_summary.requests == 0 and again["captions"] == result["captions"]
 
 
-def test_joint_saves_image_tokens(api, labelled, tmp_path):
-    per_type, joint = api(), api()  # the server counts an image's tiles and the prompt's words
+def test_joint_saves_image_tokens(batch_api, labelled, tmp_path):
+    per_type, joint = batch_api(), batch_api()  # the server counts an image's tiles and the prompt's words
     per_type_result = caption_dataset(
         labelled, sync_captioner(per_type), domain="textures", cache_dir=tmp_path / "a", show_progress=False
     )
@@ -83,8 +68,8 @@ def test_joint_saves_image_tokens(api, labelled, tmp_path):
     assert joint_result.caption_summary.usage["prompt_tokens"] < 0.5 * per_type_tokens
 
 
-def test_unparseable_replies_fall_back_to_per_type_requests(api, labelled, tmp_path):
-    server = api(json_replies=False)
+def test_unparseable_replies_fall_back_to_per_type_requests(batch_api, labelled, tmp_path):
+    server = batch_api(json_replies=False)
     result = caption_dataset(
         labelled, sync_captioner(server), domain="textures", cache_dir=tmp_path, one_request_per_image=True,
         show_progress=False,
@@ -94,8 +79,8 @@ def test_unparseable_replies_fall_back_to_per_type_requests(api, labelled, tmp_p
     assert origins(tmp_path) == []  # nothing came from a joint request
 
 
-def test_reply_missing_a_type_asks_only_for_that_type(api, labelled, tmp_path):
-    server = api(drop_types=("shape",))
+def test_reply_missing_a_type_asks_only_for_that_type(batch_api, labelled, tmp_path):
+    server = batch_api(drop_types=("shape",))
     result = caption_dataset(
         labelled, sync_captioner(server), domain="textures", cache_dir=tmp_path, one_request_per_image=True,
         show_progress=False,
@@ -107,8 +92,8 @@ def test_reply_missing_a_type_asks_only_for_that_type(api, labelled, tmp_path):
     assert result[0]["captions"][0].startswith("visual caption: ")
 
 
-def test_joint_requests_through_a_batch(api, labelled, tmp_path):
-    server = api()
+def test_joint_requests_through_a_batch(batch_api, labelled, tmp_path):
+    server = batch_api()
     captioner = OpenAIBatchCaptioner("fake-vlm", base_url=server.base_url, api_key_env=None, poll_interval_s=0.01)
     result = caption_dataset(
         labelled, captioner, domain="textures", cache_dir=tmp_path, one_request_per_image=True, show_progress=False
@@ -139,8 +124,8 @@ def test_joint_prompt_holds_each_per_type_prompt():
         build_joint_prompt({})
 
 
-def test_joint_requests_per_copy_with_several_captions_per_type(api, labelled, tmp_path):
-    server = api()
+def test_joint_requests_per_copy_with_several_captions_per_type(batch_api, labelled, tmp_path):
+    server = batch_api()
     result = caption_dataset(
         labelled.select(range(4)), sync_captioner(server), domain="textures", cache_dir=tmp_path,
         one_request_per_image=True, captions_per_type=2, show_progress=False,

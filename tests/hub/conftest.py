@@ -19,27 +19,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.without_mmft_hf import BLOCK_MMFT_HF
+
 pytest.importorskip("olah", reason="the Hub-protocol tests need olah (pip install -e '.[test]')")
 
 LAUNCHER = Path(__file__).with_name("olah_launcher.py")
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 STARTUP_TIMEOUT = 60  # seconds for olah to answer its first API request
-
-# Prepended to scripts that must run where mmft_hf cannot be imported (a user without the library).
-BLOCK_MMFT_HF = textwrap.dedent(
-    """
-    import importlib.abc, sys
-
-    class BlockMMFT(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "mmft_hf" or name.startswith("mmft_hf."):
-                raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
-            return None
-
-    sys.meta_path.insert(0, BlockMMFT())
-    """
-)
 
 
 def free_port() -> int:
