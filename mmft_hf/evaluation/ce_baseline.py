@@ -15,7 +15,8 @@ from ..captioning.prompts import normalize_class_name
 from ..classification.prototypes import OPENAI_IMAGENET_TEMPLATES, zero_shot_prototypes
 from ..training.arguments import MMFTTrainingArguments
 from ..training.collator import MMFTDataCollator
-from ..training.trainer import ROW_INDEX_COLUMN, decay_parameter_names, with_row_errors
+from ..training.data import ROW_INDEX_COLUMN, with_row_errors
+from ..training.trainer import decay_parameter_names
 
 logger = logging.get_logger(__name__)
 

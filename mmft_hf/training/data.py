@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 from transformers.utils import logging
 
+from ..classification.prototypes import template_texts
 from ..images import IMAGE_DECODE_ERRORS, describe_image_source, load_image, to_rgb  # noqa: F401  (re-exported)
 
 logger = logging.get_logger(__name__)
@@ -447,3 +448,40 @@ def validate_captioned_dataset(
     if check_images:
         _check_images(dataset, image_column)
     return names
+
+
+# ------------------------------------------------------------------------------------ training rows and texts
+ROW_INDEX_COLUMN = "__mmft_row__"
+
+
+def with_template_captions(
+    dataset: datasets.Dataset,
+    class_names: Sequence[str],
+    templates: Sequence[str],
+    label_column: str,
+    caption_column: str,
+) -> datasets.Dataset:
+    """Replaces the captions of every row by `templates` filled with its class name (FLYP and FLYP-ens texts)."""
+    texts = template_texts(class_names, templates)
+    labels = dataset[label_column]
+    if caption_column in dataset.column_names:
+        dataset = dataset.remove_columns(caption_column)
+    return dataset.add_column(
+        caption_column, [texts[label] for label in labels], feature=datasets.List(datasets.Value("string"))
+    )
+
+
+def with_row_errors(dataset, image_column: str):
+    """Decodes images in the collator rather than in `datasets`, with each row's index at hand.
+
+    `datasets.Image()` decodes when a row is read, so a corrupt file fails there without saying which row. With
+    `Image(decode=False)` and a row-index column, `MMFTDataCollator` decodes and names the row, column and file.
+    """
+    if not isinstance(dataset, datasets.Dataset):
+        return dataset
+    feature = dataset.features.get(image_column)
+    if isinstance(feature, datasets.Image) and feature.decode:
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    if ROW_INDEX_COLUMN not in dataset.column_names:
+        dataset = dataset.add_column(ROW_INDEX_COLUMN, list(range(len(dataset))))
+    return dataset

@@ -31,52 +31,24 @@ from ..model_card import MMFTModelCardData, create_model_card
 from ..publishing import save_for_hub
 from .arguments import MMFTTrainingArguments
 from .collator import EpochKeyedDataset, EpochSampler, MMFTDataCollator
-from .data import align_label_names, validate_captioned_dataset
+from .data import (
+    ROW_INDEX_COLUMN,
+    align_label_names,
+    validate_captioned_dataset,
+    with_row_errors,
+    with_template_captions,
+)
 from .distributed import gather_batch, global_logits
 from .losses import mmft_loss
 
 logger = logging.get_logger(__name__)
 
 EXTRA_PARAMETERS_FILENAME = "mmft_extra_parameters.safetensors"
-ROW_INDEX_COLUMN = "__mmft_row__"
 
 
 def _unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside a peft `PeftModel` (attribute access goes through the LoRA layers)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def with_template_captions(
-    dataset: datasets.Dataset,
-    class_names: Sequence[str],
-    templates: Sequence[str],
-    label_column: str,
-    caption_column: str,
-) -> datasets.Dataset:
-    """Replaces the captions of every row by `templates` filled with its class name (FLYP and FLYP-ens texts)."""
-    texts = template_texts(class_names, templates)
-    labels = dataset[label_column]
-    if caption_column in dataset.column_names:
-        dataset = dataset.remove_columns(caption_column)
-    return dataset.add_column(
-        caption_column, [texts[label] for label in labels], feature=datasets.List(datasets.Value("string"))
-    )
-
-
-def with_row_errors(dataset, image_column: str):
-    """Decodes images in the collator rather than in `datasets`, with each row's index at hand.
-
-    `datasets.Image()` decodes when a row is read, so a corrupt file fails there without saying which row. With
-    `Image(decode=False)` and a row-index column, `MMFTDataCollator` decodes and names the row, column and file.
-    """
-    if not isinstance(dataset, datasets.Dataset):
-        return dataset
-    feature = dataset.features.get(image_column)
-    if isinstance(feature, datasets.Image) and feature.decode:
-        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    if ROW_INDEX_COLUMN not in dataset.column_names:
-        dataset = dataset.add_column(ROW_INDEX_COLUMN, list(range(len(dataset))))
-    return dataset
 
 
 def check_contrastive_batch(args: MMFTTrainingArguments, train_dataset) -> None:
