@@ -22,7 +22,15 @@ class CaptionerUnavailableError(RuntimeError):
 
 
 class CaptionerConnectionError(CaptionerUnavailableError):
-    """The server cannot be reached, or stopped answering (connection errors, timeouts, HTTP 502/503/504)."""
+    """The server cannot be reached (connection refused or reset, DNS failure), or stopped answering."""
+
+
+class CaptionerNotAnsweringError(CaptionerConnectionError):
+    """The server accepts connections but does not answer within the request timeout (hung, or overloaded)."""
+
+
+class CaptionerServerError(CaptionerUnavailableError):
+    """The server answers, but only with errors: a storm of HTTP 5xx, or HTTP 429 beyond its `Retry-After` budget."""
 
 
 class CaptionerAuthenticationError(CaptionerUnavailableError):
@@ -58,12 +66,17 @@ class CaptionResult:
         error (`str`, *optional*): why it failed (never set together with `text`).
         retries (`int`, defaults to 0): extra attempts made for this request.
         usage (`dict`, *optional*): token counts reported by the backend (e.g. `prompt_tokens`).
+        finish_reason (`str`, *optional*): the answer's `finish_reason` (`"stop"`, `"length"`, ...), `None` when the
+            backend does not say; read by the quality gate (`captioning/quality.py`).
+        refusal (`str`, *optional*): the model's refusal message (OpenAI's `message.refusal`), if any.
     """
 
     text: str | None
     error: str | None = None
     retries: int = 0
     usage: dict = field(default_factory=dict)
+    finish_reason: str | None = None
+    refusal: str | None = None
 
 
 @runtime_checkable
