@@ -52,6 +52,11 @@ class MMFTTrainingArguments(TrainingArguments):
             Texts encoded per forward pass when building class prototypes.
         weight_decay_all_parameters (`bool`, defaults to `True`):
             Decay biases and LayerNorm weights too, as the reference does (Trainer exempts them otherwise).
+        contrastive_chunk_size (`int`, *optional*):
+            Embed the per-device batch in chunks of this many pairs (GradCache): a pass without the graph, the loss
+            over the whole (gathered) batch, then each chunk again with gradients. Same weights as the unchunked
+            run within float rounding, with the memory of a `contrastive_chunk_size` batch. Unset, or at least the
+            batch size: one forward pass over the batch. See docs/large-batches.md.
         use_lora / lora_r / lora_alpha / lora_dropout / lora_target_modules:
             LoRA through peft on both towers (`q_proj`, `k_proj`, `v_proj`, `out_proj` by default). The final
             `save_model` writes the merged plain model; checkpoints hold the adapter.
@@ -88,6 +93,13 @@ class MMFTTrainingArguments(TrainingArguments):
     prototype_batch_size: int = field(default=256, metadata={"help": "Texts per batch when building prototypes."})
     weight_decay_all_parameters: bool = field(
         default=True, metadata={"help": "Apply weight decay to biases and norms too (MMFT reference)."}
+    )
+    contrastive_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Embed each per-device batch in chunks of this many pairs with cached gradients (GradCache): the "
+            "contrastive batch stays per_device_train_batch_size x processes, the memory is that of one chunk."
+        },
     )
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft) instead of all weights."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
@@ -158,6 +170,11 @@ class MMFTTrainingArguments(TrainingArguments):
             raise ValueError(f"class_template must contain '{{}}' for the class name, got {self.class_template!r}.")
         if not 0.0 < self.crop_scale_min <= 1.0:
             raise ValueError(f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}.")
+        if self.contrastive_chunk_size is not None and self.contrastive_chunk_size < 1:
+            raise ValueError(
+                f"contrastive_chunk_size must be a positive number of pairs, got {self.contrastive_chunk_size}; "
+                "leave it unset to embed each batch in one pass."
+            )
         if self.remove_unused_columns:
             raise ValueError(
                 "MMFTTrainer needs remove_unused_columns=False: the collator reads the image, label and caption "
