@@ -108,6 +108,7 @@ def make_synthetic_dataset(
     image_size: int = 32,
     caption_types: tuple[str, ...] = ("visual", "shape", "texture"),
     seed: int = 0,
+    first_class: int = 0,
 ) -> datasets.DatasetDict:
     """Builds a captioned dataset of drawn shapes with `train`, `validation` and `test` splits.
 
@@ -118,12 +119,14 @@ def make_synthetic_dataset(
         image_size (`int`, defaults to 32): side of the square images in pixels.
         caption_types (`tuple[str, ...]`): one caption per type and image, describing what was drawn.
         seed (`int`, defaults to 0): seeds the drawing.
+        first_class (`int`, defaults to 0): skip this many classes of `synthetic_class_names`, e.g. `first_class=8`
+            gives classes a dataset of the first 8 does not have (a zero-shot retention set).
 
     Returns:
         `datasets.DatasetDict` with columns `image` (`Image`), `label` (`ClassLabel`) and `captions`
         (`List(string)`), the same layout as a dataset made by `caption_dataset`.
     """
-    names = synthetic_class_names(num_classes)
+    names = synthetic_class_names(first_class + num_classes)[first_class:]
     features = datasets.Features(
         {
             "image": datasets.Image(),
