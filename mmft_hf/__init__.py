@@ -52,4 +52,5 @@ from .training.data import (
 from .training.distributed import gather_batch, global_logits
 from .training.losses import clip_loss, mmft_loss, supcon_loss
 from .training.trainer import MMFTTrainer
+from .training.wise_ft import wise_ft
 from .version import __version__
