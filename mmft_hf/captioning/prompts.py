@@ -18,6 +18,19 @@ CAPTION_TYPES = ("visual", "shape", "texture")
 # Further characteristic words defined by the reference code (probably ablations). Any other word works too.
 EXTRA_CAPTION_TYPES = ("context", "spatial", "petals", "color", "symbols")
 
+# A detailed caption of several sentences (ShareGPT4V/DreamLIP-style long captions), for
+# `caption_sampling="sentence"`: it is longer than CLIP's 77 tokens, and training draws one sentence at a time.
+LONG_CAPTION_TYPE = "long"
+LONG_PROMPT_TEMPLATE = (
+    "To differentiate this {class_name} photo from other {domain} photos, describe it in detail: the main object, "
+    "its parts, shape, colors and texture, then its surroundings and the background. Write several complete "
+    "sentences based on the photo in about {words} words."
+)
+# Caption types with a prompt of their own (used in place of the default `PROMPT_TEMPLATE`, not of a custom one).
+TYPE_PROMPT_TEMPLATES = {LONG_CAPTION_TYPE: LONG_PROMPT_TEMPLATE}
+# Words asked per caption type, where it differs from the run's `words` (default `DEFAULT_WORDS`).
+CAPTION_WORDS = {LONG_CAPTION_TYPE: 150}
+
 TEMPLATE_FIELDS = ("class_name", "domain", "characteristic", "words")
 
 # Domain word per benchmark (method.md §2). Keys are the preset names used by `mmft_hf.captioning.builder.PRESETS`.
@@ -117,6 +130,12 @@ def validate_caption_types(caption_types) -> tuple[str, ...]:
     return types
 
 
+def requested_words(caption_type: str, words: int = DEFAULT_WORDS) -> int:
+    """The caption length in words asked for `caption_type`: its own count in `CAPTION_WORDS` (e.g. 150 for
+    `"long"`), else `words`, the run's setting for the short caption types."""
+    return CAPTION_WORDS.get(caption_type, words)
+
+
 def build_prompt(
     class_name: str,
     domain: str,
@@ -126,11 +145,15 @@ def build_prompt(
 ) -> str:
     """Builds the captioning prompt for one image.
 
+    A caption type listed in `CAPTION_WORDS` asks for its own number of words (`requested_words`: 150 for
+    `"long"`). With the default template, a type listed in `TYPE_PROMPT_TEMPLATES` also has its own template (the
+    `"long"` type asks for a detailed caption of several sentences); a custom `template` serves every type.
+
     Args:
         class_name (`str`): the class of the image, already normalised (see `normalize_class_name`).
         domain (`str`): the dataset's domain word, e.g. `"textures"` (see `DOMAINS`).
-        characteristic (`str`): the caption type, e.g. `"visual"`, `"shape"` or `"texture"`.
-        words (`int`, defaults to 50): the requested caption length in words.
+        characteristic (`str`): the caption type, e.g. `"visual"`, `"shape"`, `"texture"` or `"long"`.
+        words (`int`, defaults to 50): the requested caption length in words (types in `CAPTION_WORDS` excepted).
         template (`str`, defaults to `PROMPT_TEMPLATE`): a custom template (see `validate_template`).
 
     Returns:
@@ -139,6 +162,9 @@ def build_prompt(
     validate_template(template)
     if not isinstance(words, int) or words <= 0:
         raise ValueError(f"words must be a positive integer, got {words!r}.")
+    words = requested_words(characteristic, words)
+    if template == PROMPT_TEMPLATE:
+        template = TYPE_PROMPT_TEMPLATES.get(characteristic, template)
     if not isinstance(domain, str) or not domain.strip():
         raise ValueError(f"domain must be a non-empty word such as 'textures', got {domain!r}.")
     validate_caption_types((characteristic,))

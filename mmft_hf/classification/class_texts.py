@@ -1,4 +1,5 @@
-"""Texts behind each class prototype: every caption of every training image of the class (method.md §3-4).
+"""Texts behind each class prototype: every caption of every training image of the class (method.md §3-4), or every
+sentence of them when training drew sentences (`caption_sampling="sentence"`).
 
 `class_texts_from_captions` works on plain lists (the trainer calls it at every evaluation);
 `prototypes_from_captioned_dataset` reads a captioned `datasets.Dataset` and encodes the texts into prototypes.
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..captioning.sentences import CAPTION_SAMPLINGS, caption_units
 from .prototypes import SINGLE_TEMPLATE, build_class_prototypes
 
 DEFAULT_CLASS_TEMPLATE = "a photo of a {}."
@@ -22,11 +24,13 @@ def class_texts_from_captions(
     class_names: Sequence[str],
     class_template: str | None = DEFAULT_CLASS_TEMPLATE,
     fallback_template: str = DEFAULT_FALLBACK_TEMPLATE,
+    caption_sampling: str = "caption",
 ) -> list[list[str]]:
     """Groups the captions of each class into the texts averaged into its prototype.
 
-    Each caption becomes `"{class_template.format(name)} {caption}"` (MMFT mode: `"a photo of a cat. <caption>"`),
-    or the caption alone when `class_template` is `None`. A class without any caption gets the single text
+    Each training unit, a caption or (with `caption_sampling="sentence"`) each sentence of a caption, becomes
+    `"{class_template.format(name)} {unit}"` (MMFT mode: `"a photo of a cat. <caption>"`), or the unit alone when
+    `class_template` is `None`: the texts the model was trained on. A class without any caption gets the single text
     `fallback_template.format(name)`. Empty or whitespace-only captions are skipped. Class names are used as given:
     normalise them (lower case, `_`/`-` to spaces) before calling, as for the training texts.
 
@@ -37,12 +41,16 @@ def class_texts_from_captions(
         class_template (`str`, *optional*, defaults to `"a photo of a {}."`): prefix template with `{}` for the
             class name; `None` uses the bare captions.
         fallback_template (`str`, defaults to `"a photo of a {}"`): the text of a class with no captions.
+        caption_sampling (`str`, defaults to `"caption"`): the training unit, `"caption"` or `"sentence"` (see
+            `MMFTTrainingArguments.caption_sampling`; a checkpoint records it in its prototypes' metadata).
 
     Returns:
-        `list[list[str]]`: for each class index, its texts (never empty), in row then caption order.
+        `list[list[str]]`: for each class index, its texts (never empty), in row, caption then sentence order.
     """
     if len(captions) != len(labels):
         raise ValueError(f"Got {len(captions)} caption lists but {len(labels)} labels; pass one of each per row.")
+    if caption_sampling not in CAPTION_SAMPLINGS:
+        raise ValueError(f"caption_sampling must be one of {CAPTION_SAMPLINGS}, got {caption_sampling!r}.")
     for name, template in (("class_template", class_template), ("fallback_template", fallback_template)):
         if template is not None and "{}" not in template:
             raise ValueError(f"{name} {template!r} has no '{{}}' placeholder for the class name.")
@@ -63,9 +71,8 @@ def class_texts_from_captions(
         for caption in row_captions:
             if not isinstance(caption, str):
                 raise ValueError(f"Row {row}: caption {caption!r} is not a string.")
-            caption = caption.strip()
-            if caption:
-                bucket.append(caption if prefix is None else prefix + caption)
+            for unit in caption_units(caption, caption_sampling):
+                bucket.append(unit if prefix is None else prefix + unit)
     for label, bucket in enumerate(texts):
         if not bucket:
             bucket.append(fallback_template.format(class_names[label]))
@@ -82,6 +89,7 @@ def prototypes_from_captioned_dataset(
     class_names: Sequence[str] | None = None,
     class_template: str | None = DEFAULT_CLASS_TEMPLATE,
     fallback_template: str = DEFAULT_FALLBACK_TEMPLATE,
+    caption_sampling: str = "caption",
     batch_size: int = 256,
 ) -> tuple[torch.Tensor, list[str]]:
     """Class prototypes of a trained model from a captioned dataset (the training subset only, method.md §4).
@@ -97,6 +105,8 @@ def prototypes_from_captioned_dataset(
             sorted distinct labels.
         class_template (`str`, *optional*, defaults to `"a photo of a {}."`): see `class_texts_from_captions`.
         fallback_template (`str`, defaults to `"a photo of a {}"`): text of a class without captions.
+        caption_sampling (`str`, defaults to `"caption"`): the unit the model was trained on, `"caption"` or
+            `"sentence"`; for a saved checkpoint, `load_class_prototypes(path)[2].get("caption_sampling", "caption")`.
         batch_size (`int`, defaults to 256): texts encoded per forward pass.
 
     Returns:
@@ -126,5 +136,5 @@ def prototypes_from_captioned_dataset(
         raise ValueError(
             f"Column {label_column!r} is not a ClassLabel, so the class names are unknown; pass `class_names=[...]`."
         )
-    texts = class_texts_from_captions(captions, labels, class_names, class_template, fallback_template)
+    texts = class_texts_from_captions(captions, labels, class_names, class_template, fallback_template, caption_sampling)
     return build_class_prototypes(model, tokenizer, texts, batch_size=batch_size), list(class_names)

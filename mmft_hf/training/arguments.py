@@ -14,6 +14,8 @@ from transformers.utils import (
     logging,
 )
 
+from ..captioning.sentences import CAPTION_SAMPLINGS
+
 logger = logging.get_logger(__name__)
 
 TEXT_SOURCES = ("captions", "class_name", "templates")
@@ -39,6 +41,13 @@ class MMFTTrainingArguments(TrainingArguments):
         text_source (`str`, defaults to `"captions"`):
             Training texts: `"captions"` (MMFT: one random caption per fetch), `"class_name"` (FLYP: the class
             template alone) or `"templates"` (FLYP-ens: one of OpenAI's 80 templates per fetch).
+        caption_sampling (`str`, defaults to `"caption"`):
+            With `text_source="captions"`: `"caption"` trains on one whole caption per fetch (MMFT); `"sentence"` on
+            one sentence of one caption (DreamLIP-style, for long captions that CLIP's 77 tokens would cut). The
+            class prototypes average the same units (each sentence with the template).
+        template_probability (`float`, defaults to 0.0):
+            Probability that a fetched row trains on the class template alone instead of template + caption
+            (VeCLIP-style mixing; 0 is MMFT's texts, 1 FLYP's). The prototypes still average the captions.
         prototype_source (`str`, defaults to `"captions"`):
             Classifier used for evaluation: `"captions"` (class-averaged training captions, MMFT),
             `"single_template"` (`"a photo of a {}"`) or `"ensemble"` (OpenAI's 80 templates).
@@ -79,6 +88,19 @@ class MMFTTrainingArguments(TrainingArguments):
     text_source: str = field(
         default="captions", metadata={"help": f"Training texts, one of {TEXT_SOURCES}.", "choices": TEXT_SOURCES}
     )
+    caption_sampling: str = field(
+        default="caption",
+        metadata={
+            "help": "Training unit drawn from a row's captions: 'caption' (a whole caption, MMFT) or 'sentence' (one "
+            "sentence of a caption, for long captions); the class prototypes average the same units.",
+            "choices": CAPTION_SAMPLINGS,
+        },
+    )
+    template_probability: float = field(
+        default=0.0,
+        metadata={"help": "Probability that a row trains on the class template alone instead of template + caption "
+                  "(0 = MMFT, 1 = FLYP's texts)."},
+    )  # fmt: skip
     prototype_source: str = field(
         default="captions",
         metadata={"help": f"Evaluation classifier, one of {PROTOTYPE_SOURCES}.", "choices": PROTOTYPE_SOURCES},
@@ -162,12 +184,21 @@ class MMFTTrainingArguments(TrainingArguments):
             raise ValueError(f"supcon_weight must be in [0, 1], got {self.supcon_weight}.")
         if self.text_source not in TEXT_SOURCES:
             raise ValueError(f"text_source must be one of {TEXT_SOURCES}, got {self.text_source!r}.")
+        if self.caption_sampling not in CAPTION_SAMPLINGS:
+            raise ValueError(f"caption_sampling must be one of {CAPTION_SAMPLINGS}, got {self.caption_sampling!r}.")
+        if not 0.0 <= self.template_probability <= 1.0:
+            raise ValueError(f"template_probability must be in [0, 1], got {self.template_probability}.")
         if self.prototype_source not in PROTOTYPE_SOURCES:
             raise ValueError(f"prototype_source must be one of {PROTOTYPE_SOURCES}, got {self.prototype_source!r}.")
         if self.class_template in ("", "none", "None"):  # how a command line says "no template"
             self.class_template = None
         if self.class_template is not None and "{}" not in self.class_template:
             raise ValueError(f"class_template must contain '{{}}' for the class name, got {self.class_template!r}.")
+        if self.template_probability > 0 and self.class_template is None:
+            raise ValueError(
+                f"template_probability={self.template_probability} trains some rows on the class template alone, "
+                "but class_template is None; set a class_template or template_probability 0."
+            )
         if not 0.0 < self.crop_scale_min <= 1.0:
             raise ValueError(f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}.")
         if self.contrastive_chunk_size is not None and self.contrastive_chunk_size < 1:

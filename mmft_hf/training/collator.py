@@ -1,4 +1,5 @@
-"""Batch assembly for MMFT: one random caption per sample, the class template, 77-token truncation, augmentation.
+"""Batch assembly for MMFT: one random caption (or sentence) per sample, the class template, 77-token truncation,
+augmentation.
 
 `MMFTDataCollator` turns rows of a captioned `datasets.Dataset` (image, label, captions) into the tensors a
 CLIP-style model and the MMFT loss need: `pixel_values`, `input_ids`, `attention_mask` and `labels`.
@@ -26,6 +27,7 @@ import torch
 from torch.utils.data import get_worker_info
 from transformers.utils import logging
 
+from ..captioning.sentences import CAPTION_SAMPLINGS, caption_units
 from .data import IMAGE_DECODE_ERRORS, describe_image_source, load_image, random_resized_crop, to_rgb
 
 logger = logging.get_logger(__name__)
@@ -118,7 +120,11 @@ class MMFTDataCollator:
 
     Text (method.md §3-4): in training each call draws **one caption per row uniformly at random** and prefixes the
     class template, `"a photo of a {class_name}. {caption}"`. A row with an empty caption list gets the template
-    alone (`"a photo of a {class_name}."`). Texts longer than `max_length` tokens are truncated by the tokenizer,
+    alone (`"a photo of a {class_name}."`). With `caption_sampling="sentence"` the drawn caption is split into
+    sentences (`mmft_hf.captioning.sentences.split_sentences`) and one of them, drawn uniformly, follows the
+    template (DreamLIP's sub-captions: every part of a long caption gets read, none is cut off). With
+    `template_probability=p` a row trains on the template alone with probability p (VeCLIP-style mixing of the
+    original text with the synthetic one; p=1 gives FLYP's texts). Texts longer than `max_length` tokens are truncated by the tokenizer,
     which keeps the end-of-text token CLIP pools at; `num_texts` and `num_truncated` count them, and the first
     truncation logs one warning.
 
@@ -127,8 +133,8 @@ class MMFTDataCollator:
     normalise). With `train=False` the processor alone, and the first caption: the output is deterministic.
 
     Randomness: a row that carries its sample key (`SAMPLE_KEY_COLUMN`, `(epoch, row index)`, which
-    `EpochKeyedDataset` adds and `MMFTTrainer` always uses) gets its caption and its crop from two generators
-    seeded by `(seed, epoch, row index)` alone. The draws are then stateless: the same in any worker process, with
+    `EpochKeyedDataset` adds and `MMFTTrainer` always uses) gets its caption (and sentence) and its crop from two
+    generators seeded by `(seed, epoch, row index)` alone, and its template-or-caption draw from a third. The draws are then stateless: the same in any worker process, with
     any number of workers, and in a run resumed from a checkpoint, so a resumed run trains on exactly the texts and
     crops of the uninterrupted one. Rows without a key (the collator used on its own) draw from two `random.Random`
     streams seeded by `seed`; in DataLoader worker processes these are reseeded from `seed` and the worker's torch
@@ -146,6 +152,10 @@ class MMFTDataCollator:
         label_column (`str`, defaults to `"label"`): integer labels in `[0, len(class_names))`.
         caption_column (`str` or `None`, defaults to `"captions"`): lists of captions; `None` trains on the class
             template alone (FLYP-style).
+        caption_sampling (`str`, defaults to `"caption"`): `"caption"` draws a whole caption; `"sentence"` draws a
+            caption, then one of its sentences (with `train=False`: the first sentence of the first caption).
+        template_probability (`float`, defaults to 0.0): in training, the probability that a row's text is the
+            class template alone instead of template + caption; needs a `class_template`.
         train (`bool`, defaults to `True`): random caption and random crop; `False` gives deterministic output.
         crop_scale (`tuple[float, float]`, defaults to `(0.9, 1.0)`): area range of the training crop.
         seed (`int`, defaults to 0): seeds the caption and crop draws (with each row's sample key when it has one).
@@ -162,6 +172,8 @@ class MMFTDataCollator:
     image_column: str = "image"
     label_column: str = "label"
     caption_column: str | None = "captions"
+    caption_sampling: str = "caption"
+    template_probability: float = 0.0
     train: bool = True
     crop_scale: tuple[float, float] = (0.9, 1.0)
     seed: int = 0
@@ -193,6 +205,15 @@ class MMFTDataCollator:
                 ) from error
         if self.class_template is None and self.caption_column is None:
             raise ValueError("class_template and caption_column are both None: there would be no text to train on.")
+        if self.caption_sampling not in CAPTION_SAMPLINGS:
+            raise ValueError(f"caption_sampling must be one of {CAPTION_SAMPLINGS}, got {self.caption_sampling!r}.")
+        if not 0.0 <= self.template_probability <= 1.0:
+            raise ValueError(f"template_probability must be in [0, 1], got {self.template_probability!r}.")
+        if self.template_probability > 0 and self.class_template is None:
+            raise ValueError(
+                f"template_probability={self.template_probability} trains some rows on the class template alone, but "
+                "class_template is None. Set a class_template, or template_probability=0."
+            )
         tokenizer = self.processor.tokenizer
         if self.max_length is None:
             model_max_length = getattr(tokenizer, "model_max_length", None) or CLIP_CONTEXT_LENGTH
@@ -225,6 +246,16 @@ class MMFTDataCollator:
                 random.Random(f"mmft-crops:{self.seed}:{epoch}:{index}"),
             )
         return self._streams()
+
+    def _template_drawn(self, row: dict, caption_rng: random.Random) -> bool:
+        """Whether this row's text is the class template alone (probability `template_probability`), drawn from a
+        generator of its own keyed like the others, so that `template_probability=0` leaves the caption draws as
+        they were."""
+        if not self.train or self.template_probability == 0:
+            return False
+        key = row.get(SAMPLE_KEY_COLUMN)
+        rng = caption_rng if key is None else random.Random(f"mmft-template:{self.seed}:{key[0]}:{key[1]}")
+        return rng.random() < self.template_probability
 
     def _streams(self) -> tuple[random.Random, random.Random]:
         worker = get_worker_info()
@@ -264,6 +295,8 @@ class MMFTDataCollator:
                     "list of strings. Use [] for no caption and [text] for one; `validate_captioned_dataset` checks "
                     "every row."
                 )
+            if self._template_drawn(row, caption_rng):
+                return self.build_text(self.class_names[label], None)
             if len(captions):
                 index = caption_rng.randrange(len(captions)) if self.train else 0
                 caption = captions[index]
@@ -272,6 +305,16 @@ class MMFTDataCollator:
                         f"{self._row_name(row, position)}: {self.caption_column!r}[{index}] is "
                         f"{type(caption).__name__} {caption!r:.80}, not a string."
                     )
+                if self.caption_sampling == "sentence":
+                    sentences = caption_units(caption, "sentence")
+                    if not sentences and self.class_template is None:
+                        raise ValueError(
+                            f"{self._row_name(row, position)}: {self.caption_column!r}[{index}] {caption!r:.80} has "
+                            "no sentence and class_template is None, so it has no text. Fix the caption."
+                        )
+                    caption = None
+                    if sentences:
+                        caption = sentences[caption_rng.randrange(len(sentences)) if self.train else 0]
             elif self.class_template is None:
                 raise ValueError(
                     f"{self._row_name(row, position)} has an empty {self.caption_column!r} list and class_template "
@@ -294,9 +337,9 @@ class MMFTDataCollator:
             logger.warning(
                 f"{truncated} of {len(texts)} texts in this batch ({truncated / len(texts):.1%}) exceed "
                 f"max_length={self.max_length} tokens (longest: {max(lengths)}) and were truncated; the end-of-text "
-                "token is kept, but the tail of the caption is lost. Ask the captioner for fewer words, or shorten "
-                "the class template. Running totals: `collator.num_truncated` / `collator.num_texts`. "
-                "This warning is shown once."
+                "token is kept, but the tail of the caption is lost. Train on one sentence at a time "
+                "(caption_sampling='sentence'), ask the captioner for fewer words, or shorten the class template. "
+                "Running totals: `collator.num_truncated` / `collator.num_texts`. This warning is shown once."
             )
         ids = [row if len(row) <= self.max_length else row[: self.max_length - 1] + row[-1:] for row in ids]
         max_length = self.max_length if self.padding == "max_length" else None  # else the tokenizer warns per call

@@ -194,10 +194,13 @@ class MMFTTrainer(Trainer):
             data_collator = MMFTDataCollator(
                 processor=processing_class,
                 class_names=self.text_class_names,
-                class_template=args.class_template,
+                # other text sources' rows already hold their full texts (`with_template_captions`): no prefix
+                class_template=args.class_template if require_captions else None,
                 image_column=args.image_column,
                 label_column=args.label_column,
                 caption_column=args.caption_column,
+                caption_sampling=args.caption_sampling if require_captions else "caption",
+                template_probability=args.template_probability if require_captions else 0.0,
                 crop_scale=(args.crop_scale_min, 1.0),
                 seed=args.seed,
                 index_column=ROW_INDEX_COLUMN,
@@ -361,6 +364,7 @@ class MMFTTrainer(Trainer):
                 self.text_class_names,
                 class_template=self.args.class_template,
                 fallback_template=self.args.fallback_template,
+                caption_sampling=self.args.caption_sampling,
             )
         return self._caption_texts
 
@@ -477,7 +481,11 @@ class MMFTTrainer(Trainer):
         prototypes = self._prototypes_for_saving()
         if not self.args.should_save:
             return
-        metadata = {"source": self.args.prototype_source, "class_template": self.args.class_template}
+        metadata = {
+            "source": self.args.prototype_source,
+            "class_template": self.args.class_template,
+            "caption_sampling": self.args.caption_sampling,
+        }
         save_class_prototypes(prototypes, self.class_names, output_dir, metadata=metadata)
         self._save_extra_parameters(output_dir)
 
@@ -531,7 +539,11 @@ class MMFTTrainer(Trainer):
             if self.args.should_save:
                 unwrapped.save_pretrained(os.path.join(output_dir, "adapter"))
                 self._save_extra_parameters(os.path.join(output_dir, "adapter"))
-                metadata = {"source": self.args.prototype_source, "class_template": self.args.class_template}
+                metadata = {
+                    "source": self.args.prototype_source,
+                    "class_template": self.args.class_template,
+                    "caption_sampling": self.args.caption_sampling,
+                }
                 save_for_hub(
                     unwrapped,
                     self.processing_class,
@@ -576,6 +588,8 @@ class MMFTTrainer(Trainer):
                 ),
                 "class_template": args.class_template,
                 "text_source": args.text_source,
+                "caption_sampling": args.caption_sampling,
+                "template_probability": args.template_probability,
                 "prototype_source": args.prototype_source,
             },
             "eval_accuracy": last.get(f"{prefix}_accuracy") if prefix else None,
