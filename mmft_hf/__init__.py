@@ -1,56 +1,153 @@
 """mmft-hf: MultiModal Fine-Tuning (MMFT) with synthetic captions for the Hugging Face stack.
 
-Importing the package registers the `"mmft-classification"` pipeline task with transformers.
+The public API of the three journeys, imported lazily (PEP 562): `from mmft_hf import caption_dataset` loads the
+captioning stage only, never the Trainer, peft or the pipeline machinery.
+
+```python
+from mmft_hf import OpenAICompatibleCaptioner, caption_dataset                   # 1. caption a labelled dataset
+from mmft_hf import MMFTTrainer, MMFTTrainingArguments, mmft_loss                 # 2. fine-tune
+from mmft_hf import pipeline                                                      # 3. classify
+classifier = pipeline("mmft-classification", model="outputs/dtd-16shot")
+```
+
+Importing the package registers the `"mmft-classification"` pipeline task with transformers: at once when
+`transformers.pipelines` is already loaded, otherwise the moment it is (`from transformers import pipeline`), so
+that `import mmft_hf` itself stays cheap. `mmft_hf.pipeline` is transformers' `pipeline` function itself.
 """
 
-from .captioning.builder import PRESETS, CaptionedImages, CaptionedImagesConfig, push_captioned
-from .captioning.cache import CaptionCacheError
-from .captioning.caption import (
-    CaptioningError,
-    CaptioningInterrupted,
-    CaptioningSummary,
-    caption_dataset,
-    caption_provenance,
-    merge_caption_shards,
-)
-from .captioning.captioners import (
-    CaptionerAuthenticationError,
-    CaptionerConnectionError,
-    CaptionerModelNotFoundError,
-    CaptionerUnavailableError,
-    CaptionRequest,
-    CaptionResult,
-    OpenAIBatchCaptioner,
-    OpenAICompatibleCaptioner,
-    TransformersCaptioner,
-)
-from .captioning.offline import export_caption_requests, import_caption_results
-from .captioning.prompts import CAPTION_TYPES, DOMAINS, PROMPT_TEMPLATE, build_prompt, normalize_class_name
-from .captioning.stats import caption_stats, clip_score, dataset_clip_score, estimate_captioning_cost
-from .classification import pipeline  # registers the "mmft-classification" pipeline task
-from .classification.class_texts import class_texts_from_captions, prototypes_from_captioned_dataset
-from .classification.pipeline import MMFTClassificationPipeline
-from .classification.prototypes import (
-    OPENAI_IMAGENET_TEMPLATES,
-    build_class_prototypes,
-    load_class_prototypes,
-    save_class_prototypes,
-    zero_shot_prototypes,
-)
-from .model_card import MMFTModelCardData, create_model_card
-from .publishing import publish, save_for_hub
-from .training.arguments import MMFTTrainingArguments
-from .training.collator import MMFTDataCollator
-from .training.data import (
-    align_label_names,
-    empty_caption_rows,
-    random_resized_crop,
-    sample_few_shot,
-    train_validation_split,
-    validate_captioned_dataset,
-)
-from .training.distributed import gather_batch, global_logits
-from .training.losses import clip_loss, mmft_loss, supcon_loss
-from .training.trainer import MMFTTrainer
-from .training.wise_ft import wise_ft
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import sys
+
 from .version import __version__
+
+# Public name -> the module (under mmft_hf) that defines it.
+_EXPORTS = {
+    # 1. captioning: labelled images -> a captioned dataset
+    "caption_dataset": "captioning.caption",
+    "merge_caption_shards": "captioning.caption",
+    "CaptioningSummary": "captioning.engine",
+    "CaptioningError": "captioning.engine",
+    "CaptioningInterrupted": "captioning.engine",
+    "CaptionCacheError": "captioning.cache",
+    "export_caption_requests": "captioning.offline",
+    "import_caption_results": "captioning.offline",
+    "caption_stats": "captioning.stats",
+    "clip_score": "captioning.stats",
+    "dataset_clip_score": "captioning.stats",
+    "estimate_captioning_cost": "captioning.stats",
+    "CAPTION_TYPES": "captioning.prompts",
+    "DOMAINS": "captioning.prompts",
+    "PROMPT_TEMPLATE": "captioning.prompts",
+    "build_prompt": "captioning.prompts",
+    "normalize_class_name": "captioning.prompts",
+    "PRESETS": "captioning.builder",
+    "CaptionedImages": "captioning.builder",
+    "CaptionedImagesConfig": "captioning.builder",
+    "push_captioned": "captioning.builder",
+    # the captioning backends, their protocol and the errors that stop a run
+    "Captioner": "captioning.captioners",
+    "CaptionRequest": "captioning.captioners",
+    "CaptionResult": "captioning.captioners",
+    "OpenAICompatibleCaptioner": "captioning.captioners",
+    "OpenAIBatchCaptioner": "captioning.captioners",
+    "TransformersCaptioner": "captioning.captioners",
+    "CaptionerUnavailableError": "captioning.captioners",
+    "CaptionerConnectionError": "captioning.captioners",
+    "CaptionerNotAnsweringError": "captioning.captioners",
+    "CaptionerServerError": "captioning.captioners",
+    "CaptionerAuthenticationError": "captioning.captioners",
+    "CaptionerModelNotFoundError": "captioning.captioners",
+    # 2. training: a captioned dataset -> a fine-tuned dual encoder
+    "MMFTTrainer": "training.trainer",
+    "MMFTTrainingArguments": "training.arguments",
+    "MMFTDataCollator": "training.collator",
+    "sample_few_shot": "training.data",
+    "train_validation_split": "training.data",
+    "validate_captioned_dataset": "training.data",
+    "clip_loss": "training.losses",
+    "supcon_loss": "training.losses",
+    "mmft_loss": "training.losses",
+    # 3. classification: class prototypes -> the "mmft-classification" pipeline, saved and published
+    "MMFTClassificationPipeline": "classification.pipeline",
+    "build_class_prototypes": "classification.prototypes",
+    "load_class_prototypes": "classification.prototypes",
+    "save_class_prototypes": "classification.prototypes",
+    "zero_shot_prototypes": "classification.prototypes",
+    "OPENAI_IMAGENET_TEMPLATES": "classification.prototypes",
+    "class_texts_from_captions": "classification.class_texts",
+    "prototypes_from_captioned_dataset": "classification.class_texts",
+    "save_for_hub": "publishing",
+    "publish": "publishing",
+    "MMFTModelCardData": "model_card",
+    "create_model_card": "model_card",
+}
+
+__all__ = ["__version__", "pipeline", *_EXPORTS]
+
+_PIPELINE_MODULE = "mmft_hf.classification.pipeline"  # registers the task when imported
+_TRANSFORMERS_PIPELINES = "transformers.pipelines"
+
+
+def __getattr__(name: str):
+    if name == "pipeline":  # transformers' function, never a module of this package
+        from transformers import pipeline as value
+    elif name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _LoaderThenRegister(importlib.abc.Loader):
+    """Runs `transformers.pipelines` with its own loader, then registers the task (which needs that module)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.loader.exec_module(module)
+        importlib.import_module(_PIPELINE_MODULE)
+
+    def __getattr__(self, name):  # get_source (tracebacks), is_package, get_resource_reader, ...
+        return getattr(self.loader, name)
+
+
+class _RegisterWithPipelines(importlib.abc.MetaPathFinder):
+    """Finds `transformers.pipelines` through the other finders and hands it a loader that registers the task."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _TRANSFORMERS_PIPELINES:
+            return None
+        sys.meta_path.remove(self)  # once: the task is registered for the life of the process
+        for finder in sys.meta_path:
+            spec = finder.find_spec(fullname, path, target) if hasattr(finder, "find_spec") else None
+            if spec is not None and spec.loader is not None:
+                spec.loader = _LoaderThenRegister(spec.loader)
+                return spec
+        return None
+
+
+def _register_pipeline_task() -> None:
+    """Registers `"mmft-classification"` now if transformers' pipeline registry is loaded, else when it is.
+
+    Registering needs `transformers.pipelines` (about 3 s to import, with torch); the registry lives there, so no one
+    can ask for the task before that module is loaded.
+    """
+    if _TRANSFORMERS_PIPELINES in sys.modules:
+        importlib.import_module(_PIPELINE_MODULE)
+    elif not any(isinstance(finder, _RegisterWithPipelines) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterWithPipelines())
+
+
+_register_pipeline_task()

@@ -1,6 +1,7 @@
 """Caption backends behind one protocol: (image, prompt) requests in, caption results out in completion order.
 
-Backends import their heavy dependencies (`openai`, `transformers`) lazily, so importing this package is cheap.
+Backends import their heavy dependencies (`openai`, `transformers`, `torch`) lazily, so importing this package is
+cheap: `TransformersCaptioner` (whose module needs torch) is loaded on first use.
 """
 
 from .base import (
@@ -17,7 +18,6 @@ from .base import (
 from .images import image_to_data_url, prepare_image, strip_thinking
 from .openai_batch import OpenAIBatchCaptioner
 from .openai_compatible import OpenAICompatibleCaptioner
-from .transformers_vlm import TransformersCaptioner
 
 __all__ = [
     "CaptionRequest",
@@ -36,3 +36,11 @@ __all__ = [
     "prepare_image",
     "strip_thinking",
 ]
+
+
+def __getattr__(name: str):
+    if name == "TransformersCaptioner":
+        from .transformers_vlm import TransformersCaptioner
+
+        return TransformersCaptioner
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
