@@ -64,6 +64,14 @@ class MMFTModelCardData:
         prototype_source (`str`, *optional*): how the stored class prototypes were built: `"captions"` (the
             training captions, MMFT), `"single_template"` (`"a photo of a {}"`) or `"ensemble"` (OpenAI's 80
             templates); `None` when unknown (the card then describes them generically).
+        wise_ft_alpha (`float`, *optional*): the saved weights are the WiSE-FT interpolation
+            `(1 - alpha) * start + alpha * fine-tuned`; `None` when they are the fine-tuned weights.
+        wise_ft_curve (`list[dict]`): the alphas evaluated, each `{"alpha", "validation_accuracy", "test_accuracy",
+            "retention_accuracy"}` (the accuracies measured), shown as a table when there are several.
+        wise_ft_plot (`str`, *optional*): the curve's plot, a file name in the model directory.
+        retention_dataset (`str`, *optional*): the dataset whose zero-shot accuracy was tracked.
+        retention_accuracy_before (`float`, *optional*) / retention_accuracy_after (`float`, *optional*): its
+            zero-shot accuracy (fraction) before fine-tuning and of the saved model.
         license (`str`, *optional*): the licence id (follow the base model's).
         tags (`list[str]`): extra tags.
     """
@@ -89,6 +97,12 @@ class MMFTModelCardData:
     lora: dict | None = None
     remote_code: bool = True
     prototype_source: str | None = None
+    wise_ft_alpha: float | None = None
+    wise_ft_curve: list[dict] = field(default_factory=list)
+    wise_ft_plot: str | None = None
+    retention_dataset: str | None = None
+    retention_accuracy_before: float | None = None
+    retention_accuracy_after: float | None = None
     license: str | None = None
     tags: list[str] = field(default_factory=list)
 
@@ -98,8 +112,18 @@ class MMFTModelCardData:
             raise ValueError(f"prototype_source must be one of {sources} or None, got {self.prototype_source!r}.")
         values = {
             "eval_accuracy": self.eval_accuracy,
+            "retention_accuracy_before": self.retention_accuracy_before,
+            "retention_accuracy_after": self.retention_accuracy_after,
             **{f"per_class_accuracy[{k!r}]": v for k, v in self.per_class_accuracy.items()},
+            **{
+                f"wise_ft_curve[{i}][{k!r}]": v
+                for i, point in enumerate(self.wise_ft_curve)
+                for k, v in point.items()
+                if k.endswith("_accuracy")
+            },
         }
+        if self.wise_ft_alpha is not None and not 0.0 <= float(self.wise_ft_alpha) <= 1.0:
+            raise ValueError(f"wise_ft_alpha = {self.wise_ft_alpha} is not in [0, 1].")
         for name, value in values.items():
             if value is not None and not 0.0 <= float(value) <= 1.0:
                 raise ValueError(f"{name} = {value} is not a fraction in [0, 1] (pass 0.8765, not 87.65).")
@@ -210,6 +234,17 @@ def _lora_summary(lora: dict | None) -> str:
     return f"yes ({facts})" if facts else "yes"
 
 
+def _wise_ft_table(curve: list[dict], retention_dataset: str | None) -> tuple[list[str], list[list[str]]]:
+    """The WiSE-FT curve as table columns and rows (accuracies in %); empty for fewer than two alphas."""
+    if len(curve) < 2:
+        return [], []
+    keys = [key for key in curve[0] if key.endswith("_accuracy")]
+    names = {"retention_accuracy": f"zero-shot on {retention_dataset or 'the retention set'} (%)"}
+    columns = ["alpha", *(names.get(key, key.removesuffix("_accuracy") + " (%)") for key in keys)]
+    rows = [[f"{point['alpha']:g}", *(f"{100 * point[key]:.2f}" for key in keys)] for point in curve]
+    return columns, rows
+
+
 def plot_per_class_accuracy(per_class: list[tuple[str, float]], path: str | os.PathLike) -> str | None:
     """Draws a horizontal bar chart of per-class accuracy to `path`; returns `None` without matplotlib."""
     try:
@@ -259,6 +294,7 @@ def create_model_card(
     if rows and plot_per_class_accuracy(rows, os.path.join(output_dir, PLOT_FILENAME)) is not None:
         plot_path = PLOT_FILENAME
     num_labels = len(card_data.labels) or len(rows) or "unknown"
+    curve_columns, curve_rows = _wise_ft_table(card_data.wise_ft_curve, card_data.retention_dataset)
     card = ModelCard.from_template(
         card_data.to_hub_card_data(),
         template_path=os.fspath(template_path or TEMPLATE_PATH),
@@ -285,6 +321,13 @@ def create_model_card(
         adapter_only=card_data.adapter_only,
         prototype_source=card_data.prototype_source,
         prototype_description=PROTOTYPE_DESCRIPTIONS[card_data.prototype_source],
+        wise_ft_alpha=card_data.wise_ft_alpha,
+        wise_ft_columns=curve_columns,
+        wise_ft_rows=curve_rows,
+        wise_ft_plot=card_data.wise_ft_plot,
+        retention_dataset=card_data.retention_dataset,
+        retention_accuracy_before=card_data.retention_accuracy_before,
+        retention_accuracy_after=card_data.retention_accuracy_after,
         hyperparameters=dict(card_data.hyperparameters),
         versions=_versions(),
     )
