@@ -94,3 +94,17 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="at least one"):
         validate_caption_types([])
     assert validate_caption_types("shape") == ("shape",)
+
+
+def test_long_caption_type_asks_for_a_detailed_caption_of_its_own_length():
+    from mmft_hf.captioning.prompts import CAPTION_WORDS, LONG_CAPTION_TYPE, requested_words
+
+    assert LONG_CAPTION_TYPE == "long" and CAPTION_WORDS == {"long": 150}
+    prompt = build_prompt("banded", "textures", "long")
+    assert "this banded photo from other textures photos" in prompt and "in detail" in prompt
+    assert "in about 150 words." in prompt and "primary long characteristics" not in prompt
+    assert build_prompt("banded", "textures", "long", words=20) == prompt  # the run's words are for short types
+    assert requested_words("long", 20) == 150 and requested_words("shape", 20) == 20
+    assert build_prompt("banded", "textures", "shape", words=20).endswith("in 20 words.")  # unchanged
+    custom = "Describe the {class_name} ({characteristic}) in {words} words."
+    assert build_prompt("banded", "textures", "long", template=custom) == "Describe the banded (long) in 150 words."

@@ -68,3 +68,50 @@ def test_prototypes_from_dataset_with_string_labels_and_missing_columns(tiny_cli
     ints = datasets.Dataset.from_dict({"label": [0, 1], "captions": [["a"], ["b"]]})
     with pytest.raises(ValueError, match="class_names"):
         prototypes_from_captioned_dataset(model, processor, ints)
+
+
+def test_class_texts_from_sentences():
+    captions = [["Red and round. About 3.5 cm wide, e.g. a coin.", " "], ["Blue!"], ["One more. Done"]]
+    texts = class_texts_from_captions(captions, [0, 1, 0], ["red circle", "blue square"], caption_sampling="sentence")
+    assert texts == [
+        ["a photo of a red circle. Red and round.", "a photo of a red circle. About 3.5 cm wide, e.g. a coin.",
+         "a photo of a red circle. One more.", "a photo of a red circle. Done"],
+        ["a photo of a blue square. Blue!"],
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="caption_sampling must be one of"):
+        class_texts_from_captions([["a"]], [0], ["x"], caption_sampling="words")
+
+
+def test_prototypes_from_sentences_match_manual_and_travel_with_the_checkpoint(tiny_clip, synthetic_dataset, tmp_path):
+    """Prototypes average each sentence with the template, as the model trained; the trainer builds them so, records
+    the setting with the saved prototypes, and `prototypes_from_captioned_dataset` rebuilds them from it."""
+    from mmft_hf.classification.prototypes import load_class_prototypes
+    from mmft_hf.training.arguments import MMFTTrainingArguments
+    from mmft_hf.training.trainer import MMFTTrainer
+
+    model, processor = tiny_clip
+    train = synthetic_dataset["train"].select(range(8))
+    names = train.features["label"].names
+    joined = [[" ".join(row_captions[:2]) + ". " + row_captions[2]] for row_captions in train["captions"]]
+    train = train.remove_columns("captions").add_column(
+        "captions", joined, feature=datasets.List(datasets.Value("string"))
+    )
+    expected_texts = [[] for _ in names]
+    for label, row_captions in zip(train["label"], joined, strict=True):  # independent split: at the ". " we put
+        first, second = row_captions[0].rsplit(". ", 1)
+        expected_texts[label] += [f"a photo of a {names[label]}. {first}.", f"a photo of a {names[label]}. {second}"]
+    args = MMFTTrainingArguments(
+        output_dir=str(tmp_path), caption_sampling="sentence", eval_strategy="no", use_cpu=True, report_to=[],
+        per_device_train_batch_size=4,
+    )  # fmt: skip
+    trainer = MMFTTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
+    assert trainer.prototype_texts() == expected_texts
+    with torch.no_grad():
+        expected = build_class_prototypes(model, processor.tokenizer, expected_texts)
+        prototypes, _ = prototypes_from_captioned_dataset(model, processor, train, caption_sampling="sentence")
+    torch.testing.assert_close(prototypes, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(trainer.compute_class_prototypes(), expected, atol=1e-5, rtol=1e-4)
+    trainer.save_model()
+    saved, labels, metadata = load_class_prototypes(str(tmp_path))
+    assert metadata["caption_sampling"] == "sentence" and labels == names
+    torch.testing.assert_close(saved, expected, atol=1e-5, rtol=1e-4)

@@ -390,3 +390,158 @@ def test_corrupt_and_empty_files_name_the_row(tiny_clip, tmp_path):
     plain = MMFTDataCollator(processor=processor, class_names=NAMES, train=False)
     with pytest.raises(ValueError, match="Row at batch position 2: the image .*junk.jpg"):
         plain([dataset[0], dataset[2], dataset[1]])
+
+
+# ------------------------------------------------------------------------------------ caption recipes
+class TextRecorder(MMFTDataCollator):
+    """Records every training text the collator builds."""
+
+    def build_text(self, class_name, caption):
+        text = super().build_text(class_name, caption)
+        self.__dict__.setdefault("texts", []).append(text)
+        return text
+
+
+# per row, per caption, its sentences as written by hand; the captions join them with single spaces
+ROW_SENTENCES = [
+    [[f"Row {row} caption {c} says one.", "It is approx. 3.5 cm wide, e.g. small.", f"Row {row} caption {c} ends!"]
+     for c in range(2)] + [[f"Row {row} caption 2 is one sentence"]]
+    for row in range(4)
+]  # fmt: skip
+LONG_CAPTIONS = [[" ".join(sentences) for sentences in row] for row in ROW_SENTENCES]
+
+
+def _keyed_rows(epochs, captions=LONG_CAPTIONS):
+    return [
+        _row(row_captions, label=index % 3, image=_noise(8, 8), **{collator_module.SAMPLE_KEY_COLUMN: (epoch, index)})
+        for epoch in epochs
+        for index, row_captions in enumerate(captions)
+    ]
+
+
+def _sentences(index):
+    return [sentence for caption in ROW_SENTENCES[index] for sentence in caption]
+
+
+def test_sentence_sampling_draws_one_sentence_of_the_row_and_reaches_every_sentence(tiny_clip):
+    _, processor = tiny_clip
+    collator = TextRecorder(processor=processor, class_names=NAMES, caption_sampling="sentence", seed=2)
+    rows = _keyed_rows(range(150))
+    for start in range(0, len(rows), 100):
+        collator(rows[start : start + 100])
+    assert len(collator.texts) == len(rows)
+    drawn = {index: Counter() for index in range(len(LONG_CAPTIONS))}
+    for row, text in zip(rows, collator.texts, strict=True):
+        index = row[collator_module.SAMPLE_KEY_COLUMN][1]
+        prefix = f"a photo of a {NAMES[row['label']]}. "
+        assert text.startswith(prefix)
+        sentence = text[len(prefix) :]
+        assert sentence in _sentences(index)  # exactly one sentence, of this row
+        drawn[index][sentence] += 1
+    for index, counts in drawn.items():
+        assert set(counts) == set(_sentences(index))  # every sentence gets drawn
+        # a caption, then one of its sentences: the one-sentence caption is drawn 1/3 of the time (50 of 150)
+        assert 25 <= counts[LONG_CAPTIONS[index][2]] <= 75, counts
+
+
+def test_sentence_and_template_draws_replay_after_a_resume(tiny_clip):
+    """The draws depend on (seed, epoch, row) alone: a fresh collator (a resumed process) that skips the batches
+    already trained replays the rest of the epoch's texts exactly, and another epoch draws other texts."""
+    _, processor = tiny_clip
+    rows = datasets.Dataset.from_dict(
+        {"image": [_noise(8, 8, seed=i) for i in range(8)], "label": [i % 3 for i in range(8)],
+         "captions": [LONG_CAPTIONS[i % 4] for i in range(8)]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=NAMES),
+                                    "captions": datasets.List(datasets.Value("string"))}),
+    )  # fmt: skip
+    options = dict(processor=processor, class_names=NAMES, caption_sampling="sentence", template_probability=0.3)
+
+    def epoch_texts(epoch, skip_batches=0):
+        collator = TextRecorder(seed=4, **options)
+        sampler = EpochSampler(len(rows), seed=4)
+        sampler.set_epoch(epoch)
+        loader = DataLoader(EpochKeyedDataset(rows), batch_size=2, sampler=sampler, collate_fn=lambda b: b)
+        for position, batch in enumerate(loader):
+            if position >= skip_batches:
+                collator(batch)
+        return collator.texts
+
+    full = epoch_texts(3)
+    assert epoch_texts(3, skip_batches=2) == full[4:]
+    assert epoch_texts(3) == full
+    assert epoch_texts(4) != full
+    assert any(text.endswith(".") and text.count(".") == 1 for text in full + epoch_texts(4))  # some template
+
+
+def test_template_probability_mix_rate_and_edges(tiny_clip):
+    _, processor = tiny_clip
+    rows = _keyed_rows(range(500), captions=[["alpha one", "beta two"], ["gamma. Delta."]] * 2)  # 2000 keyed draws
+
+    def texts(probability, **options):
+        collator = TextRecorder(processor=processor, class_names=NAMES, template_probability=probability, seed=9,
+                                **options)  # fmt: skip
+        for start in range(0, len(rows), 250):
+            collator(rows[start : start + 250])
+        return collator.texts
+
+    templates = {f"a photo of a {name}." for name in NAMES}
+    mixed = texts(0.3)
+    count = sum(text in templates for text in mixed)
+    # Binomial(2000, 0.3): mean 600, sd 20.5; the bound is 5 sd wide.
+    assert abs(count - 600) <= 5 * (2000 * 0.3 * 0.7) ** 0.5, count
+    for text, row in zip(mixed, rows, strict=True):
+        assert text in templates or text.removeprefix(f"a photo of a {NAMES[row['label']]}. ") in row["captions"]
+    plain = texts(0.0)
+    assert not any(text in templates for text in plain)
+    unchanged = TextRecorder(processor=processor, class_names=NAMES, seed=9)
+    for start in range(0, len(rows), 250):
+        unchanged(rows[start : start + 250])
+    assert plain == unchanged.texts  # p = 0 draws exactly the captions drawn without the option
+    assert all(text in templates for text in texts(1.0))  # p = 1: FLYP's texts
+    assert all(text in templates for text in texts(1.0, caption_sampling="sentence"))
+    evaluation = TextRecorder(processor=processor, class_names=NAMES, template_probability=1.0, train=False)
+    evaluation(rows[:2])  # no draw in evaluation
+    assert evaluation.texts[:2] == [f"a photo of a {NAMES[0]}. alpha one", f"a photo of a {NAMES[1]}. gamma. Delta."]
+
+
+def test_sentence_sampling_in_evaluation_and_edge_rows(tiny_clip):
+    _, processor = tiny_clip
+    collator = TextRecorder(processor=processor, class_names=NAMES, caption_sampling="sentence", train=False)
+    collator([_row(["First one. Second one.", "Other."], label=1), _row(["  ...  "], label=2), _row([], label=0)])
+    assert collator.texts == ["a photo of a dotted. First one.", "a photo of a striped.", "a photo of a banded."]
+    bare = MMFTDataCollator(processor=processor, class_names=NAMES, class_template=None, caption_sampling="sentence")
+    with pytest.raises(ValueError, match=r"batch position 0: 'captions'\[0\] '\.\.\.' has no sentence"):
+        bare([_row(["..."])])
+
+
+def test_recipe_options_are_checked(tiny_clip):
+    _, processor = tiny_clip
+    with pytest.raises(ValueError, match="caption_sampling must be one of"):
+        MMFTDataCollator(processor=processor, class_names=NAMES, caption_sampling="words")
+    for probability in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"template_probability must be in \[0, 1\]"):
+            MMFTDataCollator(processor=processor, class_names=NAMES, template_probability=probability)
+    with pytest.raises(ValueError, match="class_template is None"):
+        MMFTDataCollator(processor=processor, class_names=NAMES, class_template=None, template_probability=0.5)
+
+
+@pytest.mark.parametrize("text_source", ["class_name", "templates"])
+def test_trainer_collates_flyp_texts_without_a_second_prefix(tiny_clip, synthetic_dataset, tmp_path, text_source):
+    """FLYP's rows hold the class template already: the training text is `"a photo of a {c}."` itself, never the
+    template twice (nor the template before one of the 80 templates), and recipe options do not apply."""
+    from mmft_hf.training.arguments import MMFTTrainingArguments
+    from mmft_hf.training.trainer import MMFTTrainer
+
+    model, processor = tiny_clip
+    args = MMFTTrainingArguments(
+        output_dir=str(tmp_path), text_source=text_source, eval_strategy="no", use_cpu=True, report_to=[],
+        caption_sampling="sentence", template_probability=0.5,
+    )  # fmt: skip
+    trainer = MMFTTrainer(model=model, args=args, train_dataset=synthetic_dataset["train"], processing_class=processor)
+    row = trainer.train_dataset[0]
+    name = trainer.text_class_names[row["label"]]
+    batch = trainer.data_collator([row] * 8)
+    texts = processor.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+    assert all(text.count(name) == 1 for text in texts), texts
+    if text_source == "class_name":
+        assert torch.equal(batch["input_ids"], _ids(processor, [f"a photo of a {name}."] * 8))
