@@ -39,6 +39,7 @@ from .data import (
     with_template_captions,
 )
 from .distributed import gather_batch, global_logits
+from .grad_cache import RandomState, cached_gradient_objective, split_rows
 from .losses import mmft_loss
 
 logger = logging.get_logger(__name__)
@@ -331,21 +332,95 @@ class MMFTTrainer(Trainer):
         labels = inputs.pop("labels")
         outputs = model(**inputs, return_dict=True)
         base = _unwrap_peft(self.accelerator.unwrap_model(model))
-        scale = getattr(base, "logit_scale", None)
-        if scale is not None:
-            image_embeds, text_embeds, labels = gather_batch(outputs.image_embeds, outputs.text_embeds, labels)
-            with torch.autocast(device_type=image_embeds.device.type, enabled=False):  # fp32 logits under AMP
-                logits_per_image, logits_per_text = global_logits(
-                    image_embeds.float(), text_embeds.float(), scale.float().exp(), getattr(base, "logit_bias", None)
-                )
+        if getattr(base, "logit_scale", None) is not None:
+            loss = self._global_loss(base, outputs.image_embeds, outputs.text_embeds, labels)
         elif self.args.world_size == 1:  # a dual encoder without a logit scale: use its own logits
-            logits_per_image, logits_per_text = outputs.logits_per_image, outputs.logits_per_text
+            loss = mmft_loss(
+                outputs.logits_per_image, outputs.logits_per_text, labels, supcon_weight=self.args.supcon_weight
+            )
         else:
             raise ValueError("Distributed MMFT training needs a model with a `logit_scale` parameter.")
-        loss = mmft_loss(logits_per_image, logits_per_text, labels, supcon_weight=self.args.supcon_weight)
         if return_outputs:
             return loss, {"image_embeds": outputs.image_embeds, "text_embeds": outputs.text_embeds}
         return loss
+
+    def _global_loss(self, base, image_embeds, text_embeds, labels) -> torch.Tensor:
+        """`mmft_loss` of the gathered embeddings with `base`'s `logit_scale` (and `logit_bias`): in float32 under AMP
+        (bf16/fp16 embeddings are widened), in float64 for a float64 model."""
+        image_embeds, text_embeds, labels = gather_batch(image_embeds, text_embeds, labels)
+        dtype = torch.promote_types(image_embeds.dtype, torch.float32)
+        with torch.autocast(device_type=image_embeds.device.type, enabled=False):
+            logits_per_image, logits_per_text = global_logits(
+                image_embeds.to(dtype),
+                text_embeds.to(dtype),
+                base.logit_scale.to(dtype).exp(),
+                getattr(base, "logit_bias", None),
+            )
+            return mmft_loss(logits_per_image, logits_per_text, labels, supcon_weight=self.args.supcon_weight)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Trainer's step, or with `args.contrastive_chunk_size` below the batch size a gradient-cached one.
+
+        The gradient-cached step (GradCache, `training/grad_cache.py`) embeds the batch in chunks without the graph,
+        computes the loss over the whole global batch and its gradient with respect to the embeddings, then embeds
+        each chunk again with the graph (same dropout masks) and back-propagates the cached gradients. The parameter
+        gradients, the returned loss and the gradient-accumulation division equal `Trainer.training_step`'s.
+        """
+        chunk_size = self.args.contrastive_chunk_size
+        if chunk_size is None or inputs["labels"].shape[0] <= chunk_size:
+            return super().training_step(model, inputs, num_items_in_batch)
+        return self._gradient_cached_step(model, inputs, chunk_size)
+
+    def _gradient_cached_step(self, model, inputs: dict, chunk_size: int) -> torch.Tensor:
+        unwrapped = self.accelerator.unwrap_model(model)  # the model without DDP, keeping accelerate's autocast
+        base = _unwrap_peft(unwrapped)
+        if getattr(base, "logit_scale", None) is None:
+            raise ValueError("--contrastive_chunk_size needs a dual encoder with a `logit_scale` parameter.")
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError("--contrastive_chunk_size works with one process or DDP, not with DeepSpeed or FSDP.")
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.pop("labels")
+        chunks = split_rows(inputs, chunk_size)
+        # 1. embeddings without the graph, through the unwrapped model: no DDP collective per chunk, so processes
+        # may hold different numbers of chunks
+        states, image_chunks, text_chunks = [], [], []
+        with torch.no_grad():
+            for chunk in chunks:
+                states.append(RandomState.capture(self.args.device))
+                with self.compute_loss_context_manager():
+                    outputs = unwrapped(**chunk, return_dict=True)
+                image_chunks.append(outputs.image_embeds)
+                text_chunks.append(outputs.text_embeds)
+        # 2. the loss over the global batch and its gradient with respect to the embeddings and the scale parameters
+        image_embeds = torch.cat(image_chunks).requires_grad_(True)
+        text_embeds = torch.cat(text_chunks).requires_grad_(True)
+        scale_parameters = [
+            parameter
+            for parameter in (base.logit_scale, getattr(base, "logit_bias", None))
+            if isinstance(parameter, torch.nn.Parameter) and parameter.requires_grad
+        ]
+        loss = self._global_loss(base, image_embeds, text_embeds, labels) / self.current_gradient_accumulation_steps
+        image_grads, text_grads, *scale_grads = torch.autograd.grad(
+            loss, [image_embeds, text_embeds, *scale_parameters]
+        )
+        sizes = [len(chunk) for chunk in image_chunks]
+        # 3. each chunk again with the graph and the same random draws; the last one through the wrapped model, whose
+        # backward makes DDP all-reduce the gradients summed over the chunks (and the scale parameters' own)
+        for index, (chunk, state, image_grad, text_grad) in enumerate(
+            zip(chunks, states, image_grads.split(sizes), text_grads.split(sizes), strict=True)
+        ):
+            last = index == len(chunks) - 1
+            with state.replay(), self.compute_loss_context_manager():
+                outputs = (model if last else unwrapped)(**chunk, return_dict=True)
+                tensors, gradients = [outputs.image_embeds, outputs.text_embeds], [image_grad, text_grad]
+                if last:
+                    tensors, gradients = tensors + scale_parameters, gradients + scale_grads
+                objective = cached_gradient_objective(tensors, gradients)
+            self.accelerator.backward(objective)  # loss scaling (fp16) as Trainer.training_step applies it
+        return loss.detach()
 
     # ---- class prototypes and evaluation ----
 
