@@ -2,15 +2,19 @@
 the unchunked one. Runs in float64 so that "within float rounding" can be checked tightly."""
 
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_torchrun
 
 from mmft_hf import MMFTTrainer, MMFTTrainingArguments, mmft_loss
 from mmft_hf.synthetic import build_clip
 from mmft_hf.training.distributed import global_logits
 from mmft_hf.training.grad_cache import RandomState, cached_gradient_objective, split_rows
 
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "tests" / "scripts" / "chunked_training_check.py"
 STEPS = 3
 BATCH = 8
 EXACT = dict(rtol=0, atol=1e-10)  # float64: the chunked and unchunked runs differ by rounding only (~1e-13)
@@ -211,3 +215,16 @@ def test_chunked_training_runs_under_bf16_autocast(tiny_tokenizer, synthetic_dat
 def test_chunk_size_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="contrastive_chunk_size must be a positive number of pairs, got 0"):
         MMFTTrainingArguments(output_dir=str(tmp_path), contrastive_chunk_size=0, use_cpu=True)
+
+
+def test_two_processes_chunked_match_plain(tmp_path):
+    """A real two-process DDP run (gloo, CPU): the gradient-cached step gives the plain step's weights."""
+    output = tmp_path / "rank0.pt"
+    run_torchrun(2, SCRIPT, output, cwd=REPO, timeout=240)
+    results = torch.load(output)
+    plain, chunked = results["plain"], results["chunked"]
+    assert plain["world_size"] == chunked["world_size"] == 2
+    assert chunked["wrapped"] == "DistributedDataParallel"
+    assert len(chunked["losses"]) == 3 and chunked["losses"] == pytest.approx(plain["losses"], rel=1e-12)
+    assert max_difference(plain["initial_weights"], plain["weights"]) > 1e-4  # the comparison below can fail
+    assert max_difference(plain["weights"], chunked["weights"]) < EXACT["atol"]
