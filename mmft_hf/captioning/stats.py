@@ -1,4 +1,5 @@
-"""Caption statistics: word and token lengths per caption type, the 77-token overflow, and CLIPScore (method.md §9)."""
+"""Caption statistics: word and token lengths per caption type, the 77-token overflow, the caption tokens a training
+text reads under each `caption_sampling`, and CLIPScore (method.md §9)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from .cache import CaptionCache
 from .prompts import (
     normalize_class_name,
 )
+from .sentences import CAPTION_SAMPLINGS, caption_units
 
 PERCENTILES = (5, 25, 50, 75, 95)
 logger = logging.getLogger(__name__)
@@ -47,6 +49,41 @@ def _slot_types(dataset: datasets.Dataset, caption_column: str, caption_types) -
     return list(caption_types)
 
 
+def _tokens_read(tokenizer, pairs: list[tuple[str, str]], max_length: int) -> dict:
+    """How many tokens of each caption a training text reads once truncated to `max_length`, per caption sampling.
+
+    A text is `"{prefix} {unit}"` (the unit alone without a prefix), the unit a caption or one of its sentences
+    (`caption_units`). The caption tokens it reads are its truncated length minus the prefix's length (both count
+    the start and end tokens, which truncation keeps).
+
+    Returns:
+        `dict`: per sampling, `per_draw` (tokens of the caption one draw reads: for sentences, the mean over the
+        caption's sentences, each drawn equally often), `units_per_caption` and `fraction_read` (the share of all
+        caption tokens that some draw reads over a run: what truncation never cuts), with `caption_tokens`, the
+        captions' own lengths without the start and end tokens.
+    """
+    specials = len(tokenizer("")["input_ids"])
+    caption_tokens = [len(ids) - specials for ids in tokenizer([c for c, _ in pairs], verbose=False)["input_ids"]]
+    prefixes = sorted({prefix for _, prefix in pairs})
+    prefix_tokens = dict(zip(prefixes, (len(ids) for ids in tokenizer(prefixes)["input_ids"]), strict=True))
+    report = {"caption_tokens": _distribution(caption_tokens)}
+    for sampling in CAPTION_SAMPLINGS:
+        units = [caption_units(caption, sampling) for caption, _ in pairs]
+        texts = [f"{prefix} {unit}".strip() for (_, prefix), row in zip(pairs, units, strict=True) for unit in row]
+        lengths = iter(len(ids) for ids in tokenizer(texts, verbose=False)["input_ids"]) if texts else iter(())
+        per_draw, reachable = [], []
+        for (_, prefix), row, total in zip(pairs, units, caption_tokens, strict=True):
+            read = [max(0, min(next(lengths), max_length) - prefix_tokens[prefix]) for _ in row]
+            per_draw.append(sum(read) / len(read) if read else 0.0)
+            reachable.append(min(sum(read), total))
+        report[sampling] = {
+            "per_draw": _distribution(per_draw),
+            "units_per_caption": _distribution([len(row) for row in units]),
+            "fraction_read": sum(reachable) / max(sum(caption_tokens), 1),
+        }
+    return report
+
+
 def caption_stats(
     dataset: datasets.Dataset,
     tokenizer=None,
@@ -61,6 +98,10 @@ def caption_stats(
     Captions are attributed to types by position (type-major, as `caption_dataset` writes them). A row missing
     some captions has shifted positions, so per-type statistics use complete rows only; `"all"` uses every caption.
 
+    With a tokenizer, `"tokens_read"` says how much of the captions training actually reads under each
+    `caption_sampling`: a whole caption is cut at `max_length` tokens with its prefix, while sentence sampling reads
+    one sentence per draw but, over a run, every sentence that fits.
+
     Args:
         dataset (`datasets.Dataset`): a captioned dataset.
         tokenizer (*optional*): a CLIP tokenizer; without it only word counts are computed.
@@ -70,12 +111,15 @@ def caption_stats(
         label_column (`str`, defaults to `"label"`): a `ClassLabel` column (names normalised for the prefix).
         caption_types (`Sequence[str]`, *optional*): the type of each caption position (e.g. `["visual", "shape",
             "texture"]`); read from the provenance when omitted. Without either, only `"all"` is reported.
-        max_length (`int`, defaults to 77): CLIP's context length, counting `<|startoftext|>` and `<|endoftext|>`.
+        max_length (`int`, defaults to 77): the text limit of the model the captions train (CLIP's context length),
+            counting `<|startoftext|>` and `<|endoftext|>`.
 
     Returns:
         `dict`: `{type or "all": {"captions", "words": {...}, "tokens": {...}, "tokens_with_prefix": {...},
-        "fraction_over_max_length"}}` where each distribution has `count`, `mean`, `min`, `max`, `p5` .. `p95`,
-        plus `"rows"`, `"rows_incomplete"` and `"max_length"`.
+        "fraction_over_max_length", "tokens_read": {"caption_tokens": {...}, "caption": {...}, "sentence": {...}}}}`
+        where each distribution has `count`, `mean`, `min`, `max`, `p5` .. `p95` (`tokens_read[sampling]` holds
+        `per_draw`, `units_per_caption` and `fraction_read`, see `_tokens_read`), plus `"rows"`,
+        `"rows_incomplete"` and `"max_length"`.
     """
     if caption_column not in dataset.column_names:
         raise ValueError(f"Column {caption_column!r} not found; the dataset has {dataset.column_names}.")
@@ -110,6 +154,7 @@ def caption_stats(
             entry["tokens"] = _distribution([len(ids) for ids in plain])
             entry["tokens_with_prefix"] = _distribution(prefixed)
             entry["fraction_over_max_length"] = sum(n > max_length for n in prefixed) / len(prefixed)
+            entry["tokens_read"] = _tokens_read(tokenizer, pairs, max_length)
         report[kind] = entry
     return report
 

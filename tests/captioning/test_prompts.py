@@ -108,3 +108,37 @@ def test_long_caption_type_asks_for_a_detailed_caption_of_its_own_length():
     assert build_prompt("banded", "textures", "shape", words=20).endswith("in 20 words.")  # unchanged
     custom = "Describe the {class_name} ({characteristic}) in {words} words."
     assert build_prompt("banded", "textures", "long", template=custom) == "Describe the banded (long) in 150 words."
+
+
+def test_long_caption_type_flows_through_the_cost_estimate(tmp_path):
+    """The estimate captions its sample with the run's caption types: the `long` type is requested with its own
+    prompt (150 words), and its tokens are counted; the loopback server echoes each prompt and counts words."""
+    import datasets
+    from PIL import Image
+
+    from mmft_hf.captioning.captioners.openai_compatible import OpenAICompatibleCaptioner
+    from mmft_hf.captioning.stats import estimate_captioning_cost
+    from tests.fake_batch_api import fake_usage, prompt_of, start_fake_batch_api
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})
+    images = [Image.new("RGB", (64 + i, 48), (30 * i, 90, 160)) for i in range(4)]
+    dataset = datasets.Dataset.from_dict({"image": images, "label": [0, 1, 0, 1]}, features=features)
+    server = start_fake_batch_api()
+    try:
+        captioner = OpenAICompatibleCaptioner("fake-vlm", base_url=server.base_url, api_key_env=None)
+        estimates = {}
+        for kinds in (("visual", "shape"), ("visual", "long")):
+            first = len(server.requests)
+            estimates[kinds] = estimate_captioning_cost(
+                dataset, captioner, domain="pets", sample_rows=4, caption_types=kinds, cache_dir=tmp_path / kinds[1]
+            )
+            bodies = [body for _, _, body in server.requests[first:]]
+            usages = [fake_usage(body, prompt_of(body)) for body in bodies]  # what the server reported
+            assert estimates[kinds].requests == len(bodies) == 8
+            assert estimates[kinds].input_tokens == sum(usage["prompt_tokens"] for usage in usages)
+            assert estimates[kinds].output_tokens == sum(usage["completion_tokens"] for usage in usages)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert sum("in about 150 words" in prompt_of(body) for _, _, body in server.requests) == 4
+    assert estimates[("visual", "long")].output_tokens > estimates[("visual", "shape")].output_tokens

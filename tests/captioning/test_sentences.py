@@ -72,3 +72,33 @@ def test_caption_units():
     assert caption_units("   ") == [] and caption_units("   ", "sentence") == []
     with pytest.raises(ValueError, match="caption_sampling must be one of"):
         caption_units("x", "word")
+
+
+def test_caption_stats_count_the_tokens_each_sampling_reads():
+    """A hand count with a tokenizer that makes every word and every period one token: the prefix "a photo of a
+    red circle." is 7 tokens + start/end = 9, so a 30-token limit leaves 21 caption tokens per text."""
+    import datasets
+
+    from mmft_hf.captioning.stats import caption_stats
+    from mmft_hf.synthetic import build_word_tokenizer
+
+    words = [f"w{chr(97 + i // 26)}{chr(97 + i % 26)}" for i in range(30)]  # letters only: one token each
+    long = " ".join(" ".join(words[10 * s : 10 * s + 10]) + "." for s in range(3))  # 3 sentences of 11 tokens
+    short = " ".join(words[:5])  # one sentence, 5 tokens
+    tokenizer = build_word_tokenizer(["a", "photo", "of", "red", "circle", *words])
+    assert len(tokenizer(long)["input_ids"]) == 33 + 2 and len(tokenizer("a photo of a red circle.")["input_ids"]) == 9
+    features = datasets.Features({"label": datasets.ClassLabel(names=["red circle"]),
+                                  "captions": datasets.List(datasets.Value("string"))})  # fmt: skip
+    dataset = datasets.Dataset.from_dict({"label": [0, 0], "captions": [[long], [short]]}, features=features)
+    read = caption_stats(dataset, tokenizer, max_length=30)["all"]["tokens_read"]
+    assert read["caption_tokens"]["mean"] == (33 + 5) / 2
+    # a whole caption: 21 of the long one's 33 tokens, all 5 of the short one's
+    assert read["caption"]["per_draw"]["mean"] == (21 + 5) / 2
+    assert read["caption"]["fraction_read"] == pytest.approx((21 + 5) / 38)
+    assert read["caption"]["units_per_caption"]["mean"] == 1
+    # a sentence: 11 tokens per draw of the long caption, and over a run every token of both
+    assert read["sentence"]["per_draw"]["mean"] == (11 + 5) / 2
+    assert read["sentence"]["fraction_read"] == 1.0
+    assert (read["sentence"]["units_per_caption"]["min"], read["sentence"]["units_per_caption"]["max"]) == (1, 3)
+    # a limit the prefix alone fills reads nothing
+    assert caption_stats(dataset, tokenizer, max_length=9)["all"]["tokens_read"]["sentence"]["fraction_read"] == 0
