@@ -1,8 +1,14 @@
 """A chat-completions server on 127.0.0.1 for captioner tests: scripted failures, latency, request log.
 
-`start_fake_api(delay, plan)` starts it on a free port in a daemon thread. `plan` is a list of
-`(status, headers)` (or `(status, headers, body_override)`) consumed one per request; once empty, every request
-succeeds and echoes the prompt text back as the caption. Stop it with `server.shutdown(); server.server_close()`.
+`start_fake_api(delay, plan, default)` starts it on a free port in a daemon thread. `plan` is a list of
+`(status, headers)` (or `(status, headers, body_override)`) consumed one per request; once it is empty, every
+request gets `default` (by default `(200, {})`: success, echoing the prompt text back as the caption). Stop it with
+`server.shutdown(); server.server_close()` (closing also releases hung requests).
+
+Steps for the failure modes (use them in `plan` or as `default`): `(500, {})` for a server failing every request,
+`RATE_LIMITED` (HTTP 429 with a short `Retry-After`), `HANG` (accept, read the request, never answer until the server
+is closed), and `answer(...)` for a chosen completion, e.g. `answer(REFUSAL)`, `answer(text, finish_reason="length")`
+or `answer(HUGE)`. `stops_answering_after(n)` is a plan of n answers, to be followed by `default=HANG`.
 `wait_until_quiet(server, quiet)` counts the requests once they have stopped arriving.
 """
 
@@ -26,11 +32,17 @@ class FakeChatHandler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         with server.lock:
             server.requests.append((time.monotonic(), dict(self.headers), body))
-            step = server.plan.pop(0) if server.plan else (200, {})
+            step = server.plan.pop(0) if server.plan else server.default
             server.in_flight += 1
             server.max_in_flight = max(server.max_in_flight, server.in_flight)
         status, headers, override = (*step, None)[:3]
         headers = dict(headers)  # a plan may repeat one step object: never consume its entries
+        if headers.pop("X-Hang", None):
+            server.released.wait()  # holds the connection open, without an answer, until the server closes
+            with server.lock:
+                server.in_flight -= 1
+            self.close_connection = True
+            return
         time.sleep(float(headers.pop("X-Delay", server.delay)))
         text = self.reply(body)
         if override is not None:
@@ -75,6 +87,47 @@ class FakeChatServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # the default 5 refuses bursts of concurrent connections
 
+    default = (200, {})  # the step for requests beyond the plan
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.released = threading.Event()
+
+    def server_close(self):
+        self.released.set()  # hung requests end (without an answer) and their threads exit
+        super().server_close()
+
+
+RATE_LIMITED = (429, {"Retry-After": "0.05"})
+HANG = (200, {"X-Hang": "1"})
+REFUSAL = "I'm sorry, but I can't help with that."
+HUGE = "lorem ipsum " * 10_000  # 20,000 words, 120,000 characters
+
+
+def chat_completion(content: str = "", finish_reason: str | None = "stop", refusal: str | None = None) -> dict:
+    """A complete chat-completion body with the given answer."""
+    message = {"role": "assistant", "content": content}
+    if refusal is not None:
+        message["refusal"] = refusal
+    return {
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "fake",
+        "choices": [{"index": 0, "finish_reason": finish_reason, "message": message}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+    }
+
+
+def answer(content: str = "", finish_reason: str | None = "stop", refusal: str | None = None) -> tuple:
+    """A plan step: HTTP 200 with this answer (instead of the echoed prompt)."""
+    return (200, {}, chat_completion(content, finish_reason, refusal))
+
+
+def stops_answering_after(count: int) -> list:
+    """A plan of `count` normal answers; with `default=HANG` the server then stops answering."""
+    return [(200, {})] * count
+
 
 def wait_until_quiet(server: FakeChatServer, quiet: float, timeout: float = 30.0) -> int:
     """Waits until no new request has arrived for `quiet` seconds and returns the number of requests.
@@ -93,9 +146,10 @@ def wait_until_quiet(server: FakeChatServer, quiet: float, timeout: float = 30.0
     return count
 
 
-def start_fake_api(delay: float = 0.0, plan=()) -> FakeChatServer:
+def start_fake_api(delay: float = 0.0, plan=(), default=(200, {})) -> FakeChatServer:
     server = FakeChatServer(("127.0.0.1", 0), FakeChatHandler)
     server.lock, server.requests, server.plan, server.delay = threading.Lock(), [], list(plan), delay
+    server.default = default
     server.in_flight = server.max_in_flight = 0
     # A short poll interval lets `shutdown()` return in ~50 ms instead of the default 0.5 s.
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()

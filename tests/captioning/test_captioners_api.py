@@ -9,13 +9,24 @@ import socket
 import time
 
 import pytest
-from fake_chat_server import start_fake_api, wait_until_quiet
+from fake_chat_server import (
+    HANG,
+    HUGE,
+    RATE_LIMITED,
+    REFUSAL,
+    answer,
+    start_fake_api,
+    stops_answering_after,
+    wait_until_quiet,
+)
 from PIL import Image
 
 from mmft_hf.captioning.captioners import (
     CaptionerAuthenticationError,
     CaptionerConnectionError,
     CaptionerModelNotFoundError,
+    CaptionerNotAnsweringError,
+    CaptionerServerError,
     CaptionerUnavailableError,
     CaptionRequest,
     OpenAICompatibleCaptioner,
@@ -46,8 +57,8 @@ def api(monkeypatch):
     monkeypatch.setenv("MMFT_TEST_KEY", SECRET)
     servers = []
 
-    def start(delay=0.0, plan=()):
-        servers.append(start_fake_api(delay=delay, plan=plan))
+    def start(delay=0.0, plan=(), default=(200, {})):
+        servers.append(start_fake_api(delay=delay, plan=plan, default=default))
         return servers[-1]
 
     yield start
@@ -129,7 +140,6 @@ def test_429_honours_retry_after(api):
     assert len(server.requests) == 2
     gap = server.requests[1][0] - server.requests[0][0]
     assert gap >= 0.18  # waited as told (no upper bound: the machine may be slow)
-    assert header(server.requests[1], "X-Stainless-Retry-Count") == "1"
 
 
 def test_500_then_success_with_default_backoff(api):
@@ -175,17 +185,24 @@ def test_malformed_response_fails_the_request_without_retry(api, body, message):
 @pytest.mark.parametrize(
     ("answer", "error"),
     [
-        (completion(""), "empty answer"),
-        (completion("  \n "), "empty answer"),
-        (completion("<think>only thoughts</think>"), "empty answer"),
-        (completion("A cat.", finish_reason="content_filter"), "content_filter"),
-        (completion(None, refusal="I cannot help with that."), "refused: I cannot help"),
+        (completion(""), "rejected: empty"),
+        (completion("  \n "), "rejected: empty"),
+        (completion("<think>only thoughts</think>"), "rejected: empty"),
+        (completion("A cat.", finish_reason="content_filter"), "rejected: finish_reason=content_filter"),
+        (completion("A cat with", finish_reason="length"), "rejected: finish_reason=length"),
+        (completion(None, refusal="I cannot help with that."), "rejected: refusal: I cannot help"),
+        (completion(REFUSAL), "rejected: refusal: I'm sorry, but I can't help"),
+        (completion(HUGE), "rejected: too long: 119999 characters"),
+        (completion("fur " * 101), "rejected: too long: 101 words for ~20 asked"),  # the prompt asks 20 words
     ],
 )
-def test_empty_or_refused_answers_are_retried_then_failed(api, answer, error):
+def test_unusable_answers_are_asked_again_then_failed(api, answer, error):
     server = api(plan=[(200, {}, answer)] * 3)
-    ((_, result),) = list(make_captioner(server, max_answer_retries=2).caption(make_requests(1)))
-    assert result.text is None and error in result.error and result.retries == 2
+    request = CaptionRequest(Image.new("RGB", (40, 30)), "Describe this photo in 20 words.")
+    ((_, result),) = list(make_captioner(server, max_answer_retries=2).caption([request]))
+    assert result.text is None and result.error.startswith(error) and result.retries == 2
+    assert result.finish_reason == answer["choices"][0]["finish_reason"]
+    assert result.refusal == answer["choices"][0]["message"].get("refusal")
     assert result.usage["prompt_tokens"] == 15  # every attempt is paid for: 3 x 5
     assert len(server.requests) == 3
 
@@ -279,7 +296,8 @@ def test_circuit_breaker_after_consecutive_timeouts(api):
     with pytest.raises(CaptionerConnectionError, match="3 consecutive requests") as info:
         for _, result in captioner.caption(make_requests(10)):
             seen.append(result)
-    assert server.base_url in str(info.value) and "timed out" in str(info.value)
+    assert server.base_url in str(info.value) and "stopped answering" in str(info.value)
+    assert isinstance(info.value, CaptionerNotAnsweringError)
     assert [bool(result.text) for result in seen] == [True, False, False]  # the failures before it are reported
     assert wait_until_quiet(server, quiet=0.3) == 4
 
@@ -406,3 +424,58 @@ def test_cache_identity(monkeypatch):
         OpenAICompatibleCaptioner("m", api_key_env="MMFT_TEST_KEY", image_format="webp")
     with pytest.raises(ValueError, match="JSON"):
         OpenAICompatibleCaptioner("m", api_key_env="MMFT_TEST_KEY", extra_body={"x": object()})
+
+
+def test_a_storm_of_500_trips_the_breaker(api):
+    server = api(default=(500, FAST))
+    captioner = make_captioner(server, max_retries=1, max_concurrency=4)
+    with pytest.raises(CaptionerServerError, match=r"Stopped: 3 consecutive requests .* server errors") as info:
+        list(captioner.caption(make_requests(40)))
+    assert "HTTP 500" in str(info.value) and server.base_url in str(info.value)
+    # the first request alone (2 attempts), then at most 4 in flight of 2 attempts each before the third failure
+    assert wait_until_quiet(server, quiet=0.3) <= 2 + 2 * (2 + 4)
+
+
+def test_429_beyond_the_retry_budget_trips_the_breaker(api):
+    server = api(default=RATE_LIMITED)  # Retry-After 0.05 s, forever
+    with pytest.raises(CaptionerServerError, match="HTTP 429"):
+        list(make_captioner(server, max_retries=2, max_concurrency=1).caption(make_requests(40)))
+    assert wait_until_quiet(server, quiet=0.3) == 3 + 3 + 3  # three requests of 3 attempts each
+
+
+def test_429_with_a_retry_after_over_two_minutes_fails_at_once(api):
+    server = api(default=(429, {"Retry-After": "300"}))
+    with pytest.raises(CaptionerServerError, match=r"Retry-After 300 s, beyond the 120 s"):
+        list(make_captioner(server, max_retries=5, max_concurrency=1).caption(make_requests(40)))
+    assert wait_until_quiet(server, quiet=0.3) == 3  # no request waits 300 s or is retried
+
+
+def test_a_server_that_hangs_from_the_start_is_not_answering(api):
+    server = api(default=HANG)
+    captioner = make_captioner(server, timeout=0.3, max_retries=5, max_concurrency=8)
+    with pytest.raises(CaptionerNotAnsweringError, match=r"is not answering: it accepts connections") as info:
+        list(captioner.caption(make_requests(20)))
+    assert "Cannot connect" not in str(info.value) and "--timeout" in str(info.value)
+    assert wait_until_quiet(server, quiet=0.3) == 3  # the first request alone: 3 attempts, not 6 nor 20 x 6
+
+
+def test_a_server_that_stops_answering_is_noticed_within_a_few_timeouts(api):
+    server = api(plan=stops_answering_after(3), default=HANG)
+    captioner = make_captioner(server, timeout=0.3, max_retries=5, max_concurrency=4)
+    seen = []
+    with pytest.raises(CaptionerNotAnsweringError, match=r"stopped answering: 3 consecutive requests timed out"):
+        for _, result in captioner.caption(make_requests(20)):
+            seen.append(result)
+    assert len(seen) == 3 and all(result.text.startswith("describe image") for result in seen)  # the 3 answers
+    # the timed-out attempts are not each retried 5 times first: 3 answers, then at most 4 in flight at a time,
+    # and the third timeout in a row stops the run
+    assert wait_until_quiet(server, quiet=0.3) <= 3 + 4 + 2
+
+
+def test_finish_reason_and_refusal_reach_the_result(api):
+    server = api(plan=[answer("A tabby cat on a rug.", finish_reason=None)])
+    ((_, result),) = list(make_captioner(server).caption(make_requests(1)))
+    assert (result.text, result.finish_reason, result.refusal) == ("A tabby cat on a rug.", None, None)
+    server.plan[:] = [answer("A cat.")]
+    ((_, result),) = list(make_captioner(server).caption(make_requests(1)))
+    assert (result.text, result.finish_reason) == ("A cat.", "stop")

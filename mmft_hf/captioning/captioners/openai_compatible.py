@@ -1,28 +1,35 @@
 """Captions from any OpenAI-compatible chat-completions API: OpenAI, Gemini, vLLM, Ollama, SGLang, LM Studio.
 
-Transport, retries and `Retry-After` handling come from the `openai` SDK (`pip install mmft-hf[api]`); this module
-adds bounded concurrency, answer validation (empty, refused and malformed answers never become captions) and a
-synchronous, completion-ordered iterator that works from scripts, tests and notebooks alike.
+The `openai` SDK (`pip install mmft-hf[api]`) does the HTTP; this module adds bounded concurrency, its own retries
+(so that timeouts, server errors and connection errors each reach the circuit breaker as they happen), the quality
+gate (`captioning/quality.py`: empty, refused, cut and runaway answers never become captions) and a synchronous,
+completion-ordered iterator that works from scripts, tests and notebooks alike.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import logging
 import os
 import queue
+import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from PIL import Image
 
+from ..quality import max_words_asked, rejection_reason
 from .base import (
     CaptionerAuthenticationError,
     CaptionerConnectionError,
     CaptionerModelNotFoundError,
+    CaptionerNotAnsweringError,
+    CaptionerServerError,
     CaptionRequest,
     CaptionResult,
 )
@@ -35,7 +42,8 @@ MAX_CONNECT_TIMEOUT = 10.0  # seconds to open a connection: a host that takes lo
 # Retries of the first request to a server that has not answered yet: a wrong URL or a server that is not up does
 # not heal in the 15 s of the full backoff, and an unreachable server must stop a run within seconds.
 FIRST_REQUEST_MAX_RETRIES = 2
-_UNAVAILABLE_STATUSES = (502, 503, 504)  # a gateway whose backend is down: counted like connection errors
+MAX_RETRY_AFTER = 120.0  # seconds: a longer `Retry-After` fails the request at once (as the SDK does)
+_RETRIED_STATUSES = (408, 409, 429)  # and every 5xx: transient server-side failures, as the SDK retries them
 
 
 class OpenAICompatibleCaptioner:
@@ -46,19 +54,27 @@ class OpenAICompatibleCaptioner:
 
     Failures are handled by kind:
 
-    - HTTP 408/409/429/5xx, timeouts and connection errors are retried by the SDK, up to `max_retries` times, with
-      exponential backoff and jitter (`min(0.5 * 2**k, 8)` s) or exactly the server's `Retry-After` when it is at
-      most 120 s. When they run out, the request fails (`CaptionResult.text is None`, `error` says why).
-    - A server that cannot answer stops the run with [`CaptionerConnectionError`] instead of failing every request:
-      until the server has answered once, the first request is sent alone (with at most 2 retries) and its
-      connection error or timeout stops the run at once ("cannot connect to <base_url>"); later,
-      `max_consecutive_connection_errors` failed requests in a row (connection errors, timeouts, HTTP 502/503/504)
-      stop it (a circuit breaker). Any answer from the server starts the count again.
+    - HTTP 408/409/429/5xx and connection errors are retried up to `max_retries` times, with exponential backoff and
+      jitter (`min(0.5 * 2**k, 8)` s) or exactly the server's `Retry-After` when it is at most 120 s; a longer
+      `Retry-After` fails the request at once. A timed-out attempt is retried too, but counts for the circuit
+      breaker at once (below). When the retries run out, the request fails (`CaptionResult.text is None`, `error`
+      says why).
+    - A server that cannot answer stops the run with a [`CaptionerUnavailableError`] instead of failing every
+      request. Until the server has answered once, the first request is sent alone with at most 2 retries: a
+      connection error stops the run ([`CaptionerConnectionError`], "cannot connect to <base_url>"), and so do
+      timeouts ([`CaptionerNotAnsweringError`], "is not answering": it accepts connections but does not answer).
+      Later, a circuit breaker stops the run after `max_consecutive_connection_errors` failures in a row: timed-out
+      attempts ([`CaptionerNotAnsweringError`], "stopped answering", so a hung server is noticed within about that
+      many request timeouts), requests that could not connect after their retries ([`CaptionerConnectionError`])
+      or requests that got only HTTP 5xx/408/409/429 after their retries ([`CaptionerServerError`]: a storm of
+      server errors, or rate limits beyond the `Retry-After` budget). Any other answer starts the count again.
     - HTTP 401/403 raise [`CaptionerAuthenticationError`] and HTTP 404 [`CaptionerModelNotFoundError`] at once and
       stop the whole run: neither depends on the image.
     - Other HTTP errors (400, 422, ...) and malformed responses (invalid JSON, no `choices`) fail the request.
-    - An empty answer (after removing `<think>` blocks), `finish_reason="content_filter"` or a `refusal` is asked
-      again up to `max_answer_retries` times, then fails the request. It is never returned as a caption.
+    - An answer the quality gate rejects (empty after removing `<think>` blocks, a `refusal` or a plain-text
+      refusal, `finish_reason` other than `"stop"`, far longer than the prompt's "in N words") is asked again up to
+      `max_answer_retries` times, then fails the request with `error="rejected: <reason>"`. It is never returned as
+      a caption.
 
     Args:
         model (`str`): the model name the server expects, e.g. `"gemini-2.5-flash-lite"` or `"gpt-4o-mini"`.
@@ -72,18 +88,19 @@ class OpenAICompatibleCaptioner:
         max_tokens (`int`, defaults to 256): the answer's token limit.
         timeout (`float`, defaults to 60.0): seconds allowed per HTTP attempt (opening the connection: at most
             10 s of it).
-        max_retries (`int`, defaults to 5): SDK retries per request for transient errors (so up to 6 attempts).
+        max_retries (`int`, defaults to 5): retries per request for transient errors (so up to 6 attempts).
         max_image_side (`int`, *optional*, defaults to 768): images are downscaled (never upscaled) so their longer
             side is at most this; `None` sends them at full size.
         image_format (`str`, defaults to `"JPEG"`): `"JPEG"` (quality 90, smaller uploads) or `"PNG"` (lossless).
         extra_body (`dict`, *optional*): extra JSON fields merged into every request body, e.g.
             `{"reasoning_effort": "none"}` or vLLM's `{"chat_template_kwargs": {"enable_thinking": False}}`.
             Part of the cache identity, since it can change the answers.
-        max_answer_retries (`int`, defaults to 2): how many times an empty or refused answer is asked again.
+        max_answer_retries (`int`, defaults to 2): how many times an answer the quality gate rejects is asked again.
         cache_tag (`str`, *optional*): an extra label for the cache identity, to keep apart captions of
             different deployments that share a model name (e.g. two quantisations served as `"llava"`).
-        max_consecutive_connection_errors (`int`, defaults to 3): the circuit breaker: this many requests in a row
-            that fail to reach the server (after their retries) stop the run with [`CaptionerConnectionError`].
+        max_consecutive_connection_errors (`int`, defaults to 3): the circuit breaker: this many failures in a row
+            (timed-out attempts; requests that failed to connect or got only server errors after their retries)
+            stop the run.
     """
 
     def __init__(
@@ -205,7 +222,8 @@ class OpenAICompatibleCaptioner:
 
         Raises:
             [`CaptionerUnavailableError`]: the server cannot answer (see the class docstring), after cancelling the
-                other requests: [`CaptionerConnectionError`], [`CaptionerAuthenticationError`] (HTTP 401/403) or
+                other requests: [`CaptionerConnectionError`], [`CaptionerNotAnsweringError`],
+                [`CaptionerServerError`], [`CaptionerAuthenticationError`] (HTTP 401/403) or
                 [`CaptionerModelNotFoundError`] (HTTP 404).
         """
         requests = list(requests)
@@ -271,17 +289,19 @@ class OpenAICompatibleCaptioner:
                     del encodings[key]
 
         timeout = Timeout(self.timeout, connect=min(self.timeout, MAX_CONNECT_TIMEOUT))
+        # Retries are this class's own (see `_send`): the SDK would retry a timeout `max_retries` times before the
+        # circuit breaker hears of it, so a hung server would take (max_retries + 1) timeouts per request to notice.
         async with AsyncOpenAI(
-            api_key=self._api_key, base_url=self.base_url, timeout=timeout, max_retries=self.max_retries
+            api_key=self._api_key, base_url=self.base_url, timeout=timeout, max_retries=0
         ) as client:
 
-            async def one(index: int, sender=client) -> None:
+            async def one(index: int, max_retries: int = self.max_retries) -> None:
                 async with semaphore:
-                    emit((index, await self._caption_one(sender, requests[index], data_url_of)))
+                    emit((index, await self._caption_one(client, requests[index], data_url_of, max_retries)))
 
             first = 0
             if not self._server_answered:  # a server that cannot answer is told by one request, not by a burst
-                await one(0, client.with_options(max_retries=min(self.max_retries, FIRST_REQUEST_MAX_RETRIES)))
+                await one(0, min(self.max_retries, FIRST_REQUEST_MAX_RETRIES))
                 first = 1
             tasks = [asyncio.ensure_future(one(index)) for index in range(first, len(requests))]
             if not tasks:
@@ -323,22 +343,40 @@ class OpenAICompatibleCaptioner:
     def _encode(self, image: Image.Image) -> str:
         return image_to_data_url(prepare_image(image, self.max_image_side), self.image_format)
 
-    async def _caption_one(self, client, request: CaptionRequest, data_url_of) -> CaptionResult:
-        import openai
-
+    async def _caption_one(self, client, request: CaptionRequest, data_url_of, max_retries: int) -> CaptionResult:
         try:
             url = await data_url_of(request.image)
         except (OSError, ValueError) as err:  # unreadable or truncated image file: this request only
             return CaptionResult(text=None, error=f"could not prepare the image: {type(err).__name__}: {err}")
         body = self.request_body(request.prompt, url, getattr(request, "response_format", None))
-        # model and messages are the SDK's required arguments; every other field travels as extra_body, so the JSON
-        # sent is exactly `body`, the same body the Batch API captioner writes into its request files.
-        fields = {name: value for name, value in body.items() if name not in ("model", "messages")}
+        max_words = max_words_asked(request.prompt)
         retries, usage = 0, Counter()
-        problem = "no attempt made"
+        result = CaptionResult(text=None, error="no attempt made")
         for attempt in range(self.max_answer_retries + 1):
             if attempt:  # an answer retry is one more request
                 retries += 1
+            raw, failure, transport_retries = await self._send(client, body, max_retries)
+            retries += transport_retries
+            if failure is not None:
+                return CaptionResult(text=None, error=failure, retries=retries, usage=dict(usage))
+            result = _read_answer(raw, max_words)
+            usage.update(result.usage)
+            if result.text is not None or result.error.startswith("malformed"):  # a broken server will not heal
+                break
+            logger.debug("Asking again (%d of %d): %s", attempt + 1, self.max_answer_retries, result.error)
+        result.retries, result.usage = retries, dict(usage)
+        return result
+
+    async def _send(self, client, body: dict, max_retries: int) -> tuple[Any, str | None, int]:
+        """Sends one request, retrying transient failures; returns `(raw response, None, retries)` or
+        `(None, why it failed, retries)`, and raises when the run should stop (see the class docstring)."""
+        import openai
+
+        # model and messages are the SDK's required arguments; every other field travels as extra_body, so the JSON
+        # sent is exactly `body`, the same body the Batch API captioner writes into its request files.
+        fields = {name: value for name, value in body.items() if name not in ("model", "messages")}
+        for attempt in range(max_retries + 1):
+            last = attempt == max_retries
             try:
                 raw = await client.chat.completions.with_raw_response.create(
                     model=body["model"], messages=body["messages"], extra_body=fields
@@ -357,93 +395,127 @@ class OpenAICompatibleCaptioner:
                 ) from None
             except openai.NotFoundError as err:
                 raise CaptionerModelNotFoundError(
-                    f"Model {self.model!r} not found (HTTP 404) at {self._api_root(client)}: {_server_message(err)}. "
-                    f"Check the model name (GET {self._api_root(client).rstrip('/')}/models lists the served ones) "
-                    "and that the base URL is the API root (it usually ends in /v1)."
+                    f"Model {self.model!r} not found (HTTP {err.status_code}) at {self._api_root(client)}: "
+                    f"{_server_message(err)}. Check the model name (GET {self._api_root(client).rstrip('/')}/models "
+                    "lists the served ones) and that the base URL is the API root (it usually ends in /v1)."
                 ) from None
             except openai.APIStatusError as err:
-                retries += _retries_of(err.response.request)
                 error = f"HTTP {err.status_code}: {_server_message(err)}"
-                if err.status_code in _UNAVAILABLE_STATUSES:  # an answer, but from a gateway without a backend
-                    self._unreachable(client, error, retries, count_only=True)
-                else:
+                if err.status_code not in _RETRIED_STATUSES and err.status_code < 500:  # 400, 422: this request
                     self._answered()
-                return CaptionResult(text=None, error=error, retries=retries, usage=dict(usage))
-            except openai.APITimeoutError as err:  # before APIConnectionError, its base class
-                retries += _retries_of(err.request)
-                error = f"timed out after {self.timeout} s per attempt"
-                self._unreachable(client, error, retries)
-                return CaptionResult(text=None, error=error, retries=retries, usage=dict(usage))
+                    return None, error, attempt
+                wait = _retry_after(err.response.headers)
+                if wait is not None and wait > MAX_RETRY_AFTER:  # rate limited for longer than a request waits
+                    error += f" (Retry-After {wait:.0f} s, beyond the {MAX_RETRY_AFTER:.0f} s a request waits)"
+                    last = True
+                if last:
+                    self._server_failure(client, error, attempt)
+                    return None, error, attempt
+                await asyncio.sleep(wait if wait is not None and wait > 0 else _backoff(attempt))
+                continue
+            except openai.APITimeoutError:  # before APIConnectionError, its base class
+                error = f"timed out: no answer within {self.timeout:g} s"
+                # every attempt counts: a hung server is stopped after a few timeouts, not after every retry of them
+                self._no_answer(client, error, attempt, last_attempt=last)
+                if last:
+                    return None, error, attempt
+                await asyncio.sleep(_backoff(attempt))
+                continue
             except openai.APIConnectionError as err:
-                retries += _retries_of(err.request)
                 cause = err.__cause__ or err
                 error = f"connection error: {type(cause).__name__}: {cause}"
-                self._unreachable(client, error, retries)
-                return CaptionResult(text=None, error=error, retries=retries, usage=dict(usage))
+                if last:
+                    self._connection_failure(client, error, attempt)
+                    return None, error, attempt
+                await asyncio.sleep(_backoff(attempt))
+                continue
             self._answered()
-            retries += raw.retries_taken
-            text, problem, attempt_usage = _read_answer(raw)
-            usage.update(attempt_usage)
-            if text is not None:
-                return CaptionResult(text=text, retries=retries, usage=dict(usage))
-            if problem.startswith("malformed"):  # a broken server, not a bad draw: asking again will not help
-                break
-            logger.debug("Asking again (%d of %d): %s", attempt + 1, self.max_answer_retries, problem)
-        return CaptionResult(text=None, error=problem, retries=retries, usage=dict(usage))
+            return raw, None, attempt
+        raise AssertionError("unreachable")  # the last attempt returns or raises
 
     def _api_root(self, client) -> str:
         return self.base_url or str(client.base_url)
 
     def _answered(self) -> None:
-        """The server answered (with a caption or an HTTP error): it is there, and the breaker's count restarts."""
+        """The server answered (with a caption or a client error): it is there, and the breaker's count restarts."""
         self._server_answered, self._failures_in_a_row = True, 0
 
-    def _unreachable(self, client, error: str, retries: int, count_only: bool = False) -> None:
-        """Counts a request that got no answer from the model's server; raises when the run should stop.
+    def _how_to_raise_timeout(self) -> str:
+        return (
+            f"if it is only slow (long answers, a loaded server), raise the {self.timeout:g} s request timeout "
+            "(--timeout in the CLI, timeout= in Python)"
+        )
 
-        Args:
-            client (`AsyncOpenAI`): the client (for the URL in messages).
-            error (`str`): what happened to the request.
-            retries (`int`): the SDK's retries of the request.
-            count_only (`bool`, defaults to `False`): only count it for the circuit breaker (HTTP 502/503/504: a
-                gateway answered), never treat it as the first request to a server that cannot be reached.
+    def _no_answer(self, client, error: str, retries: int, last_attempt: bool) -> None:
+        """Counts an attempt that timed out; raises [`CaptionerNotAnsweringError`] when the run should stop."""
+        self._failures_in_a_row += 1
+        tripped = self._failures_in_a_row >= self.max_consecutive_connection_errors
+        if not self._server_answered and (last_attempt or tripped):
+            raise CaptionerNotAnsweringError(
+                f"{self._api_root(client)} is not answering: it accepts connections, but {retries + 1} "
+                f"{'attempt' if retries == 0 else 'attempts'} of the first request timed out (no answer within "
+                f"{self.timeout:g} s). Check the server (is the model still loading?); "
+                f"{self._how_to_raise_timeout()}."
+            )
+        if tripped:
+            raise CaptionerNotAnsweringError(
+                f"{self._api_root(client)} stopped answering: {self._failures_in_a_row} consecutive requests timed "
+                f"out (no answer within {self.timeout:g} s). Check the server; {self._how_to_raise_timeout()}."
+            )
 
-        Raises:
-            [`CaptionerConnectionError`]: on the first request to a server that never answered, or after
-                `max_consecutive_connection_errors` such requests in a row.
-        """
+    def _connection_failure(self, client, error: str, retries: int) -> None:
+        """Counts a request that could not connect after its retries; raises when the run should stop."""
         self._failures_in_a_row += 1
         after = f"after {retries} {'retry' if retries == 1 else 'retries'}"
-        if not self._server_answered and not count_only:
+        if not self._server_answered:
             raise CaptionerConnectionError(
                 f"Cannot connect to {self._api_root(client)} ({error}, {after}). Is the server running, and are "
                 "the scheme, host, port and path of the URL right?"
             )
         if self._failures_in_a_row >= self.max_consecutive_connection_errors:
             raise CaptionerConnectionError(
-                f"Stopped: {self._failures_in_a_row} consecutive requests to {self._api_root(client)} got no answer "
-                f"(last: {error}, {after}). The server stopped answering; check it and run again."
+                f"Stopped: {self._failures_in_a_row} consecutive requests could not connect to "
+                f"{self._api_root(client)} (last: {error}, {after}). The server went away; check it and run again."
+            )
+
+    def _server_failure(self, client, error: str, retries: int) -> None:
+        """Counts a request that got only server errors (HTTP 5xx, 408, 409, 429) after its retries; raises
+        [`CaptionerServerError`] when the run should stop."""
+        self._server_answered = True  # it answers, so a later timeout is a server that stopped answering
+        self._failures_in_a_row += 1
+        if self._failures_in_a_row >= self.max_consecutive_connection_errors:
+            raise CaptionerServerError(
+                f"Stopped: {self._failures_in_a_row} consecutive requests to {self._api_root(client)} failed with "
+                f"server errors after {retries} {'retry' if retries == 1 else 'retries'} each (last: {error}). "
+                "The server keeps failing; check it (or its rate limits) and run again."
             )
 
 
-def _read_answer(raw) -> tuple[str | None, str, dict]:
-    """Parses one HTTP 200 response into (caption or None, problem, usage)."""
+def _read_answer(raw, max_words: int | None) -> CaptionResult:
+    """Parses one HTTP 200 response into a result that passed the quality gate (or says why not)."""
     try:
-        completion = raw.parse()
+        result = parse_completion(raw.parse())
     except ValueError as err:  # json.JSONDecodeError
-        return None, f"malformed response: not valid JSON ({err})", {}
-    return read_completion(completion)
+        return CaptionResult(text=None, error=f"malformed response: not valid JSON ({err})")
+    if result.text is not None:
+        reason = rejection_reason(
+            result.text, finish_reason=result.finish_reason, refusal=result.refusal, max_words=max_words
+        )
+        if reason:
+            result.text, result.error = None, f"rejected: {reason}"
+    return result
 
 
-def read_completion(completion) -> tuple[str | None, str, dict]:
-    """Reads a parsed chat completion (the SDK's object, or a Batch API output line's `response.body` dict).
+def parse_completion(completion) -> CaptionResult:
+    """Reads a chat completion as it came, without judging it (the quality gate, `captioning/quality.py`, does).
 
     Args:
-        completion (`ChatCompletion` or `dict`): the completion.
+        completion (`ChatCompletion` or `dict`): the SDK's object, or a Batch API output line's `response.body`.
 
     Returns:
-        `tuple[str | None, str, dict]`: the caption (`None` for an empty, refused or malformed answer), the problem
-        when there is no caption, and the integer token counts of `usage`.
+        [`CaptionResult`]: `text` is the answer with `<think>` blocks removed (possibly empty), with `usage` (the
+        integer token counts), `finish_reason` and `refusal`; for a malformed completion (no `choices`, no
+        `message`) `text` is `None` and `error` starts with `"malformed response"`.
     """
     if isinstance(completion, dict):
         from openai.types.chat import ChatCompletion
@@ -451,7 +523,9 @@ def read_completion(completion) -> tuple[str | None, str, dict]:
         try:
             completion = ChatCompletion.model_validate(completion)
         except ValueError as err:  # pydantic.ValidationError
-            return None, f"malformed response: not a chat completion ({str(err).splitlines()[0]})", {}
+            return CaptionResult(
+                text=None, error=f"malformed response: not a chat completion ({str(err).splitlines()[0]})"
+            )
     usage = getattr(completion, "usage", None)
     usage = {
         key: value
@@ -460,30 +534,40 @@ def read_completion(completion) -> tuple[str | None, str, dict]:
     }
     choices = getattr(completion, "choices", None)
     if isinstance(completion, str) or not isinstance(choices, list) or not choices:
-        return None, "malformed response: no 'choices' in the answer", usage
-    choice = choices[0]
-    message = getattr(choice, "message", None)
-    finish_reason = getattr(choice, "finish_reason", None)
+        return CaptionResult(text=None, error="malformed response: no 'choices' in the answer", usage=usage)
+    message = getattr(choices[0], "message", None)
+    finish_reason = getattr(choices[0], "finish_reason", None)
     if message is None:
-        return None, "malformed response: the first choice has no 'message'", usage
-    refusal = getattr(message, "refusal", None)
-    if refusal:
-        return None, f"refused: {refusal}", usage
-    if finish_reason == "content_filter":
-        return None, "refused: finish_reason 'content_filter'", usage
+        error = "malformed response: the first choice has no 'message'"
+        return CaptionResult(text=None, error=error, usage=usage, finish_reason=finish_reason)
     content = getattr(message, "content", None)
-    text = strip_thinking(content) if isinstance(content, str) else ""
-    if not text:
-        return None, f"empty answer (finish_reason {finish_reason!r})", usage
-    return text, "", usage
+    return CaptionResult(
+        text=strip_thinking(content) if isinstance(content, str) else "",
+        usage=usage,
+        finish_reason=finish_reason,
+        refusal=getattr(message, "refusal", None) or None,
+    )
 
 
-def _retries_of(request) -> int:
-    # The SDK numbers its attempts in a request header; the last request sent tells how many retries were made.
+def _retry_after(headers) -> float | None:
+    """The server's requested wait in seconds (`retry-after-ms`, or `Retry-After` as seconds or an HTTP date)."""
+    for name, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            return float(value) / divisor
+        except ValueError:
+            pass
     try:
-        return int(request.headers.get("x-stainless-retry-count", 0))
-    except (AttributeError, ValueError):
-        return 0
+        return email.utils.parsedate_to_datetime(headers.get("retry-after")).timestamp() - time.time()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def _backoff(attempt: int) -> float:
+    """The SDK's backoff: `min(0.5 * 2**attempt, 8)` s less up to 25 % jitter."""
+    return min(0.5 * 2.0**attempt, 8.0) * (1 - 0.25 * random.random())
 
 
 def _server_message(err) -> str:
