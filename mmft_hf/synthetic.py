@@ -88,7 +88,8 @@ def draw_shape(class_name: str, rng: random.Random, image_size: int = 32) -> tup
 
 
 def describe(attributes: dict, caption_type: str) -> str:
-    """A caption of one drawn shape, in the spirit of the MMFT caption types (visual, shape, texture)."""
+    """A caption of one drawn shape, in the spirit of the MMFT caption types (visual, shape, texture), or a detailed
+    caption of several sentences (`long`, for `caption_sampling="sentence"`)."""
     a = attributes
     if caption_type == "visual":
         return (
@@ -98,7 +99,15 @@ def describe(attributes: dict, caption_type: str) -> str:
         return f"the {a['shape']} has a {SHAPE_WORDS[a['shape']]} and looks {a['size']}"
     if caption_type == "texture":
         return f"a flat solid {a['color']} fill with smooth even texture against a {a['background']} backdrop"
-    raise ValueError(f"Unknown caption type {caption_type!r}; use visual, shape or texture.")
+    if caption_type == "long":  # a detailed caption of five sentences, longer than 77 tokens with the class prefix
+        return (
+            f"The photo shows a plain {a['background']} background with no other object, no text and no visible "
+            f"pattern at all. Near the {a['position']} of the frame there is a single {a['size']} object, e.g. a "
+            f"simple flat figure drawn by hand. Its fill is a flat solid {a['color']}, with a smooth and even surface "
+            f"and sharp clean edges against the {a['background']} backdrop. Looking closely, the {a['shape']} has a "
+            f"{SHAPE_WORDS[a['shape']]}. Overall it is a {a['size']} {a['color']} {a['shape']}."
+        )
+    raise ValueError(f"Unknown caption type {caption_type!r}; use visual, shape, texture or long.")
 
 
 def make_synthetic_dataset(
