@@ -70,6 +70,7 @@ _EXPORTS = {
     "clip_loss": "training.losses",
     "supcon_loss": "training.losses",
     "mmft_loss": "training.losses",
+    "wise_ft": "training.wise_ft",
     # 3. classification: class prototypes -> the "mmft-classification" pipeline, saved and published
     "MMFTClassificationPipeline": "classification.pipeline",
     "build_class_prototypes": "classification.prototypes",
