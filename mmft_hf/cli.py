@@ -1,7 +1,8 @@
 """The `mmft-hf` command: `mmft-hf caption | finetune | benchmark [FLAGS]`.
 
 Each subcommand takes the same `HfArgumentParser` flags as the matching script in `examples/`
-(`mmft-hf finetune --help` lists them). Multi-process runs go through accelerate or torchrun with the module path:
+(`mmft-hf finetune --help` lists the main ones, `--help-all` every one; `mmft-hf help finetune` is the same).
+`mmft-hf --help` and `mmft-hf help` print the commands without importing a subcommand (nor torch). Multi-process runs go through accelerate or torchrun with the module path:
 
     accelerate launch -m mmft_hf.cli finetune --model_name_or_path openai/clip-vit-base-patch32 ...
     torchrun --nproc_per_node 8 -m mmft_hf.cli benchmark ...
@@ -27,6 +28,7 @@ USAGE_ERROR = 2  # argparse's exit status for a bad command line
 
 def usage() -> str:
     lines = ["usage: mmft-hf <command> [flags]   (mmft-hf <command> --help lists the flags)", "", "commands:"]
+    lines += [f"  {'help':<10} this text; `mmft-hf help <command>` is `mmft-hf <command> --help`"]
     lines += [f"  {name:<10} {summary}" for name, (_, summary) in SUBCOMMANDS.items()]
     lines += ["", "Multi-process: accelerate launch -m mmft_hf.cli <command> [flags]", f"mmft-hf {__version__}"]
     return "\n".join(lines)
@@ -42,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         `int`: the exit status (0 on success, 2 for an unknown command or a `ValueError` of the command).
     """
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "help":
+        argv = [argv[1], "--help"] if len(argv) > 1 else ["--help"]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else USAGE_ERROR

@@ -1,8 +1,10 @@
 """The `mmft-hf` command: dispatch, `--help` per subcommand, errors naming flags, and the module path under
 `python -m` and `accelerate launch -m`."""
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,8 @@ import pytest
 
 from mmft_hf import cli
 from mmft_hf.commands import benchmark, finetune
-from mmft_hf.commands.flags import as_flags
+from mmft_hf.commands.flags import as_flags, command_parser
+from mmft_hf.training.arguments import MMFTTrainingArguments
 from mmft_hf.version import __version__
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -29,28 +32,118 @@ def run_module(*args, timeout=240) -> subprocess.CompletedProcess:
 def test_usage_version_and_unknown_commands(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert all(f"  {name}" in out for name in ("caption", "finetune", "benchmark"))
+    assert all(f"  {name}" in out for name in ("help", "caption", "finetune", "benchmark"))
     assert "accelerate launch -m mmft_hf.cli" in out
+    assert cli.main(["help"]) == 0 and capsys.readouterr().out == out
     assert cli.main([]) == 2 and "usage: mmft-hf <command>" in capsys.readouterr().err
     assert cli.main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"mmft-hf {__version__}"
     assert cli.main(["fine-tune"]) == 2 and "unknown command 'fine-tune'" in capsys.readouterr().err
 
 
+def test_top_level_help_imports_neither_a_command_nor_torch():
+    """`mmft-hf --help` and `mmft-hf help` print three lines: they must not pay for torch and transformers."""
+    heavy = "sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers') or '.commands.' in m)"
+    for argument in ("--help", "help"):
+        finished = run_module("-c", f"import sys; from mmft_hf import cli; cli.main([{argument!r}]); print({heavy})")
+        assert finished.returncode == 0, finished.stderr
+        assert finished.stdout.splitlines()[-1] == "[]" and "  finetune " in finished.stdout
+
+
+def show_help(*argv: str) -> None:
+    """Runs `mmft-hf <argv>`, a help request: it prints (read it with capsys) and exits with status 0."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(list(argv))
+    assert exit_.value.code == 0
+
+
+def flag_entries(text: str) -> dict[str, str]:
+    """`--flag` -> its whole entry (flag, metavar, help over continuation lines) in an argparse help text."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            current = line.split()[0].rstrip(",") if not line.startswith("  -h") else "--help"
+            entries[current] = " ".join(line.split())
+        elif current and line.startswith(" " * 10):
+            entries[current] += " " + " ".join(line.split())
+        else:
+            current = None
+    return entries
+
+
+def section(text: str, title: str) -> str:
+    """The lines of the help section whose heading starts with `title`, up to the next heading."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(title) and line.endswith(":"))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i] and not lines[i].startswith(" ")), len(lines))
+    return "\n".join(lines[start:end])
+
+
 @pytest.mark.parametrize("command", [finetune, benchmark])
-def test_subcommand_help_reads_as_the_command(command, capsys, monkeypatch):
+def test_subcommand_help_teaches_the_recipe(command, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", list(sys.argv))  # cli.main sets sys.argv[0] to name the subcommand
     name = command.__name__.rsplit(".", 1)[1]
-    with pytest.raises(SystemExit) as exit_:
-        cli.main([name, "--help"])
-    assert exit_.value.code == 0
+    show_help(name, "--help")
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0] == f"usage: mmft-hf {name} [--flag value ...]   (every flag is listed below)"
+    assert lines[0] == f"usage: mmft-hf {name} [--flag value ...]   (--help: the main flags; --help-all: every flag)"
     assert lines[2] == command.__doc__.strip().splitlines()[0]  # the module docstring is the description
-    training = out.index("training (transformers.TrainingArguments and MMFTTrainingArguments):")
-    own = out.index("\nmodel:\n") if command is finetune else out.index("\nsweep (datasets, methods, shots, seeds):\n")
-    assert own < training  # the command's own flags come before the ~150 TrainingArguments flags
-    assert out.index("\n  --output_dir OUTPUT_DIR") > training and "\n  --supcon_weight" in out[training:]
+    headings = [line for line, after in zip(lines, lines[1:]) if line.endswith(":") and after.startswith("  -")]
+    own = ["model:", "data:"] if command is finetune else ["sweep (datasets, methods, shots, seeds):"]
+    assert headings[: len(own)] == own  # the command's own flags first, then MMFT's, the recipe, the run's
+    assert [heading.split(" ")[0] for heading in headings[len(own) :]] == ["MMFT", "recipe:", "run", "help:"]
+    # the paper's recipe, with its defaults (method.md §6; MMFTTrainingArguments)
+    recipe = flag_entries(section(out, "recipe:"))
+    for flag, default in {"--learning_rate": "1e-05", "--num_train_epochs": "50", "--weight_decay": "0.0001",
+                          "--per_device_train_batch_size": "64", "--lr_scheduler_type": "cosine",
+                          "--warmup_steps": "0", "--optim": "adamw_torch"}.items():  # fmt: skip
+        assert recipe[flag].endswith(f"(default: {default})"), recipe[flag]
+    assert "--supcon_weight" in flag_entries(section(out, "MMFT (MMFTTrainingArguments)"))
+    assert "--output_dir" in flag_entries(section(out, "run "))
+    # every listed flag says what it does and its default, once
+    for flag, entry in flag_entries(out).items():
+        if flag in ("--help", "--help-all"):
+            continue
+        assert len(entry.split(None, 2)) == 3, f"{flag} has no help: {entry!r}"
+        assert len(re.findall(r"\bdefault", entry, re.IGNORECASE)) == 1, f"{flag}: {entry!r}"
+    # the other ~80 TrainingArguments flags: only under --help-all, which lists everything
+    assert "--adam_beta1" not in out and re.search(
+        r"\n\d+ more flags \(all other transformers\.TrainingArguments\)", out
+    )
+    show_help(name, "--help-all")
+    everything = capsys.readouterr().out
+    assert set(flag_entries(out)) < set(flag_entries(everything)) and "--adam_beta1" in everything
+    assert "all other transformers.TrainingArguments:" in everything and "more flags" not in everything
+    show_help("help", name)
+    assert capsys.readouterr().out == out  # `mmft-hf help <command>`
+
+
+def test_help_sections_come_from_the_dataclasses():
+    """A field added to a TrainingArguments subclass lands in its own section, a redeclared TrainingArguments field in
+    the recipe with transformers' help and the new default: nothing lists flags by name for these sections."""
+
+    @dataclasses.dataclass
+    class LaterArguments(MMFTTrainingArguments):
+        brand_new_weight: float = dataclasses.field(default=0.5, metadata={"help": "A flag added later."})
+        max_grad_norm: float = 0.25
+
+    out = command_parser((LaterArguments,), "Docs.").format_help()
+    mmft = flag_entries(section(out, "MMFT (LaterArguments)"))
+    assert mmft["--brand_new_weight"] == "--brand_new_weight FLOAT A flag added later. (default: 0.5)"
+    assert "--supcon_weight" in mmft  # inherited from MMFTTrainingArguments
+    recipe = flag_entries(section(out, "recipe:"))["--max_grad_norm"]
+    assert recipe.startswith("--max_grad_norm FLOAT Maximum gradient norm") and recipe.endswith("(default: 0.25)")
+
+
+def test_caption_help_lists_its_flags_under_its_own_heading_with_one_default_each(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    show_help("caption", "--help")
+    out = capsys.readouterr().out
+    assert "training (" not in out and "TrainingArguments" not in out
+    entries = flag_entries(section(out, "captioning"))
+    assert entries["--image_column"] == "--image_column STR Image column (default: image)."
+    assert entries["--split"].endswith("(default: train)")
+    for flag, entry in entries.items():
+        assert len(re.findall(r"\bdefault", entry, re.IGNORECASE)) == 1, f"{flag}: {entry!r}"
 
 
 def test_messages_name_flags_where_they_name_arguments():
