@@ -5,8 +5,13 @@ import base64
 import io
 import json
 import logging
+import os
+import re
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from fake_chat_server import (
@@ -429,7 +434,7 @@ def test_cache_identity(monkeypatch):
 def test_a_storm_of_500_trips_the_breaker(api):
     server = api(default=(500, FAST))
     captioner = make_captioner(server, max_retries=1, max_concurrency=4)
-    with pytest.raises(CaptionerServerError, match=r"Stopped: 3 consecutive requests .* server errors") as info:
+    with pytest.raises(CaptionerServerError, match=r"Stopped: \d+ consecutive requests .* server errors") as info:
         list(captioner.caption(make_requests(40)))
     assert "HTTP 500" in str(info.value) and server.base_url in str(info.value)
     # the first request alone (2 attempts), then at most 4 in flight of 2 attempts each before the third failure
@@ -463,7 +468,7 @@ def test_a_server_that_stops_answering_is_noticed_within_a_few_timeouts(api):
     server = api(plan=stops_answering_after(3), default=HANG)
     captioner = make_captioner(server, timeout=0.3, max_retries=5, max_concurrency=4)
     seen = []
-    with pytest.raises(CaptionerNotAnsweringError, match=r"stopped answering: 3 consecutive requests timed out"):
+    with pytest.raises(CaptionerNotAnsweringError, match=r"stopped answering: \d+ consecutive requests timed out"):
         for _, result in captioner.caption(make_requests(20)):
             seen.append(result)
     assert len(seen) == 3 and all(result.text.startswith("describe image") for result in seen)  # the 3 answers
@@ -479,3 +484,37 @@ def test_finish_reason_and_refusal_reach_the_result(api):
     server.plan[:] = [answer("A cat.")]
     ((_, result),) = list(make_captioner(server).caption(make_requests(1)))
     assert (result.text, result.finish_reason) == ("A cat.", "stop")
+
+
+def run_caption_command(server, tmp_path, image_files_dataset):
+    """`mmft-hf caption` in its own process against `server`, with short timeouts; returns the finished process."""
+    source = tmp_path / "source"
+    image_files_dataset.remove_columns("captions").save_to_disk(str(source))
+    script = Path(sys.executable).with_name("mmft-hf")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "mmft_hf.cli"]
+    command += [
+        "caption", "--dataset_name", str(source), "--domain", "textures", "--captioner", "openai:fake-vlm",
+        "--base_url", server.base_url, "--api_key_env", "none", "--cache_dir", str(tmp_path / "cache"),
+        "--timeout", "0.5", "--max_retries", "1", "--max_concurrency", "4", "--output_dir", str(tmp_path / "out"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.parametrize(
+    ("default", "message"),
+    [((500, FAST), "consecutive requests to .* failed with server errors"), (HANG, "is not answering")],
+)
+def test_caption_command_stops_on_a_failing_server_and_writes_nothing(
+    api, tmp_path, image_files_dataset, default, message
+):
+    server = api(default=default)
+    finished = run_caption_command(server, tmp_path, image_files_dataset)
+    assert finished.returncode != 0
+    (error,) = [line for line in finished.stderr.splitlines() if line.startswith("mmft-hf caption: error: ")]
+    assert re.search(message, error), finished.stderr
+    assert "0 of 36 captions are cached" in finished.stderr  # and how to resume
+    assert "Traceback" not in finished.stderr and "Cannot connect" not in finished.stderr
+    assert not (tmp_path / "out").exists()
+    # 36 captions: the first request alone (2 attempts), then at most 4 in flight of 2 attempts before the 3rd failure
+    assert wait_until_quiet(server, quiet=0.3) <= 2 + 2 * (2 + 4)
