@@ -237,7 +237,8 @@ class FakeBatchHandler(FakeChatHandler):
                     "body": completion(line["body"], self.server.json_replies, self.server.drop_types),
                 }
                 output.append({**record, "response": response, "error": None})
-            self.server.processed.append(line["custom_id"])
+            if index < stop:  # the lines the provider ran (and bills); the others were never run
+                self.server.processed.append(line["custom_id"])
         for name, records in (("output_file_id", output), ("error_file_id", errors)):
             content = "".join(json.dumps(record) + "\n" for record in records).encode()
             batch[name] = self._new_file(content, "batch_output", f"{name}.jsonl")["id"] if records else None

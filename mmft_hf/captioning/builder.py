@@ -21,17 +21,18 @@ from dataclasses import dataclass, field
 import datasets
 
 from .cache import identity_json
-from .caption import (
-    _VOLATILE_KEYS,
-    _counts,
-    _differing_settings,
-    _provenance,
-    _provenance_settings,
-    attach_provenance,
-    caption_dataset,
-    caption_provenance,
-)
+from .caption import caption_dataset
 from .prompts import CAPTION_TYPES, DEFAULT_WORDS, DOMAINS, PROMPT_TEMPLATE, build_prompt, normalize_class_name
+from .provenance import (
+    VOLATILE_PROVENANCE_KEYS,
+    CaptionSettings,
+    attach_provenance,
+    caption_counts,
+    caption_provenance,
+    differing_settings,
+    make_provenance,
+    provenance_feature,
+)
 from .stats import caption_stats
 
 CARD_TEMPLATE = os.path.join(
@@ -159,8 +160,8 @@ class CaptionedImagesConfig(datasets.BuilderConfig):
             captioner object, then identified by `captioner_identity`.
         captioner_kwargs (`dict`): keyword arguments for `make_captioner`.
         domain (`str`, *optional*): the prompt's domain word (presets set it).
-        caption_types, captions_per_type, words, prompt_template, max_passes, strict, one_request_per_image: see
-            `caption_dataset`.
+        caption_types, captions_per_type, words, prompt_template, max_passes, strict, allow_missing,
+            one_request_per_image: see `caption_dataset`.
         image_column, label_column (`str`): columns of the source; the output always uses `image` and `label`.
         class_names (`tuple[str, ...]`, *optional*): names overriding the source's `ClassLabel` names.
         caption_cache_dir (`str`, *optional*): the caption cache (see `caption_dataset`).
@@ -184,6 +185,7 @@ class CaptionedImagesConfig(datasets.BuilderConfig):
     caption_cache_dir: str | None = None
     max_passes: int = 3
     strict: bool = False
+    allow_missing: bool = False
     one_request_per_image: bool = False
 
 
@@ -284,26 +286,21 @@ class CaptionedImages(datasets.GeneratorBasedBuilder):
     def _features(self, captioner_identity: dict) -> datasets.Features:
         """The output features, with the provenance (settings and `captioner_identity`) in the caption feature."""
         config = self.config
-        settings = _provenance_settings(
-            prompt_template=config.prompt_template,
+        settings = CaptionSettings(
             domain=config.domain,
-            caption_types=config.caption_types,
+            caption_types=tuple(config.caption_types),
             captions_per_type=config.captions_per_type,
             words=config.words,
-            class_names=config.class_names or None,
-            image_column="image",
-            label_column="label",
+            prompt_template=config.prompt_template,
+            class_names=tuple(config.class_names) if config.class_names else None,
+            extra={"source": config.source or f"in-memory dataset {config.source_fingerprint}"},
         )
-        settings["source"] = config.source or f"in-memory dataset {config.source_fingerprint}"
-        # default=str: captioner_kwargs may hold values such as a torch dtype
-        provenance = json.dumps(
-            _provenance(captioner_identity, settings, None, None), sort_keys=True, ensure_ascii=False, default=str
-        )
+        provenance = make_provenance(captioner_identity, settings, None, None)
         return datasets.Features(
             {
                 "image": datasets.Image(),
                 "label": datasets.ClassLabel(names=self._class_names()),
-                "captions": datasets.List(datasets.Value("string", id=provenance)),
+                "captions": provenance_feature(provenance),
             }
         )
 
@@ -342,6 +339,7 @@ class CaptionedImages(datasets.GeneratorBasedBuilder):
             words=config.words,
             cache_dir=config.caption_cache_dir,
             strict=config.strict,
+            allow_missing=config.allow_missing,
             max_passes=config.max_passes,
             one_request_per_image=config.one_request_per_image,
         )
@@ -410,7 +408,7 @@ def push_captioned(
         raise ValueError(f"No split has caption provenance in column {caption_column!r}; caption it first.")
     first_split, base = next(iter(captioned.items()))
     for split, provenance in captioned.items():
-        differing = _differing_settings(base, provenance, ignore=(*_VOLATILE_KEYS, "source"))
+        differing = differing_settings(base, provenance, ignore=(*VOLATILE_PROVENANCE_KEYS, "source"))
         if differing:
             raise ValueError(f"Split {split!r} was captioned with other settings than {first_split!r}: {differing}.")
     per_row = len(base["caption_types"]) * base["captions_per_type"]
@@ -419,7 +417,7 @@ def push_captioned(
     for split, part in dataset_dict.items():
         if caption_column not in part.column_names:
             part = part.add_column(caption_column, [[]] * len(part), feature=datasets.List(datasets.Value("string")))
-        counts[split] = _counts([list(row) for row in part[caption_column]], per_row)
+        counts[split] = caption_counts([list(row) for row in part[caption_column]], per_row)
         if split not in captioned:  # nothing was asked for
             counts[split]["captions_expected"] = 0
         splits[split] = part

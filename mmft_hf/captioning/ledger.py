@@ -9,9 +9,11 @@ Tables (next to `captions` in the same file):
 
 - `submissions`: one row per batch or exported file: `id` (the uploaded file id, or `export:...`), `kind`
   (`"openai-batch"` or `"export"`), `remote_id` (the Batch API's batch id, once created), `status` (`"open"` until
-  its results are read, then the final batch status), `info` (JSON) and `created`.
-- `submitted_requests`: `(custom_id, submission)` -> the request's `unit` (JSON: whether it is a joint request,
-  and the cache entries its answer fills: key, caption type, image hash, prompt, captioner identity, slot).
+  its results are read, then the final batch status), `info` (JSON: the batch `endpoint`, the request count, an
+  export's file path) and `created`. An open batch is a claim on its captions for every run sharing the cache.
+- `submitted_requests`: `(custom_id, submission)` -> the request's `unit` (JSON: whether it is a joint request, its
+  prompt, the captioner identity, and the cache entries its answer fills: key, caption type, image hash, prompt,
+  identity, slot).
 - `caption_origins`: cache key -> how the caption was made when not by the plain per-type request (e.g.
   `{"request": "joint", "prompt": ...}` for one-request-per-image captions).
 """
@@ -105,6 +107,24 @@ class SubmissionLedger:
             {"id": sid, "remote_id": remote, "info": json.loads(info), "custom_ids": self.custom_ids(sid)}
             for sid, remote, info in rows
         ]
+
+    def open_submissions_holding(self, kind: str, keys: set[str]) -> list[dict]:
+        """The open submissions of `kind` whose requests fill any of the caption `keys`, oldest first.
+
+        An open batch is a claim on its captions for every run sharing the cache: they may still be delivered.
+
+        Returns:
+            `list[dict]`: as `open_submissions`, plus `keys` (the set of caption keys its requests fill).
+        """
+        found = []
+        for submission in self.open_submissions(kind):
+            rows = self._connection.execute(
+                "SELECT unit FROM submitted_requests WHERE submission = ?", (submission["id"],)
+            )
+            held = {entry["key"] for (unit,) in rows for entry in json.loads(unit)["entries"]}
+            if held & keys:
+                found.append({**submission, "keys": held})
+        return found
 
     def custom_ids(self, submission_id: str) -> set[str]:
         """The `custom_id`s of one submission."""

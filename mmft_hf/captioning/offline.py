@@ -17,25 +17,31 @@ captioned = caption_dataset(dataset, captioner, domain="textures")  # zero reque
 
 from __future__ import annotations
 
-import logging
 import os
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import datasets
-from tqdm.auto import tqdm
 
 from ..images import IMAGE_DECODE_ERRORS
-from .batch_files import not_sent, parse_output_line, request_line
+from .batch_files import parse_output_line
 from .cache import CaptionCache, default_cache_dir
-from .captioners.base import CaptionResult
+from .caption import caption_rows, check_settings, shard_bounds
+from .captioners.base import CaptionRequest, CaptionResult
+from .captioners.openai_batch import as_batch_captioner
+from .engine import EXPORT_KIND, build_units, reason_kind, store_answer
 from .ledger import SubmissionLedger
-from .scale import store_answer
+from .prompts import CAPTION_TYPES, DEFAULT_WORDS, PROMPT_TEMPLATE, validate_caption_types
+from .provenance import CaptionSettings
 
-logger = logging.getLogger(__name__)
+SHOWN = 10  # bad lines listed per kind in an import report; the rest are counted ("... and N more")
 
-EXPORT_KIND = "export"
+
+def _listed(items: list, render) -> str:
+    text = "".join(f"\n  {render(item)}" for item in items[:SHOWN])
+    if len(items) > SHOWN:
+        text += f"\n  ... and {len(items) - SHOWN} more"
+    return text
 
 
 @dataclass
@@ -62,7 +68,7 @@ class ExportSummary:
             "caption(s) already cached)."
         )
         if self.failures:
-            text += f" {len(self.failures)} not written: " + "; ".join(self.failures[:5])
+            text += f" {len(self.failures)} not written:" + _listed(self.failures, str)
         return text
 
 
@@ -74,20 +80,25 @@ class ImportReport:
         path (`str`): the result file.
         lines (`int`): non-empty lines read.
         captions_stored (`int`): captions committed to the cache by this import.
-        already_cached (`int`): captions of answered lines that the cache already held (kept as they were).
-        failed (`list[tuple[int, str, str]]`): `(line number, custom_id, reason)` of lines without a usable
-            answer (an engine error, an empty or refused answer, a joint reply lacking types).
+        already_cached (`int`): captions of answered lines that the cache already held with the same text.
+        conflicts (`list[tuple[int, str]]`): `(line number, custom_id)` of lines whose caption differs from the
+            one the cache already holds for it (e.g. a duplicate line with other text): the cached caption is kept.
+        failed (`list[tuple[int, str, str]]`): `(line number, custom_id, reason)` of lines without a usable answer
+            (an engine error, or an answer the quality gate rejected: empty, refused, cut, absurdly long).
+        rejected (`dict[str, int]`): answers the quality gate rejected, by reason (also listed in `failed`).
         unknown (`list[tuple[int, str]]`): `(line number, custom_id)` of lines whose `custom_id` no export or batch
             of this cache holds: never stored.
         malformed (`list[tuple[int, str]]`): `(line number, reason)` of lines that are not valid result lines.
-        usage (`dict[str, int]`): the token counts the engine reported, summed over the known lines.
+        usage (`dict[str, int]`): the token counts the engine reported, summed over the known lines it ran.
     """
 
     path: str
     lines: int = 0
     captions_stored: int = 0
     already_cached: int = 0
+    conflicts: list = field(default_factory=list)
     failed: list = field(default_factory=list)
+    rejected: dict = field(default_factory=dict)
     unknown: list = field(default_factory=list)
     malformed: list = field(default_factory=list)
     usage: dict = field(default_factory=dict)
@@ -95,72 +106,27 @@ class ImportReport:
     def __str__(self) -> str:
         text = (
             f"Imported {self.path}: {self.lines} line(s), {self.captions_stored} caption(s) stored, "
-            f"{self.already_cached} already cached, {len(self.failed)} failed, {len(self.unknown)} unknown "
-            f"custom_id(s), {len(self.malformed)} malformed; tokens {self.usage}."
+            f"{self.already_cached} already cached, {len(self.conflicts)} conflicting, {len(self.failed)} failed"
+            + (f" (rejected by the quality gate: {self.rejected})" if self.rejected else "")
+            + f", {len(self.unknown)} unknown custom_id(s), {len(self.malformed)} malformed"
+            + (f"; tokens {self.usage}" if self.usage else "")
+            + "."
         )
-        for line, custom_id, reason in self.failed[:10]:
-            text += f"\n  line {line} ({custom_id[:16]}...): failed: {reason}"
-        for line, custom_id in self.unknown[:10]:
-            text += (
-                f"\n  line {line}: unknown custom_id {custom_id!r} (not exported from this cache; not stored. "
-                "Import into the cache the requests were exported from.)"
-            )
-        for line, reason in self.malformed[:10]:
-            text += f"\n  line {line}: malformed: {reason}"
+        text += _listed(self.failed, lambda item: f"line {item[0]} ({item[1][:16]}...): failed: {item[2]}")
+        text += _listed(
+            self.conflicts,
+            lambda item: f"line {item[0]} ({item[1][:16]}...): conflict: the cache already holds another caption "
+            "for it (kept; this line's text is not stored)",
+        )
+        text += _listed(
+            self.unknown,
+            lambda item: f"line {item[0]}: unknown custom_id {item[1]!r} (not exported from this cache; not stored. "
+            "Import into the cache the requests were exported from.)",
+        )
+        text += _listed(self.malformed, lambda item: f"line {item[0]}: malformed: {item[1]}")
         if self.failed:
             text += "\nExport again (only the missing captions are written) or caption them with caption_dataset."
         return text
-
-
-class _RequestFileWriter:
-    """A batch engine that writes the requests to a file and records them in the cache instead of sending them."""
-
-    submits_batches = True
-    retry_failed = None  # nothing to retry: the answers come back through `import_caption_results`
-
-    def __init__(self, captioner, path: str):
-        if not hasattr(captioner, "request_body"):
-            raise TypeError(
-                "export_caption_requests needs an OpenAICompatibleCaptioner (or OpenAIBatchCaptioner) describing the "
-                f"model and generation settings the engine will use; got {type(captioner).__name__}."
-            )
-        self.captioner, self.path = captioner, os.path.abspath(path)
-        self.requests = self.captions = 0
-        self.failures: list[str] = []
-        self.unanswered_reason = f"exported to {self.path}; run the engine, then import_caption_results"
-
-    def cache_identity(self) -> dict:
-        return self.captioner.cache_identity()
-
-    def caption(self, requests):
-        raise TypeError("The request exporter sends nothing; use export_caption_requests.")
-
-    def submit_and_collect(
-        self, units, load_image, ledger, show_progress=True, claim=None
-    ) -> Iterator[tuple[str, CaptionResult]]:
-        partial, records, failures, image_row, image = self.path + ".partial", {}, [], None, None
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        with open(partial, "w", encoding="utf-8") as handle:
-            for unit in tqdm(units, unit="req", desc="Exporting", disable=not show_progress):
-                if unit.row != image_row:
-                    image_row = unit.row
-                    try:
-                        image = load_image(unit.row)
-                    except IMAGE_DECODE_ERRORS as error:  # unreadable image: reported, the rest is written
-                        image = f"the image cannot be read ({type(error).__name__}: {error})"
-                if isinstance(image, str):
-                    failures.append((unit.custom_id, not_sent(image)))
-                    self.failures.append(f"row {unit.row}: {image}")
-                    continue
-                line = request_line(self.captioner, unit.custom_id, image, unit.prompt, unit.response_format)
-                handle.write(line + "\n")
-                records[unit.custom_id] = unit.record
-        # recorded before the file appears under its name: every request a user can run is known to the cache
-        ledger.record(f"{EXPORT_KIND}:{uuid.uuid4().hex}", EXPORT_KIND, records, {"path": self.path})
-        os.replace(partial, self.path)
-        self.requests = len(records)
-        self.captions = sum(len(record["entries"]) for record in records.values())
-        yield from failures
 
 
 def export_caption_requests(
@@ -169,15 +135,24 @@ def export_caption_requests(
     captioner,
     *,
     domain: str,
-    show_progress: bool = True,
-    **caption_kwargs,
+    caption_types=CAPTION_TYPES,
+    captions_per_type: int = 1,
+    image_column: str = "image",
+    label_column: str = "label",
+    class_names=None,
+    prompt_template: str = PROMPT_TEMPLATE,
+    words: int = DEFAULT_WORDS,
+    cache_dir: str | None = None,
+    num_shards: int = 1,
+    shard_index: int = 0,
+    one_request_per_image: bool = False,
 ) -> ExportSummary:
     """Writes the requests of every caption missing from the cache as Batch API JSONL, for an offline engine.
 
-    The rows, keys and prompts are exactly those `caption_dataset(dataset, captioner, domain=domain,
-    **caption_kwargs)` would request (so the same arguments must be given to it afterwards); `custom_id` is the
-    cache key, `body` what `captioner` would send. Every request is recorded in the cache, so that
-    `import_caption_results` can validate and store the answers. Exporting again writes the captions still missing.
+    The rows, keys and prompts are exactly those `caption_dataset` would request with the same arguments (so the
+    same arguments must be given to it afterwards); `custom_id` is the cache key, `body` what `captioner` would send.
+    Every request is recorded in the cache, so that `import_caption_results` can validate and store the answers.
+    Exporting again writes the captions still missing.
 
     Args:
         dataset (`datasets.Dataset`): the split to caption.
@@ -185,50 +160,75 @@ def export_caption_requests(
         captioner (`OpenAICompatibleCaptioner`): the model name and generation settings the engine will use
             (`base_url` and the key are not used; `api_key_env=None` is fine).
         domain (`str`): the prompt's domain word.
-        show_progress (`bool`, defaults to `True`): show a progress bar.
-        **caption_kwargs: any other `caption_dataset` argument (`caption_types`, `captions_per_type`, `cache_dir`,
-            `one_request_per_image`, `num_shards`/`shard_index`, ...); `max_passes` is ignored.
+        caption_types, captions_per_type, image_column, label_column, class_names, prompt_template, words, cache_dir,
+            num_shards, shard_index, one_request_per_image: as for `caption_dataset`.
 
     Returns:
         `ExportSummary`: the file, and how many requests and captions it holds.
     """
-    from . import caption as caption_module
-
-    caption_kwargs.pop("max_passes", None)
-    writer = _RequestFileWriter(captioner, path)
-    caption_logger = logging.getLogger(caption_module.__name__)
-    level = caption_logger.level
-    caption_logger.setLevel(logging.ERROR)  # the exported captions are not missing, they await their import
-    try:
-        result = caption_module.caption_dataset(
-            dataset, writer, domain=domain, max_passes=1, show_progress=show_progress, **caption_kwargs
+    writer = as_batch_captioner(captioner)
+    if writer is None:
+        raise TypeError(
+            "export_caption_requests needs an OpenAICompatibleCaptioner (or OpenAIBatchCaptioner) describing the "
+            f"model and generation settings the engine will use; got {type(captioner).__name__}."
         )
-    finally:
-        caption_logger.setLevel(level)
-    summary = ExportSummary(
-        writer.path, writer.requests, writer.captions, result.caption_summary.cache_hits, writer.failures
-    )
-    logger.info("%s", summary)
+    settings = CaptionSettings(
+        domain=domain, caption_types=tuple(validate_caption_types(caption_types)), captions_per_type=captions_per_type,
+        words=words, prompt_template=prompt_template, class_names=tuple(class_names) if class_names else None,
+        image_column=image_column, label_column=label_column,
+    )  # fmt: skip
+    names = check_settings(dataset, captioner, settings)
+    start, _ = shard_bounds(len(dataset), num_shards, shard_index)
+    part = dataset.shard(num_shards, shard_index, contiguous=True) if num_shards > 1 else dataset
+    rows = caption_rows(part, captioner, settings, names, first_row=start)
+    summary = ExportSummary(os.path.abspath(path))
+    with CaptionCache(cache_dir if cache_dir is not None else default_cache_dir()) as cache:
+        cached = cache.get_many(key for row_keys in rows.keys for key in row_keys if key)
+        texts = [[cached.get(key) if key else None for key in row_keys] for row_keys in rows.keys]
+        summary.cache_hits = sum(text is not None for row in texts for text in row)
+        partial, records, image_row, image = summary.path + ".partial", {}, None, None
+        os.makedirs(os.path.dirname(summary.path), exist_ok=True)
+        with open(partial, "w", encoding="utf-8") as handle:
+            for unit in build_units(rows, texts, one_request_per_image):
+                if unit.row != image_row:
+                    image_row = unit.row
+                    try:
+                        image = rows.load_image(unit.row, False)
+                    except IMAGE_DECODE_ERRORS as error:  # unreadable image: reported, the rest is written
+                        image = f"the image cannot be read ({type(error).__name__}: {error})"
+                if isinstance(image, str):
+                    summary.failures.append(f"row {start + unit.row}: {image}")
+                    continue
+                request = CaptionRequest(image, unit.prompt, unit.response_format)
+                handle.write(writer.request_line(unit.custom_id, request) + "\n")
+                records[unit.custom_id] = unit.record
+        with SubmissionLedger(cache) as ledger:  # recorded before the file appears under its name
+            ledger.record(f"{EXPORT_KIND}:{uuid.uuid4().hex}", EXPORT_KIND, records, {"path": summary.path})
+    os.replace(partial, summary.path)
+    summary.requests = len(records)
+    summary.captions = sum(len(record["entries"]) for record in records.values())
     return summary
 
 
 def import_caption_results(path: str, cache_dir: str | None = None) -> ImportReport:
     """Reads a Batch API output (or error) file into the caption cache, line by line, validating each line.
 
-    A line is stored only if its `custom_id` was exported (or submitted as a batch) from this cache: its captions
-    then go under the per-type keys the export recorded, so `caption_dataset` with the export's settings finds
-    them. Unknown `custom_id`s and malformed lines are reported, never stored; failed requests (engine errors,
-    refused or empty answers) are reported and stay missing. Importing a file twice stores nothing new.
+    A line is stored only if its `custom_id` was exported (or submitted as a batch) from this cache, and only if the
+    quality gate accepts its answer: its captions then go under the per-type keys the export recorded, so
+    `caption_dataset` with the export's settings finds them. Unknown `custom_id`s and malformed lines are reported,
+    never stored; failed requests and rejected answers (empty, refused, cut by the token limit, absurdly long) are
+    reported and stay missing; a line whose caption differs from the one already cached is reported as a conflict
+    (the cached caption is kept). Importing a file twice stores nothing new.
 
     Args:
         path (`str`): the result JSONL, e.g. from `vllm run-batch -o` (several files: call once per file).
         cache_dir (`str`, *optional*): the caption cache the requests were exported from (see `caption_dataset`).
 
     Returns:
-        `ImportReport`: counts, and every failed, unknown or malformed line with its number.
+        `ImportReport`: counts, and every failed, conflicting, unknown or malformed line with its number.
     """
     report = ImportReport(os.path.abspath(path))
-    parsed = []
+    parsed: list[tuple[int, str, CaptionResult]] = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -241,28 +241,21 @@ def import_caption_results(path: str, cache_dir: str | None = None) -> ImportRep
     with CaptionCache(cache_dir if cache_dir is not None else default_cache_dir()) as cache:
         with SubmissionLedger(cache) as ledger:
             records = ledger.units(custom_id for _, custom_id, _ in parsed)
-            keys = [entry["key"] for record in records.values() for entry in record["entries"]]
-            cached = set(cache.get_many(keys))
             for number, custom_id, result in parsed:
                 record = records.get(custom_id)
                 if record is None:
                     report.unknown.append((number, custom_id))
                     continue
-                stored = store_answer(cache, ledger, record, result)
-                for name, value in result.usage.items():
-                    report.usage[name] = report.usage.get(name, 0) + value
-                for entry in record["entries"]:
-                    if stored.get(entry["key"]) is None:
-                        continue
-                    if entry["key"] in cached:
-                        report.already_cached += 1
-                    else:
-                        report.captions_stored += 1
-                        cached.add(entry["key"])
-                if "" in stored:
-                    report.failed.append((number, custom_id, stored[""]))
-    if report.failed or report.unknown or report.malformed:
-        logger.warning("%s", report)
-    else:
-        logger.info("%s", report)
+                answer = store_answer(cache, ledger, record, result)
+                if result.sent:
+                    for name, value in result.usage.items():
+                        report.usage[name] = report.usage.get(name, 0) + value
+                for reason in answer.rejected:
+                    report.rejected[reason_kind(reason)] = report.rejected.get(reason_kind(reason), 0) + 1
+                report.captions_stored += answer.new
+                report.already_cached += len(answer.captions) - answer.new - len(answer.conflicts)
+                if answer.conflicts:
+                    report.conflicts.append((number, custom_id))
+                if answer.problem:
+                    report.failed.append((number, custom_id, answer.problem))
     return report

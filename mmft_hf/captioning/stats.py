@@ -363,9 +363,8 @@ def estimate_captioning_cost(
     Returns:
         `CostEstimate`: the extrapolation; `str()` gives a short table.
     """
-    import copy
-
     from .caption import caption_dataset, caption_keys
+    from .captioners.base import BatchCaptioner
     from .ledger import SubmissionLedger
 
     if not 0 <= batch_discount < 1:
@@ -373,10 +372,8 @@ def estimate_captioning_cost(
     if not isinstance(sample_rows, int) or sample_rows < 1:
         raise ValueError(f"sample_rows must be a positive integer, got {sample_rows!r}.")
     sample = dataset.select(stratified_sample(dataset, label_column, sample_rows, seed))
-    sample_captioner = captioner
-    if getattr(captioner, "submits_batches", False):
-        sample_captioner = copy.copy(captioner)
-        sample_captioner.submits_batches = False  # its `caption` is synchronous: the sample answers now
+    # a batch captioner's sample is sent synchronously (same cache identity): it answers now
+    sample_captioner = captioner.synchronous() if isinstance(captioner, BatchCaptioner) else captioner
     result = caption_dataset(
         sample,
         sample_captioner,

@@ -47,6 +47,7 @@ from mmft_hf.captioning.builder import PRESETS, make_captioner, push_captioned
 from mmft_hf.captioning.cache import CaptionCacheError
 from mmft_hf.captioning.caption import CaptioningError, CaptioningInterrupted, caption_dataset
 from mmft_hf.captioning.captioners.base import CaptionerUnavailableError
+from mmft_hf.captioning.engine import OpenBatchError
 from mmft_hf.captioning.offline import export_caption_requests, import_caption_results
 from mmft_hf.captioning.prompts import CAPTION_TYPES, DEFAULT_WORDS, PROMPT_TEMPLATE, validate_caption_types
 from mmft_hf.captioning.stats import estimate_captioning_cost
@@ -124,6 +125,14 @@ class CaptioningArguments:
     cache_dir: str | None = field(default=None, metadata={"help": "Caption cache dir (default $HF_HOME/mmft_hf)."})
     max_passes: int = field(default=3, metadata={"help": "Passes over captions that failed."})
     strict: bool = field(default=False, metadata={"help": "Fail (listing them) when captions are missing."})
+    allow_missing: bool = field(
+        default=False,
+        metadata={
+            "help": "Write or push the dataset even when captions are still missing for server or answer reasons "
+            "after all passes (by default the run fails and writes nothing; rows with unreadable images are kept "
+            "either way)."
+        },
+    )
     output_dir: str | None = field(default=None, metadata={"help": "Write the Hub layout (Parquet + card) here."})
     push_to_hub: bool = field(default=False, metadata={"help": "Push the captioned dataset to --hub_repo_id."})
     hub_repo_id: str | None = field(default=None, metadata={"help": "Dataset repo id, e.g. me/captioned-dtd."})
@@ -276,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
         message = str(error) if isinstance(error, CaptioningInterrupted) else "Interrupted."
         print(f"\n{message}", file=sys.stderr)
         raise SystemExit(130) from None
-    except (CaptionerUnavailableError, CaptioningError, CaptionCacheError) as error:  # the message says it all
+    except (CaptionerUnavailableError, CaptioningError, CaptionCacheError, OpenBatchError) as error:  # says it all
         raise SystemExit(f"mmft-hf caption: error: {error}") from None
 
 
@@ -363,6 +372,7 @@ def caption_splits(args: CaptioningArguments) -> dict:
             num_shards=args.num_shards,
             shard_index=args.shard_index,
             strict=args.strict,
+            allow_missing=args.allow_missing,
             max_passes=args.max_passes,
             **settings,
         )

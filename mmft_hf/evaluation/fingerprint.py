@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 import datasets
 from transformers import TrainingArguments
 
-from ..captioning.caption import caption_provenance
+from ..captioning.provenance import VOLATILE_PROVENANCE_KEYS, caption_provenance
 from ..model_card import portable_reference
 from ..version import __version__
 from .protocol import MethodSpec, protocol_splits
@@ -52,8 +52,6 @@ ZERO_SHOT_ARGUMENTS = ("prototype_source", "class_template", "text_source", "lab
 METHOD_SETTINGS = ("supcon_weight", "text_source", "prototype_source", "class_template", "caption_types")
 DATASET_KEY = "dataset"
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-# Provenance entries that differ between shards or parts of one captioning job without the captions differing.
-_VOLATILE_PROVENANCE = ("shard", "counts", "mmft_hf_version")
 
 
 def _canonical(value):
@@ -117,7 +115,7 @@ def dataset_settings(
         caption_provenance(raw[train_name], caption_column) if caption_column in raw[train_name].features else None
     )
     if provenance:
-        provenance = {key: value for key, value in provenance.items() if key not in _VOLATILE_PROVENANCE}
+        provenance = {key: value for key, value in provenance.items() if key not in VOLATILE_PROVENANCE_KEYS}
     settings["caption_provenance"] = provenance
     return _canonical(settings)
 

@@ -30,8 +30,8 @@ import datasets
 import torch
 from transformers.utils import logging
 
-from ..captioning.caption import attach_provenance, caption_provenance
 from ..captioning.prompts import CAPTION_TYPES, validate_caption_types
+from ..captioning.provenance import attach_provenance, caption_provenance
 from ..training.arguments import PROTOTYPE_SOURCES, MMFTTrainingArguments
 from ..training.data import align_label_names, sample_few_shot, train_validation_split
 from ..training.trainer import MMFTTrainer

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer
 from transformers.utils import logging
 
-from ..captioning.caption import caption_provenance
 from ..captioning.prompts import normalize_class_name
+from ..captioning.provenance import caption_provenance
 from ..classification.class_texts import class_texts_from_captions
 from ..classification.prototypes import (
     OPENAI_IMAGENET_TEMPLATES,

@@ -161,9 +161,15 @@ def test_partial_failure_then_resume_requests_exactly_the_missing(labelled, tmp_
         return ((width, height), request.prompt) in bad
 
     fake = FakeCaptioner(fail=fail)
-    result = caption_dataset(labelled, fake, domain="textures", cache_dir=tmp_path, max_passes=3, show_progress=False)
-    assert len(fake.requests) == 36 + 2 * 4  # 4 failing captions, asked in 3 passes
-    retried = fake.requests[36:]
+    with pytest.raises(CaptioningError, match="4 caption.s. still missing.*nothing was written.*allow_missing"):
+        caption_dataset(labelled, fake, domain="textures", cache_dir=tmp_path, max_passes=3, show_progress=False)
+    assert len(fake.requests) == 36 + 2 * 4
+    fake = FakeCaptioner(fail=fail)  # the same failures, kept on request: the rows are returned with what they have
+    result = caption_dataset(
+        labelled, fake, domain="textures", cache_dir=tmp_path, max_passes=3, show_progress=False, allow_missing=True
+    )
+    assert len(fake.requests) == 3 * 4  # only the missing ones, in 3 passes  # 4 failing captions, asked in 3 passes
+    retried = fake.requests[4:]
     assert all(r.image.size[0] == r.image.size[1] and 224 <= r.image.size[0] < 512 for r in retried)
     failures = [(f.row, f.caption_type, f.slot, f.reason) for f in result.caption_summary.failures]
     assert failures == [
@@ -177,6 +183,7 @@ def test_partial_failure_then_resume_requests_exactly_the_missing(labelled, tmp_
     assert [c.split(" ", 1)[1] for c in result[4]["captions"]] == [prompts_of(labelled, 4)[i] for i in (0, 2)]
     summary = result.caption_summary
     assert (summary.rows_incomplete, summary.rows_without_captions, summary.retries) == (1, 1, 2 * 12)
+    assert (summary.cache_hits, summary.requests) == (32, 12)
     assert "rerun" in str(summary).lower() or "again" in str(summary)
     assert caption_provenance(result)["counts"]["rows_without_captions"] == 1
 
@@ -203,10 +210,11 @@ def test_strict_mode_lists_row_type_and_reason(labelled, tmp_path):
             labelled, fake, domain="textures", cache_dir=tmp_path, strict=True, max_passes=2, show_progress=False
         )
     message = str(info.value)
-    assert "4 caption(s) failed" in message
-    for row in (2, 5, 8, 11):
-        assert f"row {row}, caption type 'texture' (slot 0): HTTP 500: upstream failure" in message
-    assert [f.row for f in info.value.failures] == [2, 5, 8, 11]
+    assert "4 caption(s) still missing" in message and "4 × HTTP 500: upstream failure" in message
+    assert "\n" not in message  # one line: the CLI prints it as its error
+    assert [str(f) for f in info.value.failures] == [
+        f"row {row}, caption type 'texture' (slot 0): HTTP 500: upstream failure" for row in (2, 5, 8, 11)
+    ]
     # what succeeded was cached: a healthy rerun asks for the 4 missing only
     healed = FakeCaptioner()
     caption_dataset(labelled, healed, domain="textures", cache_dir=tmp_path, strict=True, show_progress=False)
@@ -215,10 +223,13 @@ def test_strict_mode_lists_row_type_and_reason(labelled, tmp_path):
 
 def test_empty_answers_are_failures_never_cached(labelled, tmp_path):
     fake = FakeCaptioner(text=lambda request: "   " if "shape" in request.prompt else "  fine caption \n")
-    result = caption_dataset(labelled, fake, domain="textures", cache_dir=tmp_path, max_passes=2, show_progress=False)
+    result = caption_dataset(
+        labelled, fake, domain="textures", cache_dir=tmp_path, max_passes=2, show_progress=False, allow_missing=True
+    )
     assert all(c == ["fine caption", "fine caption"] for c in result["captions"])
-    assert {f.reason for f in result.caption_summary.failures} == {"the captioner returned an empty caption"}
+    assert {f.reason for f in result.caption_summary.failures} == {"answer rejected (empty)"}
     assert len(result.caption_summary.failures) == 12
+    assert result.caption_summary.rejected == {"empty": 12 * 2}  # asked again in the second pass, counted twice
     with sqlite3.connect(tmp_path / CACHE_FILENAME) as db:
         assert db.execute("SELECT COUNT(*) FROM captions").fetchone()[0] == 24
         assert db.execute("SELECT COUNT(*) FROM captions WHERE trim(text) = ''").fetchone()[0] == 0

@@ -32,7 +32,7 @@ def test_export_engine_import_then_rerun_makes_zero_requests(server, labelled, t
     caption_dataset(labelled.select(range(4)), captioner, domain="textures", cache_dir=tmp_path, show_progress=False)
     paid = len(server.requests)
     exported = export_caption_requests(
-        labelled, tmp_path / "requests.jsonl", captioner, domain="textures", cache_dir=tmp_path, show_progress=False
+        labelled, tmp_path / "requests.jsonl", captioner, domain="textures", cache_dir=tmp_path
     )
     assert len(server.requests) == paid == 12  # exporting sends nothing
     assert exported.requests == exported.captions == 24 and exported.cache_hits == 12
@@ -69,7 +69,7 @@ def test_export_engine_import_then_rerun_makes_zero_requests(server, labelled, t
     assert result.caption_summary.failures == []
     # the second export writes nothing: every caption is cached
     empty = export_caption_requests(
-        labelled, tmp_path / "none.jsonl", captioner, domain="textures", cache_dir=tmp_path, show_progress=False
+        labelled, tmp_path / "none.jsonl", captioner, domain="textures", cache_dir=tmp_path
     )
     assert empty.requests == 0 and empty.cache_hits == 36
 
@@ -77,9 +77,8 @@ def test_export_engine_import_then_rerun_makes_zero_requests(server, labelled, t
 def test_import_into_another_cache_stores_nothing(server, labelled, tmp_path):
     captioner = OpenAICompatibleCaptioner("fake-vlm", base_url=server.base_url, api_key_env=None)
     export_caption_requests(
-        labelled.select(range(2)), tmp_path / "r.jsonl", captioner, domain="textures", cache_dir=tmp_path / "a",
-        show_progress=False,
-    )  # fmt: skip
+        labelled.select(range(2)), tmp_path / "r.jsonl", captioner, domain="textures", cache_dir=tmp_path / "a"
+    )
     run_engine(tmp_path / "r.jsonl", tmp_path / "o.jsonl")
     report = import_caption_results(tmp_path / "o.jsonl", cache_dir=tmp_path / "b")
     assert report.captions_stored == 0 and len(report.unknown) == 6
@@ -114,7 +113,8 @@ def test_output_lines_of_every_shape():
     refused = {**body, "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant",
                "content": None, "refusal": "no"}}]}  # fmt: skip
     result = parse_output_line(json.dumps({"custom_id": "k", "response": {"status_code": 200, "body": refused}}))[1]
-    assert result.text is None and result.error == "refused: no"
+    assert (result.text, result.refusal, result.finish_reason) == ("", "no", "stop")  # judged by the engine's gate
+    assert expired[1].sent is False and ok[1].sent is True  # a line never run is not billed
     for line, message in (
         ("{", "not valid JSON"),
         ('{"response": {}}', "no string 'custom_id'"),

@@ -11,7 +11,7 @@ import torch
 from conftest import run_torchrun
 
 from mmft_hf import evaluation
-from mmft_hf.captioning.caption import PROVENANCE_FORMAT, attach_provenance, caption_provenance
+from mmft_hf.captioning.provenance import PROVENANCE_FORMAT, attach_provenance, caption_provenance
 from mmft_hf.classification.prototypes import OPENAI_IMAGENET_TEMPLATES, zero_shot_prototypes
 from mmft_hf.commands import benchmark as benchmark_command
 from mmft_hf.evaluation import (

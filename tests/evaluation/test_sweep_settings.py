@@ -9,7 +9,7 @@ import datasets
 import pytest
 import torch
 
-from mmft_hf.captioning.caption import PROVENANCE_FORMAT, attach_provenance
+from mmft_hf.captioning.provenance import PROVENANCE_FORMAT, attach_provenance
 from mmft_hf.commands import benchmark
 from mmft_hf.evaluation import (
     aggregate,

@@ -329,7 +329,7 @@ def test_corrupt_image_fails_with_its_row_and_file(tiny_clip, image_files_datase
 
 
 def test_model_card_data_comes_from_the_run_and_the_caption_provenance(tiny_clip, synthetic_dataset, tmp_path):
-    from mmft_hf.captioning.caption import PROVENANCE_FORMAT, attach_provenance
+    from mmft_hf.captioning.provenance import PROVENANCE_FORMAT, attach_provenance
 
     provenance = {
         "format": PROVENANCE_FORMAT,

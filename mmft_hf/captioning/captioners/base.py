@@ -1,7 +1,9 @@
 """The captioner protocol: requests of (image, prompt) in, caption results out, in completion order.
 
-A captioner knows nothing of CLIP or datasets. `caption_dataset` (captioning.py) owns the cache, resume and
-provenance; a backend owns transport, batching, concurrency and retries.
+A captioner knows nothing of CLIP, datasets or the caption cache. The pass engine (`captioning/engine.py`) owns the
+cache, claims, resume, the quality gate, the ledger of submitted batches and the summary; a backend only turns
+requests into answers: `Captioner` synchronously (transport, concurrency, retries), `BatchCaptioner` through a
+provider's Batch API (request lines, uploads, batch status and result lines).
 """
 
 from __future__ import annotations
@@ -69,6 +71,9 @@ class CaptionResult:
         finish_reason (`str`, *optional*): the answer's `finish_reason` (`"stop"`, `"length"`, ...), `None` when the
             backend does not say; read by the quality gate (`captioning/quality.py`).
         refusal (`str`, *optional*): the model's refusal message (OpenAI's `message.refusal`), if any.
+        sent (`bool`, defaults to `True`): whether the provider processed the request (and bills it); `False` for a
+            request that never left this machine (an unreadable image) or a batch line the provider never ran (an
+            expired batch's `batch_expired` lines). Summaries count only sent requests.
     """
 
     text: str | None
@@ -77,6 +82,7 @@ class CaptionResult:
     usage: dict = field(default_factory=dict)
     finish_reason: str | None = None
     refusal: str | None = None
+    sent: bool = True
 
 
 @runtime_checkable
@@ -96,3 +102,69 @@ class Captioner(Protocol):
         Yielding as soon as a caption is ready lets the caller persist it at once, so an interrupted run loses
         nothing that finished.
         """
+
+
+@dataclass
+class BatchStatus:
+    """What a provider says of one submitted batch.
+
+    Args:
+        batch_id (`str`): the provider's batch id.
+        status (`str`): the provider's status (`"in_progress"`, `"completed"`, `"expired"`, ...).
+        ended (`bool`): whether the batch will not change any more (its result files are final).
+        processed (`int`, defaults to 0): requests the provider has finished (completed or failed) so far.
+        failed (`int`, defaults to 0): of those, the failed ones.
+        result_files (`list[str]`): the ids of its output and error files, once it has ended.
+        note (`str`, defaults to `""`): the provider's batch-level errors, if any.
+    """
+
+    batch_id: str
+    status: str
+    ended: bool
+    processed: int = 0
+    failed: int = 0
+    result_files: list[str] = field(default_factory=list)
+    note: str = ""
+
+
+@runtime_checkable
+class BatchCaptioner(Captioner, Protocol):
+    """A backend that also answers whole files of requests through a provider's Batch API (at the batch price).
+
+    The engine writes the request file (`request_line` per request, within `max_requests_per_batch` and
+    `max_batch_file_bytes`), records it in the caption cache's ledger, then calls `upload_requests` and
+    `start_batch`, polls `batch_status` every `poll_interval_s` seconds and reads `result_lines` once the batch has
+    ended. The backend never touches the cache or the ledger. `caption` (synchronous) serves
+    `retry_failed="sync"` passes.
+
+    Attributes:
+        poll_interval_s (`float`): seconds between two status checks.
+        retry_failed (`str`): how later passes re-ask what failed: `"batch"` (a new batch) or `"sync"`.
+        max_requests_per_batch (`int`), max_batch_file_bytes (`int`): the provider's per-batch limits.
+    """
+
+    poll_interval_s: float
+    retry_failed: str
+    max_requests_per_batch: int
+    max_batch_file_bytes: int
+
+    def batch_endpoint(self) -> str:
+        """Where this backend's batches live (the API root): the ledger polls a batch only through this endpoint."""
+
+    def request_line(self, custom_id: str, request: CaptionRequest) -> str:
+        """One request line of a batch file (JSON, no newline) for `request`, answered under `custom_id`."""
+
+    def upload_requests(self, path: str) -> str:
+        """Uploads a request file; returns its file id."""
+
+    def start_batch(self, file_id: str) -> str:
+        """Returns the batch of an uploaded file: the one an interrupted run created for it, else a new one."""
+
+    def batch_status(self, batch_id: str) -> BatchStatus:
+        """The batch's current status."""
+
+    def result_lines(self, status: BatchStatus) -> Iterator[str]:
+        """The lines of an ended batch's output and error files."""
+
+    def cancel_batch(self, batch_id: str) -> None:
+        """Asks the provider to stop a batch (what it finished is still delivered and billed)."""

@@ -1,36 +1,32 @@
 """Captions through an OpenAI-compatible Batch API (OpenAI, Gemini's OpenAI endpoint): half the price, no rate limit.
 
-`caption_dataset` hands this captioner every missing caption of a pass at once. It writes them as Batch API JSONL
-(the same request body the synchronous captioner sends; `custom_id` = the cache key), uploads the file with
-`files.create(purpose="batch")`, creates the batch, and records both in the caption cache *before* waiting. Then it
-polls with a progress bar, downloads the output and error files when the batch ends, and `caption_dataset` commits
-each caption as it is read. A run killed while waiting (even with SIGKILL) and started again polls the same batch:
-nothing is submitted twice.
+This backend speaks the Batch API and nothing else (`BatchCaptioner` in `base.py`): request lines (the same request
+body the synchronous captioner sends), `files.create(purpose="batch")`, `batches.create`, `batches.retrieve` and the
+output and error files. The pass engine (`captioning/engine.py`) writes the files, records every submission in the
+caption cache *before* the batch exists, polls, stores each caption as it is read, and resumes an open batch after
+a crash: nothing is submitted twice.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import os
-import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
-from tqdm.auto import tqdm
-
-from ...images import IMAGE_DECODE_ERRORS
 from .base import (
+    BatchStatus,
     CaptionerAuthenticationError,
     CaptionerConnectionError,
     CaptionerModelNotFoundError,
     CaptionerUnavailableError,
-    CaptionResult,
+    CaptionRequest,
 )
+from .images import image_to_data_url, prepare_image
 from .openai_compatible import OpenAICompatibleCaptioner
 
 logger = logging.getLogger(__name__)
 
-BATCH_KIND = "openai-batch"
+CHAT_COMPLETIONS_URL = "/v1/chat/completions"
 TERMINAL_STATUSES = ("completed", "failed", "expired", "cancelled")
 # OpenAI's documented limits per batch: 50,000 requests and a 200 MB input file. The default file size keeps a margin.
 MAX_REQUESTS_PER_BATCH = 50_000
@@ -42,7 +38,7 @@ class OpenAIBatchCaptioner(OpenAICompatibleCaptioner):
 
     Its captions are interchangeable with `OpenAICompatibleCaptioner`'s (same request body, same cache identity),
     so a run of either reuses what the other paid for. `caption(requests)` (the plain captioner protocol) sends
-    requests synchronously; `caption_dataset` uses `submit_and_collect` instead.
+    requests synchronously; `caption_dataset` submits batches through the `BatchCaptioner` methods instead.
 
     A pass that ends with failures (per-line errors, an expired, cancelled or failed batch) keeps every caption
     that succeeded; what failed goes into the next pass of `caption_dataset`: a new batch (`retry_failed="batch"`)
@@ -60,8 +56,6 @@ class OpenAIBatchCaptioner(OpenAICompatibleCaptioner):
             200 MB); more are split into several batches.
         retry_failed (`str`, defaults to `"batch"`): how later passes send what failed: `"batch"` or `"sync"`.
     """
-
-    submits_batches = True
 
     def __init__(
         self,
@@ -105,131 +99,88 @@ class OpenAIBatchCaptioner(OpenAICompatibleCaptioner):
             api_key=self._api_key, base_url=self.base_url, timeout=self.timeout, max_retries=self.max_retries
         )
 
-    def submit_and_collect(
-        self, units: list, load_image: Callable, ledger, show_progress: bool = True, claim: Callable | None = None
-    ) -> Iterator[tuple[str, CaptionResult]]:
-        """Submits the units no open batch holds yet, waits for every batch holding one, yields their results.
-
-        Open batches recorded in the cache (by an earlier, interrupted run) that hold any of the units are polled
-        instead of submitting those units again. Results are yielded as each batch's files are read, including
-        lines of an adopted batch that this call did not ask for (the caller stores them too: they are paid for).
-
-        Args:
-            units (`list[RequestUnit]`): the requests of this pass (see `mmft_hf.captioning.scale`).
-            load_image (`Callable[[int], PIL.Image.Image]`): loads a unit's row image; raises if unreadable.
-            ledger (`SubmissionLedger`): the cache's submission tables.
-            show_progress (`bool`, defaults to `True`): show a progress bar.
-            claim (`Callable[[list], list]`, *optional*): claims the units about to be submitted in the cache and
-                returns those granted; the others (another live run is making them) are not submitted and get no
-                result here.
-
-        Yields:
-            `tuple[str, CaptionResult]`: the `custom_id` and its result.
-        """
+    def _call(self, method):
+        """Runs `method(client)` on a fresh client; a files or batches call failing for good stops the run."""
         import openai
-
-        from ..batch_files import CHAT_COMPLETIONS_URL
 
         client = self._client()
         try:
-            wanted = {unit.custom_id for unit in units}
-            tracked = [
-                submission
-                for submission in ledger.open_submissions(BATCH_KIND)
-                if submission["custom_ids"] & wanted and submission["info"].get("base_url") == self.base_url
-            ]
-            covered = set().union(*(submission["custom_ids"] for submission in tracked))
-            if tracked:
-                logger.info(
-                    "Resuming %d open batch(es) recorded in the cache (%d requests); not submitting those again.",
-                    len(tracked),
-                    len(covered),
-                )
-            to_send = [unit for unit in units if unit.custom_id not in covered]
-            if claim is not None:
-                to_send = claim(to_send)
-            for path, records, failures in self._write_request_files(to_send, load_image):
-                yield from failures
-                if path is None:
-                    continue
-                try:
-                    with open(path, "rb") as handle:
-                        uploaded = client.files.create(file=handle, purpose="batch")
-                finally:
-                    os.remove(path)
-                info = {"base_url": self.base_url, "model": self.model, "requests": len(records)}
-                ledger.record(uploaded.id, BATCH_KIND, records, info)  # recorded before the batch exists
-                submission = {"id": uploaded.id, "remote_id": None, "info": info, "custom_ids": set(records)}
-                submission["remote_id"] = self._create_batch(client, uploaded.id, CHAT_COMPLETIONS_URL)
-                ledger.set_remote_id(uploaded.id, submission["remote_id"])
-                tracked.append(submission)
-            for submission in tracked:
-                if submission["remote_id"] is None:  # an earlier run stopped between upload and batch creation
-                    found = self._find_batch(client, submission["id"])
-                    submission["remote_id"] = found or self._create_batch(
-                        client, submission["id"], CHAT_COMPLETIONS_URL
-                    )
-                    ledger.set_remote_id(submission["id"], submission["remote_id"])
-            yield from self._wait_and_read(client, tracked, ledger, show_progress)
+            return method(client)
         except openai.APIError as error:  # the Batch API cannot be used at all: one clear error, not a traceback
-            raise self._unavailable(error, ledger.path) from None
+            raise self._unavailable(error) from None
         finally:
             client.close()
 
-    def _write_request_files(self, units: list, load_image: Callable):
-        """Writes the units as JSONL files within the per-batch limits; yields (path, records, failures) per file.
+    def synchronous(self) -> OpenAICompatibleCaptioner:
+        """The synchronous captioner with these settings (same cache identity): its answers come now, at full price."""
+        return _with_settings_of(self, OpenAICompatibleCaptioner)
 
-        `records` maps each written `custom_id` to its unit record; `failures` are the units that could not be
-        written (unreadable image, request too large); `path` is `None` when only failures are left.
-        """
-        from ..batch_files import not_sent, request_line
+    # ------------------------------------------------------------------ BatchCaptioner protocol
+    def batch_endpoint(self) -> str:
+        return self.base_url or "https://api.openai.com/v1"
 
-        handle, path, records, size, failures = None, None, {}, 0, []
-        images: dict = {}
-        try:
-            for unit in units:
-                if unit.row not in images:
-                    images.clear()  # units come row by row: keep one decoded image at a time
-                    try:
-                        images[unit.row] = load_image(unit.row)
-                    except IMAGE_DECODE_ERRORS as error:  # unreadable image: this unit fails, the batch goes on
-                        images[unit.row] = f"the image cannot be read ({type(error).__name__}: {error})"
-                if isinstance(images[unit.row], str):
-                    failures.append((unit.custom_id, not_sent(images[unit.row])))
-                    continue
-                line = request_line(self, unit.custom_id, images[unit.row], unit.prompt, unit.response_format)
-                data = (line + "\n").encode("utf-8")
-                if len(data) > self.max_batch_file_bytes:
-                    error = f"the request is {len(data)} bytes, over max_batch_file_bytes={self.max_batch_file_bytes}"
-                    failures.append((unit.custom_id, not_sent(error + "; lower max_image_side")))
-                    continue
-                if handle is not None and (
-                    len(records) >= self.max_requests_per_batch or size + len(data) > self.max_batch_file_bytes
-                ):
-                    handle.close()
-                    yield path, records, failures
-                    handle, records, size, failures = None, {}, 0, []
-                if handle is None:
-                    descriptor, path = tempfile.mkstemp(prefix="mmft-hf-batch-", suffix=".jsonl")
-                    handle = os.fdopen(descriptor, "wb")
-                handle.write(data)
-                size += len(data)
-                records[unit.custom_id] = unit.record
-            if handle is not None:
-                handle.close()
-            if handle is not None or failures:
-                yield (path if handle is not None else None), records, failures
-        finally:
-            if handle is not None and not handle.closed:
-                handle.close()
-                os.remove(path)
+    def request_line(self, custom_id: str, request: CaptionRequest) -> str:
+        url = image_to_data_url(prepare_image(request.image, self.max_image_side), self.image_format)
+        body = self.request_body(request.prompt, url, request.response_format)
+        line = {"custom_id": custom_id, "method": "POST", "url": CHAT_COMPLETIONS_URL, "body": body}
+        return json.dumps(line, ensure_ascii=False)
 
-    def _unavailable(self, error, cache_path: str) -> CaptionerUnavailableError:
+    def upload_requests(self, path: str) -> str:
+        def upload(client):
+            with open(path, "rb") as handle:
+                return client.files.create(file=handle, purpose="batch").id
+
+        return self._call(upload)
+
+    def start_batch(self, file_id: str, search: int = 1000) -> str:
+        """Returns the batch of an uploaded file: the one an interrupted run created for it (among the account's
+        newest `search` batches), else a new one."""
+
+        def start(client):
+            for index, batch in enumerate(client.batches.list(limit=100)):
+                if batch.input_file_id == file_id:
+                    return batch.id
+                if index + 1 >= search:
+                    break
+            batch = client.batches.create(
+                input_file_id=file_id,
+                endpoint=CHAT_COMPLETIONS_URL,
+                completion_window=self.completion_window,
+                metadata={"created_by": "mmft-hf"},
+            )
+            return batch.id
+
+        return self._call(start)
+
+    def batch_status(self, batch_id: str) -> BatchStatus:
+        batch = self._call(lambda client: client.batches.retrieve(batch_id))
+        counts = batch.request_counts
+        note = ""
+        if batch.errors is not None and batch.errors.data:
+            note = "; ".join(str(error.message) for error in batch.errors.data[:3])
+        return BatchStatus(
+            batch_id=batch.id,
+            status=batch.status,
+            ended=batch.status in TERMINAL_STATUSES,
+            processed=(counts.completed + counts.failed) if counts is not None else 0,
+            failed=counts.failed if counts is not None else 0,
+            result_files=[file_id for file_id in (batch.output_file_id, batch.error_file_id) if file_id],
+            note=note,
+        )
+
+    def result_lines(self, status: BatchStatus) -> Iterator[str]:
+        for file_id in status.result_files:
+            yield from self._call(lambda client, file_id=file_id: client.files.content(file_id).text).splitlines()
+
+    def cancel_batch(self, batch_id: str) -> None:
+        self._call(lambda client: client.batches.cancel(batch_id))
+
+    def _unavailable(self, error) -> CaptionerUnavailableError:
         """The error to stop the run with when a files or batches call fails for good (after the SDK's retries)."""
         import openai
 
         where = self.base_url or "the OpenAI API"
-        resume = f"Batches already submitted are recorded in {cache_path}; the same command polls them again."
+        resume = "Batches already submitted are recorded in the caption cache; the same command polls them again."
         if isinstance(error, (openai.AuthenticationError, openai.PermissionDeniedError)):
             who = f"the key in ${self.api_key_env}" if self.api_key_env else "the placeholder key (api_key_env=None)"
             return CaptionerAuthenticationError(
@@ -250,101 +201,26 @@ class OpenAIBatchCaptioner(OpenAICompatibleCaptioner):
             f"Cannot reach the Batch API at {where} ({type(error).__name__}: {error}). {resume}"
         )
 
-    def cancel_open_batches(self, cache_dir: str | None = None) -> list[str]:
-        """Asks the provider to cancel every batch of this API that the caption cache records as open.
 
-        Use it to stop paying for a submission you no longer want. What the batches finished before the
-        cancellation is still paid for: the next `caption_dataset` run reads it (and stores it) as usual, and
-        requests only what is then missing.
+def as_batch_captioner(captioner) -> OpenAIBatchCaptioner | None:
+    """`captioner` speaking the Batch API (same settings and cache identity), or `None` when it cannot.
 
-        Args:
-            cache_dir (`str`, *optional*): the caption cache (see `caption_dataset`).
+    A synchronous run finding its captions in an open batch (submitted by a batch run that stopped) polls that batch
+    instead of paying for them again; an `OpenAICompatibleCaptioner` reaches the same provider's Batch API.
+    """
+    if isinstance(captioner, OpenAIBatchCaptioner):
+        return captioner
+    if isinstance(captioner, OpenAICompatibleCaptioner):
+        poller = _with_settings_of(captioner, OpenAIBatchCaptioner)
+        poller.completion_window, poller.poll_interval_s = "24h", 1.0
+        poller.max_requests_per_batch, poller.max_batch_file_bytes = MAX_REQUESTS_PER_BATCH, MAX_BATCH_FILE_BYTES
+        poller.retry_failed = "batch"
+        return poller
+    return None
 
-        Returns:
-            `list[str]`: the ids of the batches asked to cancel.
-        """
-        from ..cache import CaptionCache, default_cache_dir
-        from ..ledger import SubmissionLedger
 
-        cancelled = []
-        with CaptionCache(cache_dir if cache_dir is not None else default_cache_dir()) as cache:
-            with SubmissionLedger(cache) as ledger, self._client() as client:
-                for submission in ledger.open_submissions(BATCH_KIND):
-                    if submission["remote_id"] and submission["info"].get("base_url") == self.base_url:
-                        client.batches.cancel(submission["remote_id"])
-                        cancelled.append(submission["remote_id"])
-        return cancelled
-
-    @staticmethod
-    def _find_batch(client, input_file_id: str, search: int = 1000) -> str | None:
-        """The batch an interrupted run created for an uploaded file, among the account's newest `search` batches."""
-        for index, batch in enumerate(client.batches.list(limit=100)):
-            if batch.input_file_id == input_file_id:
-                return batch.id
-            if index + 1 >= search:
-                break
-        return None
-
-    def _create_batch(self, client, input_file_id: str, endpoint: str) -> str:
-        """Creates the batch of an uploaded file; returns its id."""
-        batch = client.batches.create(
-            input_file_id=input_file_id,
-            endpoint=endpoint,
-            completion_window=self.completion_window,
-            metadata={"created_by": "mmft-hf"},
-        )
-        return batch.id
-
-    def _wait_and_read(self, client, tracked: list[dict], ledger, show_progress: bool):
-        """Polls the batches until each ends, then reads its output and error files and closes it in the ledger."""
-        from ..batch_files import parse_output_line
-
-        total = sum(len(submission["custom_ids"]) for submission in tracked)
-        progress: dict[str, int] = {}
-        failed: dict[str, int] = {}
-        started, waiting = time.monotonic(), list(tracked)
-        with tqdm(total=total, unit="req", desc="Batch", disable=not show_progress or not total) as bar:
-            while waiting:
-                statuses = []
-                for submission in list(waiting):
-                    batch = client.batches.retrieve(submission["remote_id"])
-                    counts = batch.request_counts
-                    done = (counts.completed + counts.failed) if counts is not None else 0
-                    progress[submission["id"]] = done
-                    failed[submission["id"]] = counts.failed if counts is not None else 0
-                    statuses.append(batch.status)
-                    if batch.status not in TERMINAL_STATUSES:
-                        continue
-                    waiting.remove(submission)
-                    answered = set()
-                    for file_id in (batch.output_file_id, batch.error_file_id):
-                        if not file_id:
-                            continue
-                        for number, line in enumerate(client.files.content(file_id).text.splitlines(), start=1):
-                            if not line.strip():
-                                continue
-                            try:
-                                custom_id, result = parse_output_line(line)
-                            except ValueError as error:
-                                logger.warning("Batch %s, file %s, line %d: %s", batch.id, file_id, number, error)
-                                continue
-                            answered.add(custom_id)
-                            yield custom_id, result
-                    reason = f"batch {batch.id} ended {batch.status!r} without a result for this request"
-                    if batch.errors is not None and batch.errors.data:
-                        reason += ": " + "; ".join(str(error.message) for error in batch.errors.data[:3])
-                    for custom_id in sorted(submission["custom_ids"] - answered):
-                        yield custom_id, CaptionResult(text=None, error=reason)
-                    progress[submission["id"]] = len(submission["custom_ids"])
-                    ledger.close_submission(submission["id"], batch.status)
-                bar.n = min(total, sum(progress.values()))
-                bar.set_postfix(
-                    status=",".join(sorted(set(statuses))),
-                    failed=sum(failed.values()),
-                    open=len(waiting),
-                    elapsed=f"{time.monotonic() - started:.0f}s",
-                    refresh=False,
-                )
-                bar.refresh()
-                if waiting:
-                    time.sleep(self.poll_interval_s)
+def _with_settings_of(captioner: OpenAICompatibleCaptioner, cls: type):
+    """A `cls` captioner with `captioner`'s settings and key, without reading the key's environment variable again."""
+    twin = cls.__new__(cls)
+    twin.__dict__.update(captioner.__dict__)
+    return twin
