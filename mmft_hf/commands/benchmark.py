@@ -56,10 +56,12 @@ from mmft_hf.evaluation import (
     plot_results,
     read_results,
     render_table,
+    retention_settings,
     run_cell,
     settings_fingerprint,
     shared_results,
 )
+from mmft_hf.evaluation.retention import load_retention_set
 from mmft_hf.synthetic import DEMO_TRAINING_ARGUMENTS, build_demo_clip, make_synthetic_dataset
 from mmft_hf.training.arguments import MMFTTrainingArguments
 
@@ -102,6 +104,18 @@ class BenchmarkArguments:
     synthetic_num_classes: int = field(default=8, metadata={"help": "Classes of the synthetic dataset."})
     synthetic_train_per_class: int = field(default=16, metadata={"help": "Synthetic training images per class."})
     synthetic_eval_per_class: int = field(default=8, metadata={"help": "Synthetic val and test images per class."})
+    retention_dataset: str | None = field(
+        default=None,
+        metadata={"help": "Zero-shot retention: a labelled dataset (Hub id, directory, or 'synthetic': shapes of "
+                  "other classes) whose zero-shot accuracy every cell measures with its starting and its final "
+                  "model (results: retention_accuracy_before / _after; a second table)."},
+    )  # fmt: skip
+    retention_dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration name."})
+    retention_split: str = field(default="test", metadata={"help": "The retention dataset's evaluated split."})
+    retention_class_names: str | None = field(
+        default=None,
+        metadata={"help": "File with the retention dataset's class names, one per line (default: its ClassLabel)."},
+    )
 
 
 def parse_arguments(argv: list[str]) -> tuple[BenchmarkArguments, MMFTTrainingArguments]:
@@ -125,10 +139,19 @@ def parse_datasets(text: str) -> dict[str, str | None]:
     return entries
 
 
+def dataset_source(name: str, location: str | None) -> str | None:
+    """Where `--dataset NAME[=LOCATION]` is loaded from (a Hub id or a local path); `None` for the synthetic set."""
+    if name == "synthetic" and location is None:
+        return None
+    preset = PRESETS.get(name)
+    return location or (preset.source if preset else name)
+
+
 def load_raw(name: str, location: str | None, bench: BenchmarkArguments) -> tuple[datasets.DatasetDict, dict]:
     """Loads one dataset with canonical `image` / `label` columns; returns it and its split names."""
     preset = PRESETS.get(name)
-    if name == "synthetic" and location is None:
+    source = dataset_source(name, location)
+    if source is None:
         raw = make_synthetic_dataset(
             num_classes=bench.synthetic_num_classes,
             train_per_class=bench.synthetic_train_per_class,
@@ -136,7 +159,6 @@ def load_raw(name: str, location: str | None, bench: BenchmarkArguments) -> tupl
             seed=0,
         )
     else:
-        source = location or (preset.source if preset else name)
         if os.path.isdir(source) and any(
             os.path.exists(os.path.join(source, f)) for f in ("dataset_dict.json", "state.json")
         ):
@@ -231,12 +253,27 @@ def run(argv: list[str]) -> dict:
             validation_fraction=bench.validation_fraction,
             label_column=training_args.label_column,
             caption_column=training_args.caption_column,
+            source=dataset_source(name, entries[name]),
         )
         for name, (raw, split_names) in loaded.items()
     }
+    retention = None
+    if bench.retention_dataset is not None:
+        retention = load_retention_set(
+            bench.retention_dataset,
+            split=bench.retention_split,
+            config_name=bench.retention_dataset_config_name,
+            class_names=bench.retention_class_names,
+            image_column=training_args.image_column,
+            label_column=training_args.label_column,
+            cache_dir=bench.cache_dir,
+        )
+    retention_facts = retention_settings(retention) if retention is not None else None
     for cell in cells:
         method = parse_method(cell["method"])
-        cell["settings"] = cell_settings(method, training_args, backbone=backbone, dataset=facts[cell["dataset"]])
+        cell["settings"] = cell_settings(
+            method, training_args, backbone=backbone, dataset=facts[cell["dataset"]], retention=retention_facts
+        )
     check_settings(stored, cells, results_path)
     pending = [cell for cell in cells if cell_key(cell) not in done]
     if bench.dry_run:
@@ -279,6 +316,7 @@ def run(argv: list[str]) -> dict:
             protocol=protocol,
             backbone=backbone["backbone"],
             keep_checkpoints=bench.keep_checkpoints,
+            retention=retention,
         )
         record.update(fingerprint=settings_fingerprint(cell["settings"]), settings=cell["settings"])
         if is_main:

@@ -12,7 +12,10 @@ from .fingerprint import (
     backbone_settings,
     cell_settings,
     check_settings,
+    content_sha256,
     dataset_settings,
+    hub_revision,
+    retention_settings,
     settings_conflicts,
     settings_fingerprint,
 )
@@ -44,3 +47,5 @@ from .results import (
     shared_results,
     unique_cells,
 )
+from .retention import RetentionSet, load_retention_set, zero_shot_accuracy
+from .wise_ft_curve import DEFAULT_WISE_FT_ALPHAS, WiseFTSweep, best_alpha, plot_wise_ft_curve

@@ -2,7 +2,8 @@
 results file never mixes cells trained differently.
 
 Every record in `results.jsonl` carries `settings` (every setting that changes the cell's result: the model, the
-recipe flags with the method's overrides, the dataset's classes, splits and caption provenance, the mmft-hf version)
+recipe flags with the method's overrides, the dataset's classes, splits, content (the Hub revision, or a hash of the
+rows with the image files' bytes) and caption provenance, the mmft-hf version)
 and `fingerprint` (a hash of them). Before a sweep runs anything, `check_settings` compares the cells it plans with
 the stored ones and refuses, listing the differences, when a table would put differently trained cells side by
 side.
@@ -13,9 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 
 import datasets
+import pyarrow as pa
 from transformers import TrainingArguments
 
 from ..captioning.provenance import VOLATILE_PROVENANCE_KEYS, caption_provenance
@@ -49,7 +52,8 @@ RESULT_NEUTRAL_ARGUMENTS = frozenset(
 ZERO_SHOT_ARGUMENTS = ("prototype_source", "class_template", "text_source", "label_column", "fp16", "bf16",
                        "fp16_full_eval", "bf16_full_eval", "tf32")  # fmt: skip
 # Settings that define a method (see `BASE_METHODS` and the ablation options): two methods differ in them by design.
-METHOD_SETTINGS = ("supcon_weight", "text_source", "prototype_source", "class_template", "caption_types")
+METHOD_SETTINGS = ("supcon_weight", "text_source", "prototype_source", "class_template", "caption_types",
+                   "wise_ft_alphas", "caption_sampling", "template_probability")  # fmt: skip
 DATASET_KEY = "dataset"
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -86,6 +90,59 @@ def backbone_settings(model_name_or_path: str | None, demo_name: str = "tiny-ran
     return settings
 
 
+_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+# the caption-derived facts, dropped from the settings of methods that read no caption
+CAPTION_FACTS = ("caption_provenance", "captions_sha256")
+
+
+def hub_revision(dataset: datasets.Dataset) -> str | None:
+    """The commit of the Hub repository a dataset was loaded from: `load_dataset` caches a Hub dataset under
+    `<name>/<config>/<version>/<commit sha>/`. `None` when the cache files do not say (in memory, a local folder)."""
+    for cache_file in dataset.cache_files:
+        folder = os.path.basename(os.path.dirname(cache_file["filename"]))
+        if _COMMIT_SHA.fullmatch(folder):
+            return folder
+    return None
+
+
+def content_sha256(dataset: datasets.Dataset, columns: Sequence[str], batch_size: int = 256) -> str:
+    """A hash of the values of `columns` in row order. Image columns contribute each image's bytes: the embedded
+    ones, else the file's content read from its path (an image folder stores paths, and a file replaced under the
+    same name must change the hash).
+
+    Raises:
+        `ValueError`: naming the row, for an image whose file cannot be read.
+    """
+    digest = hashlib.sha256()
+    images = {name for name in columns if isinstance(dataset.features.get(name), datasets.Image)}
+    offset = 0
+    for batch in dataset.select_columns(list(columns)).with_format("arrow").iter(batch_size=batch_size):
+        for name in columns:
+            column = batch.column(name)
+            digest.update(name.encode())
+            if name in images:
+                for position, value in enumerate(column.to_pylist()):
+                    if value is None:
+                        digest.update(b"\0")
+                    elif value.get("bytes") is not None:
+                        digest.update(value["bytes"])
+                    else:
+                        try:
+                            with open(value["path"], "rb") as handle:
+                                digest.update(handle.read())
+                        except OSError as error:
+                            raise ValueError(f"Row {offset + position}: column {name!r} names the image file "
+                                             f"{value['path']!r}, which cannot be read ({error}).") from None  # fmt: skip
+                continue
+            table = pa.table({name: column})
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(table)
+            digest.update(sink.getvalue().to_pybytes())
+        offset += batch.num_rows
+    return digest.hexdigest()[:16]
+
+
 def dataset_settings(
     raw: datasets.DatasetDict,
     train_split: str = "train",
@@ -94,11 +151,19 @@ def dataset_settings(
     validation_fraction: float = 0.1,
     label_column: str = "label",
     caption_column: str = "captions",
+    source: str | None = None,
 ) -> dict:
-    """The facts of a dataset that change a cell's result: its classes, the protocol's splits and their sizes, and
-    the caption provenance of its training split (captioner, prompt, caption types; not the shard bookkeeping).
+    """The facts of a dataset that change a cell's result: its classes, the protocol's splits and their sizes, what
+    the data is, and the caption provenance of its training split (captioner, prompt, caption types; not the shard
+    bookkeeping).
 
-    Arguments are those of `load_benchmark_splits`. Raises `ValueError` as `protocol_splits` does.
+    What the data is: for a dataset loaded from the Hub, the repository's commit (`hub_revision`); otherwise (a
+    local folder, a `save_to_disk` copy, a dataset made in memory) `content_sha256` of each split's rows without
+    the captions, image files' bytes included, and `captions_sha256` of the training captions, so replacing the
+    images or the captions under the same names and row counts changes the settings.
+
+    Arguments are those of `load_benchmark_splits`, plus `source` (`str`, *optional*): where the dataset was loaded
+    from (a Hub id or a local path); `None` for one made in memory. Raises `ValueError` as `protocol_splits` does.
     """
     train_name, validation_name, test_name = protocol_splits(raw, train_split, validation_split, test_split)
     label = raw[train_name].features.get(label_column)
@@ -111,6 +176,17 @@ def dataset_settings(
         "split_rows": {role: len(raw[name]) for role, name in splits.items() if name is not None},
         "validation_fraction": validation_fraction if validation_name is None else None,
     }
+    revision = None if source is None or os.path.exists(source) else hub_revision(raw[train_name])
+    if revision is not None:
+        settings["hub_revision"] = revision
+    else:
+        settings["content_sha256"] = {
+            role: content_sha256(raw[name], [c for c in raw[name].column_names if c != caption_column])
+            for role, name in splits.items()
+            if name is not None
+        }
+        if caption_column in raw[train_name].column_names:
+            settings["captions_sha256"] = content_sha256(raw[train_name], [caption_column])
     provenance = (
         caption_provenance(raw[train_name], caption_column) if caption_column in raw[train_name].features else None
     )
@@ -120,7 +196,22 @@ def dataset_settings(
     return _canonical(settings)
 
 
-def cell_settings(method: MethodSpec, args: TrainingArguments, *, backbone: dict, dataset: dict) -> dict:
+def retention_settings(retention) -> dict:
+    """What identifies a zero-shot retention set (`RetentionSet`): its name, the class names and the content of its
+    rows (`content_sha256`, image bytes included)."""
+    return _canonical(
+        {
+            "dataset": retention.name,
+            "rows": len(retention.dataset),
+            "class_names_sha256": hashlib.sha256(json.dumps(list(retention.class_names)).encode()).hexdigest()[:16],
+            "content_sha256": content_sha256(retention.dataset, [retention.image_column, retention.label_column]),
+        }
+    )
+
+
+def cell_settings(
+    method: MethodSpec, args: TrainingArguments, *, backbone: dict, dataset: dict, retention: dict | None = None
+) -> dict:
     """Every setting that changes the result of a cell of `method` (its coordinates aside: dataset name, shots,
     seed).
 
@@ -129,12 +220,13 @@ def cell_settings(method: MethodSpec, args: TrainingArguments, *, backbone: dict
         args (`MMFTTrainingArguments`): the sweep's arguments.
         backbone (`dict`): from `backbone_settings`.
         dataset (`dict`): from `dataset_settings`.
+        retention (`dict`, *optional*): from `retention_settings`, when the sweep measures zero-shot retention.
 
     Returns:
         `dict` (JSON values): the mmft-hf version and the backbone; for a zero-shot method the few arguments its
         evaluation reads, for a trained one every argument not in `RESULT_NEUTRAL_ARGUMENTS` plus the world size;
-        the method's caption types; under `"dataset"` the dataset facts (the caption provenance only for methods that
-        read captions).
+        the method's caption types and WiSE-FT alphas; under `"dataset"` the dataset facts (the caption provenance
+        and the captions' hash only for methods that read captions); under `"retention"` the retention set.
     """
     values = {**args.to_dict(), **method.overrides}
     settings = {"mmft_hf_version": __version__, **backbone}
@@ -146,9 +238,14 @@ def cell_settings(method: MethodSpec, args: TrainingArguments, *, backbone: dict
         settings["world_size"] = args.world_size  # the contrastive batch is per-device batch x processes
     reads_captions = method.kind == "contrastive" and "captions" in (values["text_source"], values["prototype_source"])
     if not reads_captions:
-        data.pop("caption_provenance", None)
+        for key in CAPTION_FACTS:
+            data.pop(key, None)
     if method.caption_types:
         settings["caption_types"] = list(method.caption_types)
+    if method.wise_ft_alphas:
+        settings["wise_ft_alphas"] = list(method.wise_ft_alphas)
+    if retention is not None:
+        settings["retention"] = retention
     settings[DATASET_KEY] = data
     return _canonical(settings)
 

@@ -36,6 +36,8 @@ from ..training.arguments import PROTOTYPE_SOURCES, MMFTTrainingArguments
 from ..training.data import align_label_names, sample_few_shot, train_validation_split
 from ..training.trainer import MMFTTrainer
 from .ce_baseline import build_ce_trainer, check_ce_arguments
+from .retention import RetentionSet
+from .wise_ft_curve import DEFAULT_WISE_FT_ALPHAS, WiseFTSweep, best_alpha
 
 logger = logging.get_logger(__name__)
 
@@ -43,6 +45,7 @@ FULL = "full"
 DEFAULT_VALIDATION_SPLIT = "validation"  # used when present and no validation split is named
 ZERO_SHOT = 0  # the `shots` value of a zero-shot cell: it trains on nothing, so it is run once (seed 0)
 LOW_SEED_MARK = "†"
+DEFAULT_MIX_PROBABILITY = 0.5  # `mmft-mix`: half the fetches train on the class template alone
 
 
 # ------------------------------------------------------------------------------------------------------ methods
@@ -57,12 +60,15 @@ class MethodSpec:
         overrides (`dict`): `MMFTTrainingArguments` fields this method sets (e.g. `supcon_weight`, `text_source`,
             `prototype_source`, `class_template`).
         caption_types (`tuple[str, ...]`, *optional*): train on (and average) only these caption types.
+        wise_ft_alphas (`tuple[float, ...]`, *optional*): after training, evaluate these WiSE-FT interpolations
+            with the starting model on validation and keep the best (`wiseft`).
     """
 
     name: str
     kind: str
     overrides: dict = field(default_factory=dict)
     caption_types: tuple[str, ...] | None = None
+    wise_ft_alphas: tuple[float, ...] | None = None
 
     @property
     def prototype_source(self) -> str:
@@ -86,13 +92,22 @@ BASE_METHODS = {
     ),
     "ce": MethodSpec("ce", "ce", {"text_source": "class_name"}),
     "mmft": MethodSpec("mmft", "contrastive", {"text_source": "captions", "supcon_weight": 0.1}),
+    "wiseft": MethodSpec(
+        "wiseft",
+        "contrastive",
+        {"text_source": "captions", "supcon_weight": 0.1},
+        wise_ft_alphas=DEFAULT_WISE_FT_ALPHAS,
+    ),
 }
 
 METHOD_HELP = (
-    "zeroshot, zeroshot_ensemble, flyp, flyp_ens, ce, mmft, and MMFT ablations written mmft-<option>[-<option>...] "
+    "zeroshot, zeroshot_ensemble, flyp, flyp_ens, ce, mmft, wiseft (mmft, then the WiSE-FT interpolation with the "
+    "starting model whose alpha in 0, 0.1, ..., 1 is best on validation), and MMFT ablations written mmft-<option>[-<option>...] "
     "with options w<weight> (e.g. mmft-w0.5), types<a>+<b> (caption types, e.g. mmft-typesshape+texture), "
-    "notemplate (no class-template prefix) and infer<source> (inference classifier: captions, single_template or "
-    "ensemble, e.g. mmft-infersingle_template)."
+    "notemplate (no class-template prefix), infer<source> (inference classifier: captions, single_template or "
+    "ensemble, e.g. mmft-infersingle_template), sentence (train on one sentence of a caption per fetch, and average "
+    "sentences in the prototypes: mmft-sentence) and mix[<p>] (train on the class template alone with probability p, "
+    "default 0.5: mmft-mix, mmft-mix0.25)."
 )
 
 
@@ -128,6 +143,13 @@ def parse_method(name: str) -> MethodSpec:
             overrides["class_template"] = None
         elif option.startswith("infer") and option[5:] in PROTOTYPE_SOURCES:
             overrides["prototype_source"] = option[5:]
+        elif option == "sentence":
+            overrides["caption_sampling"] = "sentence"
+        elif re.fullmatch(r"mix(\d+(\.\d+)?)?", option):
+            probability = float(option[3:] or DEFAULT_MIX_PROBABILITY)
+            if not 0.0 <= probability <= 1.0:
+                raise ValueError(f"Method {name!r}: the template probability in {option!r} must be in [0, 1].")
+            overrides["template_probability"] = probability
         else:
             raise ValueError(f"Method {name!r}: unknown option {option!r}. Methods: {METHOD_HELP}")
     return MethodSpec(name, "contrastive", overrides, caption_types)
@@ -343,6 +365,7 @@ def run_cell(
     protocol: str,
     backbone: str,
     keep_checkpoints: bool = False,
+    retention: RetentionSet | None = None,
 ) -> dict:
     """Runs one cell and returns its result record (not written: the caller's rank 0 appends it).
 
@@ -359,10 +382,14 @@ def run_cell(
         load_model (`Callable[[], (model, processor)]`): returns a fresh pre-trained model and its processor.
         dataset / shots / seed / protocol / backbone: recorded in the result.
         keep_checkpoints (`bool`, defaults to `False`): keep `checkpoint-*` directories.
+        retention (`RetentionSet`, *optional*): a dataset whose zero-shot accuracy is measured with the starting
+            model and with the cell's final model (for zero-shot methods, once: both are the same model).
 
     Returns:
         `dict` with dataset, method, shots, seed, backbone, accuracy (test, fraction), validation_accuracy (best,
-        `None` for zero-shot), best_step, train_steps, samples, protocol, wall_time_s, peak_memory_mib and its kind.
+        `None` for zero-shot), best_step, train_steps, samples, protocol, wall_time_s, peak_memory_mib and its kind;
+        with WiSE-FT `wise_ft_alpha` (chosen on validation) and `wise_ft_curve` (validation accuracy per alpha);
+        with a retention set `retention_dataset`, `retention_accuracy_before` and `retention_accuracy_after`.
     """
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -377,6 +404,10 @@ def run_cell(
     model, processor = load_model()
     validation_accuracy = best_step = None
     train_steps = 0
+    extra = {}
+    if retention is not None:
+        before = retention.accuracy(model.to(args.device), processor, args.per_device_eval_batch_size)
+        extra = {"retention_dataset": retention.name, "retention_accuracy_before": before}
     if method.kind == "zeroshot":
         # template prototypes need only the class names: the captions are left unread
         trainer = MMFTTrainer(
@@ -407,11 +438,24 @@ def run_cell(
         trainer.train()
         train_steps = trainer.state.global_step
         validation_accuracy, best_step = trainer.state.best_metric, trainer.state.best_global_step
+        if method.wise_ft_alphas:
+            sweep = WiseFTSweep(trainer, load_model()[0])
+            curve = sweep.curve(method.wise_ft_alphas, {"validation": splits["validation"]})
+            alpha = best_alpha(curve)
+            sweep.apply(alpha)
+            validation_accuracy = next(point["validation_accuracy"] for point in curve if point["alpha"] == alpha)
+            extra.update(wise_ft_alpha=alpha, wise_ft_curve=curve)
         # the single look at the test split, with the validation-selected weights
         accuracy = trainer.evaluate(test, metric_key_prefix="test")["test_accuracy"]
         if not keep_checkpoints and args.should_save:
             for path in glob.glob(os.path.join(args.output_dir, "checkpoint-*")):
                 shutil.rmtree(path, ignore_errors=True)
+    if retention is not None:
+        after = extra["retention_accuracy_before"]
+        if method.kind != "zeroshot":  # the CE classifier shares the image tower with `model`
+            tuned = model.to(args.device) if method.kind == "ce" else trainer.model
+            after = retention.accuracy(tuned, processor, args.per_device_eval_batch_size)
+        extra["retention_accuracy_after"] = after
     memory, memory_kind = peak_memory()
     return {
         "dataset": dataset,
@@ -434,4 +478,5 @@ def run_cell(
         "wall_time_s": round(time.perf_counter() - start, 3),
         "peak_memory_mib": round(memory, 1),
         "peak_memory_kind": memory_kind,
+        **extra,
     }

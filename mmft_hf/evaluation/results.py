@@ -81,17 +81,20 @@ def _shots_label(shots) -> str:
     return "0-shot" if int(shots) == ZERO_SHOT else f"{shots}-shot"
 
 
-def aggregate(records: Iterable[dict]) -> dict[tuple, dict]:
-    """Mean and standard error (sample std / √n) of the test accuracy, in %, per (dataset, method, shots); a cell
-    recorded twice counts once (`unique_cells`).
+def aggregate(records: Iterable[dict], metric: str = "accuracy") -> dict[tuple, dict]:
+    """Mean and standard error (sample std / √n) of `metric` (the test accuracy, or e.g.
+    `"retention_accuracy_after"`), in %, per (dataset, method, shots); a cell recorded twice counts once
+    (`unique_cells`), cells without the metric are left out.
 
     Returns:
         `{(dataset, method, shots): {"mean", "se", "n"}}`; `se` is `None` for a single run.
     """
     groups: dict[tuple, list[float]] = {}
     for record in unique_cells(records):
+        if record.get(metric) is None:
+            continue
         key = (record["dataset"], record["method"], str(record["shots"]))
-        groups.setdefault(key, []).append(100.0 * record["accuracy"])
+        groups.setdefault(key, []).append(100.0 * record[metric])
     stats = {}
     for key, values in groups.items():
         n = len(values)
@@ -112,9 +115,29 @@ def render_table(records: Sequence[dict], min_seeds: int = 3) -> str:
 
     One dataset: rows are methods, columns shot counts. Several datasets: one table per shot count with a column per
     dataset plus **Average** (the mean of the per-dataset means, only where every dataset has the cell). Cells from
-    fewer than `min_seeds` runs are marked `†`; zero-shot cells (one deterministic run) are not.
+    fewer than `min_seeds` runs are marked `†`; zero-shot cells (one deterministic run) are not. When the cells
+    measured zero-shot retention, a second table gives the retention set's zero-shot accuracy with each cell's final
+    model (and, in its title, with the starting model).
     """
-    stats = aggregate(records)
+    lines = _tables(records, aggregate(records), min_seeds)
+    lines += [
+        "",
+        f"Test top-1 accuracy (%), mean ± standard error (sample std / √n) over seeds; {LOW_SEED_MARK}: fewer than "
+        f"{min_seeds} seeds. Zero-shot rows are a single deterministic run. Model selection on the validation split.",
+    ]
+    retained = [record for record in records if record.get("retention_accuracy_after") is not None]
+    if retained:
+        names = ", ".join(sorted({str(record.get("retention_dataset")) for record in retained}))
+        before = sorted({round(100 * record["retention_accuracy_before"], 2) for record in retained})
+        before_text = " / ".join(f"{value:.2f}" for value in before)
+        lines += ["", f"**Zero-shot retention on {names}**: zero-shot accuracy (%) of each cell's final model; the "
+                  f"starting model's: {before_text}.", ""]  # fmt: skip
+        lines += _tables(retained, aggregate(retained, "retention_accuracy_after"), min_seeds)
+    return "\n".join(lines).replace("\n\n\n", "\n\n")
+
+
+def _tables(records: Sequence[dict], stats: dict[tuple, dict], min_seeds: int) -> list[str]:
+    """The lines of `render_table`'s table(s) of `stats` (from `aggregate`)."""
     datasets_ = list(dict.fromkeys(record["dataset"] for record in records))
     methods = list(dict.fromkeys(record["method"] for record in records))
     shots = sorted({str(record["shots"]) for record in records}, key=_shots_order)
@@ -140,12 +163,7 @@ def render_table(records: Sequence[dict], min_seeds: int = 3) -> str:
                 average = f"{np.mean([s['mean'] for s in found]):.2f}" if all(found) else ""
                 lines.append(f"| {method} | " + " | ".join(cells) + f" | {average} |")
             lines.append("")
-    lines += [
-        "",
-        f"Test top-1 accuracy (%), mean ± standard error (sample std / √n) over seeds; {LOW_SEED_MARK}: fewer than "
-        f"{min_seeds} seeds. Zero-shot rows are a single deterministic run. Model selection on the validation split.",
-    ]
-    return "\n".join(lines).replace("\n\n\n", "\n\n")
+    return lines
 
 
 def plot_results(records: Sequence[dict], path: str) -> str:
