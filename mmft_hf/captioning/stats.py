@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -342,6 +343,10 @@ def estimate_captioning_cost(
 ) -> CostEstimate:
     """Captions a small stratified sample and extrapolates requests, tokens, cost and wall time to the dataset.
 
+    The sample spreads evenly over the classes (`stratified_sample`), so that a small class is measured too; each
+    sampled row is then weighted by the share of the dataset it stands for (its class's size over the rows sampled
+    from that class), so that a large class counts as much as it will cost.
+
     The sample goes through `caption_dataset` (so through the cache: it is paid once, and reused by the full
     run). A batch captioner's sample is sent synchronously, to answer now; its captions are the same. Tokens are
     the usage the server reported, read back from the cache, so an estimate repeated later costs nothing.
@@ -397,7 +402,13 @@ def estimate_captioning_cost(
     finally:
         cache.close()
     per_type = key_settings.get("captions_per_type", 1)
-    for row_keys in keys:
+    # Each sampled row stands for the rows of its class: class size / rows sampled from it. Classes left out of a
+    # sample smaller than the number of classes are covered by scaling to the whole dataset.
+    class_sizes, sampled = Counter(dataset[label_column]), Counter(sample[label_column])
+    coverage = len(dataset) / sum(class_sizes[label] for label in sampled)
+    weights = [coverage * class_sizes[label] / sampled[label] for label in sample[label_column]]
+    sample_requests = 0
+    for row_keys, weight in zip(keys, weights, strict=True):
         joint_requests = set()
         for index, key in enumerate(row_keys):
             if key not in usages:
@@ -410,19 +421,18 @@ def estimate_captioning_cost(
                 joint_requests.add(request)
                 usage = origin.get("usage") or {}
                 joint += 1
-            requests += 1
-            input_tokens += usage.get("prompt_tokens", 0)
-            output_tokens += usage.get("completion_tokens", 0)
-    joint_share = joint / requests if requests else 0.0
-    if (one_request_per_image and requests and not joint) or (not one_request_per_image and joint):
+            sample_requests += 1
+            requests += weight
+            input_tokens += weight * usage.get("prompt_tokens", 0)
+            output_tokens += weight * usage.get("completion_tokens", 0)
+    joint_share = joint / sample_requests if sample_requests else 0.0
+    if (one_request_per_image and sample_requests and not joint) or (not one_request_per_image and joint):
         logger.warning(
             "The sample's captions were made %s earlier (%.0f %% joint requests), so the estimate measures that "
             "mode, not the one asked for; pass another seed to sample rows not captioned yet.",
             "per type" if one_request_per_image else "with one request per image",
             100 * joint_share,
         )
-    scale = len(dataset) / len(sample)
-    requests, input_tokens, output_tokens = requests * scale, input_tokens * scale, output_tokens * scale
     cost = (input_tokens * price_per_million_input_tokens + output_tokens * price_per_million_output_tokens) / 1e6
     summary = result.caption_summary
     wall = summary.elapsed_s / summary.requests * requests if summary.requests else None

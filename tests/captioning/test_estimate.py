@@ -92,3 +92,38 @@ def test_sample_captioned_earlier_in_the_other_mode_is_named(server, varied, tmp
         varied, captioner, domain="nature", sample_rows=3, cache_dir=tmp_path, one_request_per_image=True, seed=1
     )
     assert fresh.joint_share == 1.0 and fresh.requests == 30
+
+
+def test_classes_are_weighted_by_their_size(server, tmp_path):
+    """54 rows of a cheap class, 6 of an expensive one: the even sample (3 + 3) must count each class by its size."""
+    names = ["cat", "large_striped_sea_bass_with_a_long_descriptive_name"]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    labels = [0] * 54 + [1] * 6
+    # within a class every request costs the same (same prompt words, same image size), across classes not
+    sizes = {0: (64, 64), 1: (900, 900)}
+    images = [Image.new("RGB", sizes[label], (index, 90, 160)) for index, label in enumerate(labels)]
+    skewed = datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+    captioner = OpenAICompatibleCaptioner("fake-vlm", base_url=server.base_url, api_key_env=None)
+    estimate = estimate_captioning_cost(skewed, captioner, domain="nature", sample_rows=6, cache_dir=tmp_path / "a")
+    assert estimate.sample_requests == 18  # 3 rows of each class, 3 caption types
+    # the reference: each class captioned in full (fresh caches), as the server reports it
+    per_class = {}
+    for label in (0, 1):
+        rows = skewed.filter(lambda row, label=label: row["label"] == label)
+        summary = caption_dataset(
+            rows, captioner, domain="nature", cache_dir=tmp_path / str(label), show_progress=False
+        ).caption_summary
+        per_class[label] = {name: summary.usage[name] / len(rows) for name in ("prompt_tokens", "completion_tokens")}
+    for name, field in (("prompt_tokens", "input_tokens"), ("completion_tokens", "output_tokens")):
+        assert getattr(estimate, field) == pytest.approx(54 * per_class[0][name] + 6 * per_class[1][name])
+    assert estimate.requests == pytest.approx(180)
+    # scaling the same sample up without weights (each class as 30 rows) is far off: the test can tell them apart
+    weighted = sum(54 * per_class[0][name] + 6 * per_class[1][name] for name in per_class[0])
+    unweighted = sum(30 * per_class[0][name] + 30 * per_class[1][name] for name in per_class[0])
+    assert unweighted > 1.5 * weighted
+
+
+def test_a_sample_smaller_than_the_number_of_classes_still_covers_the_dataset(server, varied, tmp_path):
+    captioner = OpenAICompatibleCaptioner("fake-vlm", base_url=server.base_url, api_key_env=None)
+    estimate = estimate_captioning_cost(varied, captioner, domain="nature", sample_rows=2, cache_dir=tmp_path)
+    assert estimate.sample_requests == 6 and estimate.requests == pytest.approx(90)
