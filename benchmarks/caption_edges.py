@@ -49,6 +49,7 @@ def command(code_root: Path, dataset: Path, cache: Path, base_url: str, *extra: 
     return [
         sys.executable, "-m", "mmft_hf.cli", "caption", "--dataset_name", str(dataset), "--captioner", "openai:fake",
         "--base_url", base_url, "--api_key_env", "none", "--domain", "textures", "--cache_dir", str(cache), *extra,
+        "--output_dir", tempfile.mkdtemp(dir=cache.parent),  # one per run: the command needs a destination
     ]  # fmt: skip
 
 

@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
+from fake_chat_server import start_fake_api
 
 from mmft_hf import cli
 from mmft_hf.commands import benchmark, finetune
@@ -202,3 +204,51 @@ def test_console_script_is_the_cli():
     assert finished.returncode == 0, finished.stderr
     assert finished.stdout.startswith("usage: mmft-hf finetune [--flag value ...]")
     assert "Fine-tune a CLIP-style model with MMFT" in finished.stdout
+
+
+@pytest.fixture
+def caption_source(synthetic_dataset, tmp_path):
+    """A saved DatasetDict without captions: train (4 rows), validation and test (2 rows each)."""
+    source = datasets.DatasetDict(
+        {split: synthetic_dataset[split].remove_columns("captions").select(range(rows))
+         for split, rows in (("train", 4), ("validation", 2), ("test", 2))}
+    )  # fmt: skip
+    source.save_to_disk(str(tmp_path / "source"))
+    return str(tmp_path / "source")
+
+
+@pytest.fixture
+def chat_server():
+    server = start_fake_api()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def caption_argv(source: str, server, cache_dir) -> list[str]:
+    return ["caption", "--dataset_name", source, "--domain", "shapes", "--caption_types", "shape",
+            "--captioner", "openai:fake-mllm", "--base_url", server.base_url, "--api_key_env", "none",
+            "--cache_dir", str(cache_dir)]  # fmt: skip
+
+
+def test_caption_without_a_destination_stops_before_any_request(caption_source, chat_server, tmp_path, capsys):
+    assert cli.main(caption_argv(caption_source, chat_server, tmp_path / "cache")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmft-hf caption: error: no destination: give --output_dir DIR") and "--push_to_hub" in err
+    assert f"kept in the cache ({tmp_path / 'cache'})" in err
+    assert chat_server.requests == []
+
+
+def test_caption_pays_for_the_train_split_only_and_writes_every_split(caption_source, chat_server, tmp_path, capsys):
+    argv = caption_argv(caption_source, chat_server, tmp_path / "cache")
+    assert cli.main([*argv, "--output_dir", str(tmp_path / "out")]) == 0
+    assert len(chat_server.requests) == 4  # 4 train images x 1 caption type; validation and test are not captioned
+    assert f"Captions are cached in {tmp_path / 'cache'}: rerunning this command" in capsys.readouterr().out
+    written = datasets.load_dataset(str(tmp_path / "out"), cache_dir=str(tmp_path / "hf"))
+    assert sorted(written) == ["test", "train", "validation"]
+    assert [len(captions) for captions in written["train"]["captions"]] == [1] * 4
+    assert [len(captions) for captions in written["test"]["captions"]] == [0] * 2
+    # the same command to another folder writes the dataset again from the cache, paying nothing
+    assert cli.main([*argv, "--output_dir", str(tmp_path / "again")]) == 0 and len(chat_server.requests) == 4
+    assert cli.main([*argv, "--split", "train", "test", "--output_dir", str(tmp_path / "both")]) == 0
+    assert len(chat_server.requests) == 6  # --split names the others

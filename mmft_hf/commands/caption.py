@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import datasets
 
 from mmft_hf.captioning.builder import PRESETS, make_captioner, push_captioned
-from mmft_hf.captioning.cache import CaptionCacheError
+from mmft_hf.captioning.cache import CaptionCacheError, default_cache_dir
 from mmft_hf.captioning.caption import CaptioningError, CaptioningInterrupted, caption_dataset
 from mmft_hf.captioning.captioners.base import CaptionerUnavailableError
 from mmft_hf.captioning.engine import OpenBatchError
@@ -58,10 +58,18 @@ logger = logging.getLogger("generate_captions")
 
 @dataclass
 class CaptioningArguments:
+    _argument_group_name = "captioning"  # a heading in --help
+
     dataset_name: str | None = field(default=None, metadata={"help": "Hub id, local data dir or save_to_disk dir."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "The source dataset's config."})
     preset: str | None = field(default=None, metadata={"help": f"A benchmark preset: {', '.join(PRESETS)}."})
-    split: list[str] | None = field(default=None, metadata={"help": "Split(s) to caption (default: all)."})
+    split: list[str] = field(
+        default_factory=lambda: ["train"],
+        metadata={
+            "help": "Split(s) to caption. MMFT reads the training captions only (prototypes come from the training "
+            "images), so other splits are written without captions unless named here."
+        },
+    )
     image_column: str | None = field(default=None, metadata={"help": "Image column (default: image)."})
     label_column: str | None = field(default=None, metadata={"help": "ClassLabel column (default: label)."})
     domain: str | None = field(default=None, metadata={"help": "The prompt's domain word, e.g. textures."})
@@ -298,8 +306,16 @@ def caption_splits(args: CaptioningArguments) -> dict:
     domain = args.domain or (preset.domain if preset else None)
     if not domain:
         raise ValueError("Give --domain (the prompt's domain word) or --preset.")
+    cache_dir = args.cache_dir or default_cache_dir()
+    if not (args.output_dir or args.push_to_hub or args.estimate_only or args.export_requests or args.num_shards > 1):
+        raise ValueError(
+            "no destination: give --output_dir DIR (the captioned dataset in the Hub layout) or --push_to_hub "
+            f"--hub_repo_id ORG/NAME before anything is paid for. Every caption is also kept in the cache ({cache_dir}),"
+            " so a later run with a destination pays only for captions not there yet."
+        )
     source = load_source(args)
-    splits = args.split or (list(preset.splits) if preset and not args.dataset_name else list(source))
+    splits = list(dict.fromkeys(args.split))
+    written = list(preset.splits) if preset and not args.dataset_name else list(source)
     unknown = [split for split in splits if split not in source]
     if unknown:
         raise ValueError(f"--split {' '.join(unknown)}: no such split; the dataset has {', '.join(source)}.")
@@ -386,8 +402,16 @@ def caption_splits(args: CaptioningArguments) -> dict:
         if args.output_dir:
             path = os.path.join(args.output_dir, f"shard-{args.shard_index:05d}-of-{args.num_shards:05d}")
             dataset_dict.save_to_disk(path)
-            print(f"Saved shard to {path}; rerun without --num_shards to merge (every caption is cached).")
+            print(f"Saved shard to {path}.")
+        print(
+            f"The shard's captions are in the cache ({cache_dir}); rerun without --num_shards, with --output_dir or "
+            "--push_to_hub, to write the dataset: every cached caption is reused, not paid again."
+        )
         return summaries
+    # the splits not captioned are written too, with empty caption lists: evaluation reads only images and labels
+    for split in written:
+        if split not in dataset_dict and source[split].features == source[splits[0]].features:
+            dataset_dict[split] = source[split]
     source_name = args.dataset_name or (preset.source if preset else None)
     if args.output_dir:
         print(
@@ -398,6 +422,10 @@ def caption_splits(args: CaptioningArguments) -> dict:
         if not args.hub_repo_id:
             raise ValueError("--push_to_hub needs --hub_repo_id org/name.")
         print("Pushed", push_captioned(dataset_dict, args.hub_repo_id, source=source_name, license=args.license))
+    print(
+        f"Captions are cached in {cache_dir}: rerunning this command (e.g. with another --output_dir) writes the "
+        "dataset again without paying for them."
+    )
     return summaries
 
 

@@ -375,6 +375,7 @@ def test_generate_captions_errors_name_flags_and_come_before_any_request(
     try:
         argv = ["--dataset_name", str(tmp_path / "src"), "--captioner", "openai:fake-mllm", "--api_key_env", "none"]
         argv += ["--base_url", server.base_url, "--domain", "textures", "--cache_dir", str(tmp_path / "cache")]
+        argv += ["--output_dir", str(tmp_path / "out")]
         with pytest.raises(ValueError, match=r"^--split trian: no such split; the dataset has train, test\.$"):
             generate_captions.main([*argv, "--split", "trian"])
         with pytest.raises(ValueError, match="--caption_types has an empty characteristic in 'shape,'"):
@@ -421,7 +422,7 @@ def test_generate_captions_ctrl_c_prints_one_line_then_the_same_command_resumes(
     server = start_fake_api(delay=0.3)
     argv = ["caption", "--dataset_name", str(tmp_path / "src"), "--split", "train", "--captioner", "openai:fake-mllm"]
     argv += ["--base_url", server.base_url, "--api_key_env", "none", "--domain", "textures", "--max_concurrency", "1"]
-    argv += ["--caption_types", "shape,texture", "--cache_dir", str(tmp_path / "cache")]
+    argv += ["--caption_types", "shape,texture", "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out")]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = subprocess.Popen(
         [sys.executable, "-m", "mmft_hf.cli", *argv],
@@ -506,7 +507,8 @@ def test_generate_captions_example_end_to_end(generate_captions, source, tmp_pat
         server.shutdown()
         server.server_close()
     loaded = datasets.load_dataset(str(tmp_path / "out"), cache_dir=str(tmp_path / "hf"))
-    assert list(loaded) == ["train"] and len(loaded["train"]) == 8
+    assert list(loaded) == ["train", "test"] and len(loaded["train"]) == 8  # test is written, not captioned
+    assert set(map(len, loaded["test"]["captions"])) == {0}
     for row in (0, 1):  # the prompts name the classes from --class_names
         label = loaded["train"][row]["label"]
         assert loaded["train"][row]["captions"] == [
