@@ -8,8 +8,9 @@
 A batch walks `validating -> in_progress -> finalizing -> completed` one step per retrieve (like a real batch seen
 by a poller), unless `server.hold` is set (it then stays `in_progress`); `server.upload_delay` slows uploads down; `server.batch_api = False` answers 404 to every files and batches call. Each created batch takes the next entry of
 `script` (a dict; defaults when the script is empty): `final` (`"completed"`, `"expired"`, `"cancelled"` or
-`"failed"`), `fraction` (of the lines processed before an expiry or cancellation, default 0.5) and `line_error`
-(`custom_id -> HTTP status or None`, for per-line errors). Processed lines are answered like chat requests (echo;
+`"failed"`), `fraction` (of the lines processed before an expiry or cancellation, default 0.5), `line_error`
+(`custom_id -> HTTP status or None`, for per-line errors) and `answer` (`custom_id -> None or a chat completion
+body`, e.g. `chat_completion(REFUSAL)` from tests/fake_chat_server.py, for unusable answers). Processed lines are answered like chat requests (echo;
 a JSON object with one field per type for a joint request) but are not chat requests: `server.requests` only logs
 those. Usage is counted from the request: prompt words + the image's tiles (85 + 170 per 512-pixel tile, OpenAI's
 rule), completion words.
@@ -231,10 +232,11 @@ class FakeBatchHandler(FakeChatHandler):
                 body = {"error": {"message": "upstream failure", "type": "server_error"}}
                 errors.append({**record, "response": {"status_code": code, "body": body}, "error": None})
             else:
+                body = script.get("answer", lambda custom_id: None)(line["custom_id"])
                 response = {
                     "status_code": 200,
                     "request_id": "r",
-                    "body": completion(line["body"], self.server.json_replies, self.server.drop_types),
+                    "body": body or completion(line["body"], self.server.json_replies, self.server.drop_types),
                 }
                 output.append({**record, "response": response, "error": None})
             if index < stop:  # the lines the provider ran (and bills); the others were never run

@@ -20,8 +20,8 @@ class TransformersCaptioner:
 
     The model and processor are loaded once, here (`AutoModelForImageTextToText`, `AutoProcessor`). Thinking is
     turned off (`enable_thinking=False`) for chat templates that have the switch, and any `<think>...</think>` block
-    is removed from the answers. An answer that is empty after that is a failed request (`text=None`), never a
-    caption.
+    is removed from the answers. Each answer comes with its `finish_reason` (`"length"` when `max_new_tokens` cut
+    it); the engine's quality gate never stores an empty, cut or refused answer as a caption.
 
     Sampling is reproducible: batch `b` of each `caption` call runs under seed `seed + b`, on a forked RNG so the
     caller's global torch RNG state is left alone. Sampled captions still depend on how requests are grouped into
@@ -155,16 +155,16 @@ class TransformersCaptioner:
                 except (OSError, ValueError) as err:  # an unreadable file fails its own request only
                     yield index, CaptionResult(text=None, error=f"could not prepare the image: {err}")
             if ready:
-                texts, usages = self._generate(
+                texts, usages, finish_reasons = self._generate(
                     [images[i] for i in ready], [requests[i].prompt for i in ready], self.seed + batch_number
                 )
-                for index, text, usage in zip(ready, texts, usages, strict=True):
-                    if text:
-                        yield index, CaptionResult(text=text, usage=usage)
-                    else:
-                        yield index, CaptionResult(text=None, error="empty answer", usage=usage)
+                for index, text, usage, finish in zip(ready, texts, usages, finish_reasons, strict=True):
+                    # the answer as generated, with its finish_reason: the engine's quality gate judges it
+                    yield index, CaptionResult(text=text, usage=usage, finish_reason=finish)
 
-    def _generate(self, images: list, prompts: list[str], seed: int) -> tuple[list[str], list[dict]]:
+    def _generate(self, images: list, prompts: list[str], seed: int) -> tuple[list[str], list[dict], list[str]]:
+        """Generates one answer per (image, prompt); returns the texts, their token usage and their finish reason
+        (`"stop"` when the model ended its answer, `"length"` when `max_new_tokens` cut it)."""
         conversations = [
             [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
             for image, prompt in zip(images, prompts, strict=True)
@@ -197,4 +197,9 @@ class TransformersCaptioner:
             {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
             for p, c in zip(prompt_tokens, completion_tokens, strict=True)
         ]
-        return texts, usages
+        eos = self.model.generation_config.eos_token_id
+        eos = {eos} if isinstance(eos, int) else set(eos or ())
+        finish_reasons = [
+            "stop" if eos & set(row) or len(row) < self.max_new_tokens else "length" for row in new_tokens.tolist()
+        ]
+        return texts, usages, finish_reasons
