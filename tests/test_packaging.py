@@ -2,8 +2,10 @@
 and its `mmft-hf` console script runs from the installed copy, not from this checkout."""
 
 import configparser
+import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -134,3 +136,62 @@ def test_every_range_starts_at_the_floor_that_make_test_floor_installs():
         assert floors.get(canonicalize_name(requirement.name)) == lower[0], (
             f"{requirement}: constraints/floor.txt must pin {requirement.name}=={lower[0]} (make test-floor runs it)"
         )
+
+
+def loaded_after(statements: str, modules: tuple[str, ...]) -> dict:
+    """Runs `statements` in a fresh interpreter; returns which of `modules` it left in `sys.modules`."""
+    code = f"import json, sys\n{statements}\nprint(json.dumps({{m: m in sys.modules for m in {list(modules)!r}}}))"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+HEAVY = ("peft", "transformers.trainer", "mmft_hf.training.trainer", "transformers.pipelines", "torch")
+
+
+def test_importing_the_captioning_stage_loads_no_trainer_no_peft():
+    loaded = loaded_after(
+        "import mmft_hf.captioning, mmft_hf.captioning.cache, mmft_hf.captioning.caption, mmft_hf.captioning.engine",
+        HEAVY,
+    )
+    assert loaded == {name: False for name in HEAVY}, loaded
+    # the package itself loads nothing heavy: `mmft-hf --help` and importing caption_dataset stay quick
+    assert loaded_after("import mmft_hf", (*HEAVY, "transformers", "datasets")) == dict.fromkeys(
+        (*HEAVY, "transformers", "datasets"), False
+    )
+
+
+def test_the_pipeline_task_is_registered_whichever_is_imported_first():
+    check = (
+        "from transformers.pipelines import PIPELINE_REGISTRY\n"
+        "assert 'mmft-classification' in PIPELINE_REGISTRY.get_supported_tasks()\n"
+        "import mmft_hf, transformers\n"
+        "assert mmft_hf.pipeline is transformers.pipeline  # the function, never a module\n"
+        "from mmft_hf import MMFTClassificationPipeline\n"
+        "assert PIPELINE_REGISTRY.check_task('mmft-classification')[1]['impl'] is MMFTClassificationPipeline"
+    )
+    loaded_after(f"import mmft_hf\n{check}", ())  # the registry loads after mmft_hf
+    loaded_after(f"import transformers.pipelines\nimport mmft_hf\n{check}", ())  # or before it
+
+
+def test_every_public_name_resolves_and_every_documented_import_exists():
+    import mmft_hf
+
+    assert len(set(mmft_hf.__all__)) == len(mmft_hf.__all__)
+    for name in mmft_hf.__all__:
+        assert getattr(mmft_hf, name) is not None, name
+    with pytest.raises(AttributeError, match="has no attribute 'not_a_name'"):
+        mmft_hf.not_a_name  # noqa: B018
+    # `from mmft_hf import ...` in the README, the docs, the examples and the tests names only exported names
+    pattern = re.compile(r"from mmft_hf import \(([^)]*)\)|from mmft_hf import ([A-Za-z_][\w ,]*)")
+    for folder in ("README.md", "docs", "examples", "tests", "benchmarks"):
+        root = REPO_ROOT / folder
+        for path in [root] if root.is_file() else [*root.rglob("*.py"), *root.rglob("*.md")]:
+            if path == Path(__file__):  # its own pattern
+                continue
+            for match in pattern.finditer(path.read_text(encoding="utf-8")):
+                body = re.sub(r"#[^\n]*", "", match.group(1) or match.group(2))
+                for name in filter(None, (part.split(" as ")[0].strip() for part in body.split(","))):
+                    exported = hasattr(mmft_hf, name) or importlib.util.find_spec(f"mmft_hf.{name}") is not None
+                    assert exported, f"{path.relative_to(REPO_ROOT)} imports {name} from mmft_hf"  # or a submodule
