@@ -52,6 +52,8 @@ Top-1 accuracy on the `test` split: \*\*77\.68 %\*\*\.
 \| dotted \| 50\.00 \|
 \| zig\\\|zag \| 93\.33 \|
 .*## Usage
+.*mmft-hf is not on PyPI yet: install it from a checkout of its source
+repository \(`pip install \.` in the checkout, or `pip install "mmft-hf @ git\+<repository URL>"`\)\.
 .*import mmft_hf  # registers the "mmft-classification" task
 .*pipeline\("mmft-classification", model="me/mmft-dtd"\)
 .*pipeline\(model="me/mmft-dtd", trust_remote_code=True\)
