@@ -16,6 +16,7 @@ process per GPU:
 All `transformers.TrainingArguments` flags work; MMFT's own are in `MMFTTrainingArguments`.
 """
 
+import copy
 import json
 import logging
 import os
@@ -29,8 +30,11 @@ from mmft_hf import MMFTTrainer, MMFTTrainingArguments
 from mmft_hf.commands.flags import command_parser, errors_in_flags, flag_names
 from mmft_hf.commands.launch import log_launch, process_group_teardown
 from mmft_hf.evaluation import load_benchmark_splits
+from mmft_hf.evaluation.retention import RetentionSet, load_retention_set
+from mmft_hf.evaluation.wise_ft_curve import WISE_FT_PLOT_FILENAME, WiseFTSweep, best_alpha, plot_wise_ft_curve
 from mmft_hf.synthetic import DEMO_TRAINING_ARGUMENTS, build_demo_clip, make_synthetic_dataset
 from mmft_hf.training.arguments import resolve_resume_checkpoint
+from mmft_hf.training.wise_ft import parse_alphas
 
 logger = logging.getLogger("finetune")
 
@@ -49,6 +53,17 @@ class ModelArguments:
                   "Omit it (and --dataset_name) for the offline demo."},
     )  # fmt: skip
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and datasets are kept."})
+    wise_ft_alpha: str | None = field(
+        default=None,
+        metadata={"help": "WiSE-FT: save (1 - A) * start + A * fine-tuned weights instead of the fine-tuned ones "
+                  "(prototypes re-encoded). Several values, e.g. '0,0.25,0.5,0.75,1': each is evaluated, the best "
+                  "on validation is saved and the curve is recorded (all_results.json, model card, plot)."},
+    )  # fmt: skip
+
+    def __post_init__(self):
+        if self.wise_ft_alpha is not None:
+            parse_alphas(self.wise_ft_alpha)  # a typo fails before any work
+
 
 
 @dataclass
@@ -74,6 +89,19 @@ class DataArguments:
     num_shots: int | None = field(default=None, metadata={"help": "Images per class kept for training (k-shot)."})
     demo_num_classes: int = field(default=8, metadata={"help": "Classes of the synthetic demo dataset."})
     demo_train_per_class: int = field(default=64, metadata={"help": "Training images per class in the demo."})
+    retention_dataset: str | None = field(
+        default=None,
+        metadata={"help": "Zero-shot retention: a labelled dataset (Hub id, directory, or 'synthetic': shapes of "
+                  "classes the demo does not train on) whose zero-shot accuracy is measured before and after "
+                  "fine-tuning (and per WiSE-FT alpha)."},
+    )  # fmt: skip
+    retention_dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration name."})
+    retention_split: str = field(default="test", metadata={"help": "The retention dataset's evaluated split."})
+    retention_class_names: str | None = field(
+        default=None,
+        metadata={"help": "File with the retention dataset's class names, one per line (default: its ClassLabel)."},
+    )
+
 
     def __post_init__(self):
         if self.num_shots is not None and self.num_shots < 1:
@@ -117,6 +145,47 @@ def load_model(model_args: ModelArguments, train_dataset: datasets.Dataset):
     return model, processor
 
 
+def load_retention(data_args: DataArguments, training_args: MMFTTrainingArguments, cache_dir: str | None):
+    """The `--retention_dataset` split, or `None` without one."""
+    if data_args.retention_dataset is None:
+        return None
+    return load_retention_set(
+        data_args.retention_dataset,
+        split=data_args.retention_split,
+        config_name=data_args.retention_dataset_config_name,
+        class_names=data_args.retention_class_names,
+        image_column=training_args.image_column,
+        label_column=training_args.label_column,
+        cache_dir=cache_dir,
+    )
+
+
+def wise_ft_and_retention(
+    trainer: MMFTTrainer,
+    start_model,
+    alphas: list[float] | None,
+    splits: datasets.DatasetDict,
+    retention: RetentionSet | None,
+) -> dict:
+    """After training: WiSE-FT (each alpha evaluated on validation, and test where there is one; the best on
+    validation is loaded into the trainer) and the zero-shot retention of the model to be saved."""
+    results = {}
+    if alphas:
+        sweep = WiseFTSweep(trainer, start_model)
+        curve_splits = {name: splits[name] for name in ("validation", "test") if name in splits}
+        curve = sweep.curve(alphas, curve_splits, retention)
+        alpha = best_alpha(curve)
+        sweep.apply(alpha)
+        results.update(wise_ft_alpha=alpha, wise_ft_curve=curve)
+        if retention is not None:
+            results["retention_accuracy_after"] = next(p for p in curve if p["alpha"] == alpha)["retention_accuracy"]
+    elif retention is not None:
+        results["retention_accuracy_after"] = retention.accuracy(
+            trainer.model, trainer.processing_class, trainer.args.per_device_eval_batch_size
+        )
+    return results
+
+
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, MMFTTrainingArguments, bool]:
     parser = command_parser((ModelArguments, DataArguments, MMFTTrainingArguments), __doc__)
     if len(argv) == 1 and argv[0].endswith(".json"):
@@ -148,6 +217,15 @@ def run(argv: list[str]) -> dict:
     splits, protocol = load_splits(data_args, training_args, model_args.cache_dir)
     logger.info(f"Splits: {', '.join(f'{name} {len(split)} rows' for name, split in splits.items())} ({protocol}).")
     model, processor = load_model(model_args, splits["train"])
+    alphas = parse_alphas(model_args.wise_ft_alpha) if model_args.wise_ft_alpha is not None else None
+    start_model = copy.deepcopy(model) if alphas else None  # the trainer may wrap `model` with LoRA in place
+    retention = load_retention(data_args, training_args, model_args.cache_dir)
+    results = {}
+    if retention is not None:
+        results.update(retention_dataset=retention.name, retention_split=data_args.retention_split)
+        results["retention_accuracy_before"] = retention.accuracy(
+            model.to(training_args.device), processor, training_args.per_device_eval_batch_size
+        )
     trainer = MMFTTrainer(
         model=model,
         args=training_args,
@@ -155,16 +233,23 @@ def run(argv: list[str]) -> dict:
         eval_dataset=splits["validation"],
         processing_class=processor,
     )
-    results = {}
     final_split = "test" if "test" in splits else "validation"
     if training_args.do_eval or demo:
         results["before"] = trainer.evaluate(splits[final_split], metric_key_prefix=f"{final_split}_before")
     trainer.train(resume_from_checkpoint=checkpoint)
+    results.update(wise_ft_and_retention(trainer, start_model, alphas, splits, retention))
     trainer.save_model()
     results["after"] = trainer.evaluate(splits[final_split], metric_key_prefix=final_split)
     if trainer.is_world_process_zero():
+        card = {key: results[key] for key in (
+            "wise_ft_alpha", "wise_ft_curve", "retention_dataset", "retention_accuracy_before", "retention_accuracy_after"
+        ) if key in results}  # fmt: skip
+        if len(alphas or ()) > 1:
+            path = os.path.join(training_args.output_dir, WISE_FT_PLOT_FILENAME)
+            if plot_wise_ft_curve(results["wise_ft_curve"], path, results.get("retention_dataset")):
+                card["wise_ft_plot"] = WISE_FT_PLOT_FILENAME
         # the card written by save_model() had the validation accuracy; now it gets the final split's
-        trainer.create_model_card(dataset=data_args.dataset_name, num_shots=data_args.num_shots)
+        trainer.create_model_card(dataset=data_args.dataset_name, num_shots=data_args.num_shots, **card)
         with open(os.path.join(training_args.output_dir, "all_results.json"), "w") as handle:
             json.dump(results, handle, indent=2)
         before = results.get("before", {}).get(f"{final_split}_before_accuracy")
@@ -172,6 +257,12 @@ def run(argv: list[str]) -> dict:
         summary = f"{final_split} accuracy after fine-tuning: {after:.1%}"
         if before is not None:
             summary = f"{final_split} accuracy before fine-tuning: {before:.1%} | " + summary
+        if "wise_ft_alpha" in results:
+            summary += f" (WiSE-FT alpha {results['wise_ft_alpha']:g})"
+        if "retention_accuracy_after" in results:
+            summary += (f" | zero-shot accuracy on {results['retention_dataset']}: "
+                        f"{results['retention_accuracy_before']:.1%} before, {results['retention_accuracy_after']:.1%} "
+                        "after")  # fmt: skip
         print(summary + f" ({len(trainer.class_names)} classes; saved to {training_args.output_dir})")
     return results
 
