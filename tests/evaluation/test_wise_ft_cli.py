@@ -41,8 +41,10 @@ def saved_test_accuracy(output_dir) -> float:
     return (predictions == torch.tensor(test["label"])).float().mean().item()
 
 
-def test_one_alpha_zero_saves_the_starting_model(tmp_path):
-    results = run_finetune(tmp_path / "out", "--wise_ft_alpha", "0", "--retention_dataset", "synthetic")
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_one_alpha_zero_saves_the_starting_model(tmp_path, lora):
+    lora_flags = ["--use_lora", "true", "--learning_rate", "1e-2"] if lora else []
+    results = run_finetune(tmp_path / "out", "--wise_ft_alpha", "0", "--retention_dataset", "synthetic", *lora_flags)
 
     assert results["wise_ft_alpha"] == 0.0 and len(results["wise_ft_curve"]) == 1
     # alpha 0 is the model before fine-tuning, prototypes re-encoded: the same test and retention accuracy
