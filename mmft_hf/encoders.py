@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
+
+CLIP_CONTEXT_LENGTH = 77  # tokens, counting <|startoftext|> and <|endoftext|>
 
 
 def pooled_output(features) -> torch.Tensor:
@@ -40,10 +46,37 @@ def text_padding(model: torch.nn.Module) -> bool | str:
     return "max_length" if "siglip" in getattr(getattr(model, "config", None), "model_type", "") else True
 
 
-def max_text_length(model: torch.nn.Module, tokenizer) -> int:
-    config = getattr(model.config, "text_config", model.config)
-    limits = [tokenizer.model_max_length, getattr(config, "max_position_embeddings", None)]
-    return min(limit for limit in limits if isinstance(limit, int) and limit > 0)
+def max_text_length(model: torch.nn.Module | PreTrainedConfig | None, tokenizer) -> int:
+    """The most tokens a text may have wherever a dual encoder reads it: training batches (`MMFTDataCollator`),
+    class prototypes (`encode_texts`) and caption statistics (`caption_stats`, CLIPScore).
+
+    The smallest of the tokenizer's `model_max_length` and the text tower's `max_position_embeddings`: a SigLIP whose
+    tokenizer allows 77 tokens but whose text tower has 64 positions reads 64, and a tokenizer without a limit
+    (transformers reports a huge `model_max_length`, as for SigLIP 2's Gemma tokenizer) leaves the model's. Without
+    a model, CLIP's context of 77 tokens bounds the tokenizer's limit.
+
+    Args:
+        model (`torch.nn.Module`, `PreTrainedConfig` or `None`): the dual encoder (or its config); `None` when only
+            the tokenizer is known.
+        tokenizer: the model's tokenizer.
+
+    Returns:
+        `int`: the limit, counting the start and end tokens.
+    """
+    limits = [getattr(tokenizer, "model_max_length", None)]
+    if model is None:
+        limits.append(CLIP_CONTEXT_LENGTH)
+    else:
+        config = getattr(model, "config", model)
+        config = getattr(config, "text_config", config)
+        limits.append(getattr(config, "max_position_embeddings", None))
+    usable = [limit for limit in limits if isinstance(limit, int) and limit > 0]
+    if not usable:
+        raise ValueError(
+            f"Cannot tell how many tokens a text may have: the tokenizer's model_max_length is {limits[0]!r} and the "
+            "model's text config has no max_position_embeddings. Set tokenizer.model_max_length."
+        )
+    return min(usable)
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ import datasets
 import numpy as np
 import torch
 
-from ..encoders import encode_texts, max_text_length, model_device, pooled_output
+from ..encoders import CLIP_CONTEXT_LENGTH, encode_texts, max_text_length, model_device, pooled_output
 from ..images import to_rgb
 from .cache import CaptionCache
 from .prompts import (
@@ -92,7 +92,8 @@ def caption_stats(
     caption_column: str = "captions",
     label_column: str = "label",
     caption_types: Sequence[str] | None = None,
-    max_length: int = 77,
+    max_length: int | None = None,
+    model=None,
 ) -> dict:
     """Length statistics of the captions, per caption type and over all captions.
 
@@ -112,8 +113,11 @@ def caption_stats(
         label_column (`str`, defaults to `"label"`): a `ClassLabel` column (names normalised for the prefix).
         caption_types (`Sequence[str]`, *optional*): the type of each caption position (e.g. `["visual", "shape",
             "texture"]`); read from the provenance when omitted. Without either, only `"all"` is reported.
-        max_length (`int`, defaults to 77): the text limit of the model the captions train (CLIP's context length),
-            counting `<|startoftext|>` and `<|endoftext|>`.
+        max_length (`int`, *optional*): the text limit of the model the captions train, counting the start and end
+            tokens; defaults to the limit training uses, `mmft_hf.encoders.max_text_length(model, tokenizer)` (77 for
+            CLIP; without a tokenizer, 77).
+        model (*optional*): the dual encoder (or its config) the captions train; its text positions bound the
+            default `max_length` (64 for a SigLIP whose tokenizer allows 77).
 
     Returns:
         `dict`: `{type or "all": {"captions", "words": {...}, "tokens": {...}, "tokens_with_prefix": {...},
@@ -124,6 +128,8 @@ def caption_stats(
     """
     if caption_column not in dataset.column_names:
         raise ValueError(f"Column {caption_column!r} not found; the dataset has {dataset.column_names}.")
+    if max_length is None:  # the limit the collator and the prototypes use
+        max_length = CLIP_CONTEXT_LENGTH if tokenizer is None else max_text_length(model, tokenizer)
     slot_types = _slot_types(dataset, caption_column, caption_types)
     label_feature = dataset.features.get(label_column)
     names = label_feature.names if isinstance(label_feature, datasets.ClassLabel) else None

@@ -28,11 +28,11 @@ from torch.utils.data import get_worker_info
 from transformers.utils import logging
 
 from ..captioning.sentences import CAPTION_SAMPLINGS, caption_units
+from ..encoders import max_text_length
 from .data import IMAGE_DECODE_ERRORS, describe_image_source, load_image, random_resized_crop, to_rgb
 
 logger = logging.get_logger(__name__)
 
-CLIP_CONTEXT_LENGTH = 77
 SAMPLE_KEY_COLUMN = "__mmft_sample__"
 
 
@@ -159,7 +159,8 @@ class MMFTDataCollator:
         train (`bool`, defaults to `True`): random caption and random crop; `False` gives deterministic output.
         crop_scale (`tuple[float, float]`, defaults to `(0.9, 1.0)`): area range of the training crop.
         seed (`int`, defaults to 0): seeds the caption and crop draws (with each row's sample key when it has one).
-        max_length (`int`, *optional*): token limit; defaults to `min(tokenizer.model_max_length, 77)`.
+        max_length (`int`, *optional*): token limit; defaults to `mmft_hf.encoders.max_text_length(None, tokenizer)`
+            (the tokenizer's limit, at most 77); the trainer passes `max_text_length(model, tokenizer)`.
         index_column (`str`, *optional*): a column identifying rows in error messages (otherwise the batch
             position is given).
         padding (`bool` or `str`, defaults to `True`): `True` pads to the longest text; `"max_length"` to
@@ -215,9 +216,8 @@ class MMFTDataCollator:
                 "class_template is None. Set a class_template, or template_probability=0."
             )
         tokenizer = self.processor.tokenizer
-        if self.max_length is None:
-            model_max_length = getattr(tokenizer, "model_max_length", None) or CLIP_CONTEXT_LENGTH
-            self.max_length = min(int(model_max_length), CLIP_CONTEXT_LENGTH)
+        if self.max_length is None:  # the trainer passes the model's limit: max_text_length(model, tokenizer)
+            self.max_length = max_text_length(None, tokenizer)
         if self.max_length < 2:
             raise ValueError(f"max_length must leave room for the start and end tokens, got {self.max_length}.")
         self.crop_height, self.crop_width = _crop_size(self.processor.image_processor)

@@ -26,7 +26,7 @@ from ..classification.prototypes import (
     save_class_prototypes,
     template_texts,
 )
-from ..encoders import text_padding
+from ..encoders import max_text_length, text_padding
 from ..model_card import MMFTModelCardData, create_model_card
 from ..publishing import save_for_hub
 from .arguments import MMFTTrainingArguments
@@ -45,6 +45,27 @@ from .losses import mmft_loss
 logger = logging.get_logger(__name__)
 
 EXTRA_PARAMETERS_FILENAME = "mmft_extra_parameters.safetensors"
+
+
+# The private `transformers.Trainer` members this trainer overrides or relies on, with their parameters as checked
+# against transformers 5.21.0 (setup.cfg's floor) and 5.25.0. tests/training/test_transformers_private_api.py
+# fails when one is renamed, removed or changes its parameters: re-check the override, then update this table.
+TRANSFORMERS_CHECKED = ("5.21.0", "5.25.0")
+TRANSFORMERS_PRIVATE_METHODS = {
+    # overridden
+    "_get_train_sampler": ("self", "train_dataset"),  # EpochSampler: exact resume
+    "_save": ("self", "output_dir", "state_dict"),  # + class prototypes and LoRA's logit scale
+    "_load_best_model": ("self",),  # + the logit scale beside a LoRA adapter
+    "_load_from_checkpoint": ("self", "resume_from_checkpoint", "model"),  # same
+    # called
+    "_get_dataloader": ("self", "dataset", "description", "batch_size", "sampler_fn", "is_training", "dataloader_key"),
+    "_prepare_inputs": ("self", "inputs"),  # the gradient-cached step prepares its batch as training_step does
+}
+TRANSFORMERS_PRIVATE_ATTRIBUTES = (
+    "_train_batch_size",  # set by Trainer.__init__, read by get_train_dataloader
+    "loss_is_scaled_for_ga",  # class attribute: False, Trainer divides the loss by the accumulation steps
+    "current_gradient_accumulation_steps",  # set by the training loop; the gradient-cached step divides by it
+)
 
 
 def _unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
@@ -76,8 +97,8 @@ def check_contrastive_batch(args: MMFTTrainingArguments, train_dataset) -> None:
             f"gradient_accumulation_steps={args.gradient_accumulation_steps}: each optimiser step averages "
             f"{args.gradient_accumulation_steps} batches, but the contrastive loss still sees {contrastive} pairs "
             f"per batch (per_device_train_batch_size {args.per_device_train_batch_size} x {args.world_size} "
-            "process(es)), so the negatives per step do not grow. For more negatives raise the per-device batch or "
-            "the number of processes."
+            "process(es)), so the negatives per step do not grow. For more negatives raise the per-device batch "
+            "(--contrastive_chunk_size N keeps its memory at N pairs) or the number of processes."
         )
 
 
@@ -206,6 +227,8 @@ class MMFTTrainer(Trainer):
                 seed=args.seed,
                 index_column=ROW_INDEX_COLUMN,
                 padding=True if model is None else text_padding(model),
+                # the text tower's positions bound it too (a SigLIP with 64 positions and a 77-token tokenizer)
+                max_length=None if model is None else max_text_length(model, processing_class.tokenizer),
             )
         self._eval_collator = MMFTDataCollator(
             processor=processing_class,
