@@ -102,11 +102,15 @@ class CaptioningArguments:
         metadata={"help": "Retries per request for 408/429/5xx, timeouts and connection errors (default 5)."},
     )
     max_answer_retries: int | None = field(
-        default=None, metadata={"help": "Times an empty or refused answer is asked again (default 2)."}
+        default=None,
+        metadata={"help": "Times an unusable answer (empty, refused, cut, far too long) is asked again (default 2)."},
     )
     max_consecutive_connection_errors: int | None = field(
         default=None,
-        metadata={"help": "Stop after this many requests in a row get no answer from the server (default 3)."},
+        metadata={
+            "help": "Stop after this many failures in a row: timed-out attempts, or requests left with connection or "
+            "server errors (5xx, 429) after their retries (default 3)."
+        },
     )
     extra_body: str | None = field(
         default=None,
