@@ -17,7 +17,6 @@ import numpy as np
 from PIL import Image
 from transformers.utils import logging
 
-from ..classification.prototypes import template_texts
 from ..images import IMAGE_DECODE_ERRORS, describe_image_source, load_image, to_rgb  # noqa: F401  (re-exported)
 
 logger = logging.get_logger(__name__)
@@ -462,7 +461,7 @@ def with_template_captions(
     caption_column: str,
 ) -> datasets.Dataset:
     """Replaces the captions of every row by `templates` filled with its class name (FLYP and FLYP-ens texts)."""
-    texts = template_texts(class_names, templates)
+    texts = [[template.format(name) for template in templates] for name in class_names]
     labels = dataset[label_column]
     if caption_column in dataset.column_names:
         dataset = dataset.remove_columns(caption_column)

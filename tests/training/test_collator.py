@@ -477,7 +477,7 @@ def test_template_probability_mix_rate_and_edges(tiny_clip):
     _, processor = tiny_clip
     rows = _keyed_rows(range(500), captions=[["alpha one", "beta two"], ["gamma. Delta."]] * 2)  # 2000 keyed draws
 
-    def texts(probability, **options):
+    def texts(probability, rows=rows, **options):
         collator = TextRecorder(processor=processor, class_names=NAMES, template_probability=probability, seed=9,
                                 **options)  # fmt: skip
         for start in range(0, len(rows), 250):
@@ -491,14 +491,13 @@ def test_template_probability_mix_rate_and_edges(tiny_clip):
     assert abs(count - 600) <= 5 * (2000 * 0.3 * 0.7) ** 0.5, count
     for text, row in zip(mixed, rows, strict=True):
         assert text in templates or text.removeprefix(f"a photo of a {NAMES[row['label']]}. ") in row["captions"]
-    plain = texts(0.0)
+    plain = texts(0.0, rows[:250])
     assert not any(text in templates for text in plain)
     unchanged = TextRecorder(processor=processor, class_names=NAMES, seed=9)
-    for start in range(0, len(rows), 250):
-        unchanged(rows[start : start + 250])
+    unchanged(rows[:250])
     assert plain == unchanged.texts  # p = 0 draws exactly the captions drawn without the option
-    assert all(text in templates for text in texts(1.0))  # p = 1: FLYP's texts
-    assert all(text in templates for text in texts(1.0, caption_sampling="sentence"))
+    assert all(text in templates for text in texts(1.0, rows[:250]))  # p = 1: FLYP's texts
+    assert all(text in templates for text in texts(1.0, rows[:250], caption_sampling="sentence"))
     evaluation = TextRecorder(processor=processor, class_names=NAMES, template_probability=1.0, train=False)
     evaluation(rows[:2])  # no draw in evaluation
     assert evaluation.texts[:2] == [f"a photo of a {NAMES[0]}. alpha one", f"a photo of a {NAMES[1]}. gamma. Delta."]
