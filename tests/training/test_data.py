@@ -11,6 +11,7 @@ from transformers.image_transforms import convert_to_rgb
 
 from mmft_hf import images
 from mmft_hf.training.data import (
+    ROW_INDEX_COLUMN,
     align_label_names,
     empty_caption_rows,
     load_image,
@@ -19,6 +20,8 @@ from mmft_hf.training.data import (
     to_rgb,
     train_validation_split,
     validate_captioned_dataset,
+    with_row_errors,
+    with_template_captions,
 )
 
 
@@ -423,3 +426,26 @@ def test_num_shots_below_one_is_an_error():
 
     with pytest.raises(ValueError, match="--num_shots 0: give at least 1 image per class"):
         finetune.parse_arguments(["--output_dir", "x", "--num_shots", "0"])
+
+
+# ------------------------------------------------------------------------------------ training rows and texts
+def test_with_template_captions_gives_each_row_its_class_templates(synthetic_dataset):
+    train = synthetic_dataset["train"].select(range(6))
+    names = ["red square", "green circle", "blue triangle", "yellow cross"]
+    replaced = with_template_captions(train, names, ("a photo of a {}.", "itap of a {}"), "label", "captions")
+    assert replaced.features["captions"] == datasets.List(datasets.Value("string"))
+    for row in replaced:
+        name = names[row["label"]]
+        assert row["captions"] == [f"a photo of a {name}.", f"itap of a {name}"]
+    fresh = with_template_captions(train.remove_columns("captions"), names, ("{}",), "label", "captions")
+    assert fresh["captions"] == [[names[label]] for label in train["label"]]
+
+
+def test_with_row_errors_defers_decoding_and_numbers_rows(synthetic_dataset):
+    train = synthetic_dataset["train"].select(range(5))
+    prepared = with_row_errors(train, "image")
+    assert prepared.features["image"] == datasets.Image(decode=False)
+    assert prepared[ROW_INDEX_COLUMN] == [0, 1, 2, 3, 4] and isinstance(prepared[0]["image"], dict)
+    assert with_row_errors(prepared, "image")[ROW_INDEX_COLUMN] == [0, 1, 2, 3, 4]  # idempotent
+    rows = [{"image": None}]
+    assert with_row_errors(rows, "image") is rows  # not a datasets.Dataset: left as it is
