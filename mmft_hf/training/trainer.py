@@ -382,7 +382,7 @@ class MMFTTrainer(Trainer):
             return mmft_loss(logits_per_image, logits_per_text, labels, supcon_weight=self.args.supcon_weight)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """Trainer's step, or with `args.contrastive_chunk_size` below the batch size a gradient-cached one.
+        """Trainer's step, or with `args.contrastive_chunk_size` below `per_device_train_batch_size` a gradient-cached one.
 
         The gradient-cached step (GradCache, `training/grad_cache.py`) embeds the batch in chunks without the graph,
         computes the loss over the whole global batch and its gradient with respect to the embeddings, then embeds
@@ -390,7 +390,8 @@ class MMFTTrainer(Trainer):
         gradients, the returned loss and the gradient-accumulation division equal `Trainer.training_step`'s.
         """
         chunk_size = self.args.contrastive_chunk_size
-        if chunk_size is None or inputs["labels"].shape[0] <= chunk_size:
+        # decided by the configured batch, not this batch's size: every process runs the same collectives
+        if chunk_size is None or self.args.per_device_train_batch_size <= chunk_size:
             return super().training_step(model, inputs, num_items_in_batch)
         return self._gradient_cached_step(model, inputs, chunk_size)
 
