@@ -52,13 +52,14 @@ from .provenance import (
 logger = logging.getLogger(__name__)
 
 
-def _resume_note(engine: CaptionEngine | None, cache_path: str) -> str:
+def _resume_note(engine: CaptionEngine | None, cache: CaptionCache) -> str:
     if engine is None:  # stopped while reading the cache, before any request
-        return f"Nothing was requested; the caption cache is {cache_path}."
+        return f"Nothing was requested; the caption cache is {cache.path}."
     expected = sum(len(row) for row in engine.texts)
-    done = expected - engine.missing()
+    stored = cache.get_many(engine.positions)  # read back: a caption committed just before the stop counts too
+    done = sum(len(positions) for key, positions in engine.positions.items() if key in stored)
     return (
-        f"{done} of {expected} captions are cached in {cache_path}; run the same command again to resume (only the "
+        f"{done} of {expected} captions are cached in {cache.path}; run the same command again to resume (only the "
         "missing captions are requested)."
     )
 
@@ -377,9 +378,9 @@ def caption_dataset(
             )  # fmt: skip
             engine.run(max_passes, one_request_per_image)
     except CaptionerUnavailableError as error:  # the backend cannot answer at all: stop, saying how to resume
-        raise type(error)(f"{error}\n{_resume_note(engine, cache.path)}") from None
+        raise type(error)(f"{error}\n{_resume_note(engine, cache)}") from None
     except KeyboardInterrupt:
-        raise CaptioningInterrupted(f"Interrupted. {_resume_note(engine, cache.path)}") from None
+        raise CaptioningInterrupted(f"Interrupted. {_resume_note(engine, cache)}") from None
     finally:
         claim_keeper.close()
         cache.close()
