@@ -169,11 +169,31 @@ def test_unknown_prototype_source_is_rejected():
         MMFTModelCardData(prototype_source="caption")
 
 
-@pytest.mark.parametrize("field", ["eval_accuracy", "per_class_accuracy"])
+@pytest.mark.parametrize(
+    "field", ["eval_accuracy", "per_class_accuracy", "retention_accuracy_before", "retention_accuracy_after",
+              "wise_ft_curve"]
+)  # fmt: skip
 def test_percentages_are_rejected(field):
-    value = 87.5 if field == "eval_accuracy" else {"banded": 87.5}
+    values = {"per_class_accuracy": {"banded": 87.5}, "wise_ft_curve": [{"alpha": 0.5, "validation_accuracy": 87.5}]}
     with pytest.raises(ValueError, match="fraction"):
-        MMFTModelCardData(**{field: value})
+        MMFTModelCardData(**{field: values.get(field, 87.5)})
+
+
+def test_wise_ft_and_retention_sections(tmp_path):
+    curve = [{"alpha": a, "validation_accuracy": v, "test_accuracy": t, "retention_accuracy": r}
+             for a, v, t, r in ((0.0, 0.5, 0.4, 0.6), (0.5, 0.7, 0.65, 0.55), (1.0, 0.6, 0.7, 0.3))]  # fmt: skip
+    data = MMFTModelCardData(wise_ft_alpha=0.5, wise_ft_curve=curve, wise_ft_plot="wise_ft_curve.png",
+                             retention_dataset="org/other", retention_accuracy_before=0.6,
+                             retention_accuracy_after=0.55)  # fmt: skip
+    text = create_model_card(data, tmp_path).text
+    assert "**α = 0.5**, the best of the α below on validation accuracy" in text
+    assert "| alpha | validation (%) | test (%) | zero-shot on org/other (%) |\n|---|---|---|---|\n" in text
+    assert "| 0.5 | 70.00 | 65.00 | 55.00 |" in text and "![WiSE-FT curve](wise_ft_curve.png)" in text
+    assert "**60.00 %** before fine-tuning, **55.00 %** for this model." in text
+    plain = create_model_card(MMFTModelCardData(), tmp_path / "plain").text
+    assert "WiSE-FT" not in plain and "retention" not in plain
+    with pytest.raises(ValueError, match="wise_ft_alpha = 1.5"):
+        MMFTModelCardData(wise_ft_alpha=1.5)
 
 
 def test_packaged_template_is_the_documented_one():
