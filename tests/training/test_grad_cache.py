@@ -228,3 +228,29 @@ def test_two_processes_chunked_match_plain(tmp_path):
     assert len(chunked["losses"]) == 3 and chunked["losses"] == pytest.approx(plain["losses"], rel=1e-12)
     assert max_difference(plain["initial_weights"], plain["weights"]) > 1e-4  # the comparison below can fail
     assert max_difference(plain["weights"], chunked["weights"]) < EXACT["atol"]
+
+
+def test_fp16_loss_scaling_reaches_the_chunked_gradients(tiny_tokenizer, synthetic_dataset, tmp_path):
+    """Under fp16 the accelerator's GradScaler multiplies what is back-propagated (a GPU feature: set by hand here);
+    the chunked step's gradients carry the same factor as the plain step's."""
+    gradients, batch = {}, None
+    for chunk_size, scale in ((None, None), (None, 1024.0), (3, 1024.0)):
+        model, processor = float64_clip(tiny_tokenizer)
+        args = MMFTTrainingArguments(
+            output_dir=str(tmp_path), per_device_train_batch_size=BATCH, contrastive_chunk_size=chunk_size,
+            use_cpu=True, eval_strategy="no", save_strategy="no", report_to=[], supcon_weight=0.5,
+        )  # fmt: skip
+        trainer = MMFTTrainer(
+            model=model, args=args, train_dataset=synthetic_dataset["train"], processing_class=processor
+        )
+        if batch is None:
+            batch = trainer.data_collator([trainer.train_dataset[index] for index in range(BATCH)])
+        if scale is not None:
+            trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        trainer.current_gradient_accumulation_steps = 1  # what the training loop sets
+        trainer.training_step(trainer.model, dict(batch))
+        gradients[chunk_size, scale] = {name: p.grad.clone() for name, p in trainer.model.named_parameters()}
+    unscaled, plain, chunked = gradients[None, None], gradients[None, 1024.0], gradients[3, 1024.0]
+    for name, gradient in unscaled.items():
+        torch.testing.assert_close(plain[name], 1024.0 * gradient, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(chunked[name], plain[name], rtol=1e-9, atol=1e-9)
