@@ -349,7 +349,9 @@ def caption_dataset(
         captions_per_type=captions_per_type,
         words=words,
         prompt_template=prompt_template,
-        class_names=tuple(class_names) if class_names is not None and not isinstance(class_names, str) else class_names,
+        class_names=tuple(class_names)
+        if class_names is not None and not isinstance(class_names, str)
+        else class_names,
         image_column=image_column,
         label_column=label_column,
     )
@@ -402,7 +404,10 @@ def caption_dataset(
     shard = {"num_shards": num_shards, "shard_index": shard_index, "start": start, "stop": stop}
     result = part.add_column(caption_column, columns, feature=datasets.List(datasets.Value("string")))
     provenance = make_provenance(
-        captioner.cache_identity(), settings, shard if num_shards > 1 else None, caption_counts(columns, len(settings.slots))
+        captioner.cache_identity(),
+        settings,
+        shard if num_shards > 1 else None,
+        caption_counts(columns, len(settings.slots)),
     )
     result = attach_provenance(result, provenance, caption_column)
     result.caption_summary = summary

@@ -533,7 +533,9 @@ class CaptionEngine:
                 f"openai-batch:MODEL --base_url {where} (the batch is polled, not resubmitted), or cancel them with "
                 "mmft_hf.captioning.engine.cancel_open_batches."
             )
-        logger.info("Collecting %d open batch(es) recorded in the cache; not requesting their captions again.", len(holders))
+        logger.info(
+            "Collecting %d open batch(es) recorded in the cache; not requesting their captions again.", len(holders)
+        )
         return holders, [unit for unit in units if not set(unit.keys) & held]
 
     # ------------------------------------------------------------------ synchronous backends
@@ -582,7 +584,9 @@ class CaptionEngine:
                 image = self._image(unit.row, retry, images)
                 if image is None:
                     continue
-                data = (batch.request_line(unit.custom_id, CaptionRequest(image, unit.prompt, unit.response_format)) + "\n").encode("utf-8")
+                data = (
+                    batch.request_line(unit.custom_id, CaptionRequest(image, unit.prompt, unit.response_format)) + "\n"
+                ).encode("utf-8")
                 if len(data) > batch.max_batch_file_bytes:
                     self._fail(unit.keys, f"the request is {len(data)} bytes, over max_batch_file_bytes="
                                f"{batch.max_batch_file_bytes}; lower max_image_side")  # fmt: skip
@@ -635,7 +639,9 @@ class CaptionEngine:
                         logger.warning("Batch %s, result line %d: %s", status.batch_id, number, error)
                         continue
                     if custom_id not in records or custom_id in answered:
-                        logger.warning("Batch %s, result line %d: unexpected custom_id %r.", status.batch_id, number, custom_id)
+                        logger.warning(
+                            "Batch %s, result line %d: unexpected custom_id %r.", status.batch_id, number, custom_id
+                        )
                         continue
                     answered.add(custom_id)
                     self._handle(records[custom_id], result)
@@ -684,7 +690,10 @@ def cancel_open_batches(captioner: BatchCaptioner, cache_dir: str | None = None)
     from .cache import default_cache_dir
 
     cancelled = []
-    with CaptionCache(cache_dir if cache_dir is not None else default_cache_dir()) as cache, SubmissionLedger(cache) as ledger:
+    with (
+        CaptionCache(cache_dir if cache_dir is not None else default_cache_dir()) as cache,
+        SubmissionLedger(cache) as ledger,
+    ):
         for submission in ledger.open_submissions(BATCH_KIND):
             where = submission["info"].get("endpoint") or submission["info"].get("base_url")
             if submission["remote_id"] and where == captioner.batch_endpoint():

@@ -115,13 +115,17 @@ class ImportReport:
         text += _listed(self.failed, lambda item: f"line {item[0]} ({item[1][:16]}...): failed: {item[2]}")
         text += _listed(
             self.conflicts,
-            lambda item: f"line {item[0]} ({item[1][:16]}...): conflict: the cache already holds another caption "
-            "for it (kept; this line's text is not stored)",
+            lambda item: (
+                f"line {item[0]} ({item[1][:16]}...): conflict: the cache already holds another caption "
+                "for it (kept; this line's text is not stored)"
+            ),
         )
         text += _listed(
             self.unknown,
-            lambda item: f"line {item[0]}: unknown custom_id {item[1]!r} (not exported from this cache; not stored. "
-            "Import into the cache the requests were exported from.)",
+            lambda item: (
+                f"line {item[0]}: unknown custom_id {item[1]!r} (not exported from this cache; not stored. "
+                "Import into the cache the requests were exported from.)"
+            ),
         )
         text += _listed(self.malformed, lambda item: f"line {item[0]}: malformed: {item[1]}")
         if self.failed:

@@ -114,7 +114,9 @@ def attach_provenance(dataset: datasets.Dataset, provenance: dict, caption_colum
 
 def provenance_feature(provenance: dict) -> datasets.List:
     """The caption column's feature carrying `provenance` (as `attach_provenance` writes it)."""
-    return datasets.List(datasets.Value("string", id=json.dumps(provenance, sort_keys=True, ensure_ascii=False, default=str)))
+    return datasets.List(
+        datasets.Value("string", id=json.dumps(provenance, sort_keys=True, ensure_ascii=False, default=str))
+    )
 
 
 def caption_provenance(dataset: datasets.Dataset, caption_column: str = "captions") -> dict | None:

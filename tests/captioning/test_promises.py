@@ -20,7 +20,13 @@ from PIL import Image
 from tests.fake_chat_server import HUGE, REFUSAL, answer, chat_completion, start_fake_api
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+ENV = {
+    **os.environ,
+    "PYTHONPATH": str(ROOT),
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+}
 
 
 @pytest.fixture
@@ -208,13 +214,17 @@ def test_the_quality_gate_and_full_reports_on_the_import_path(tiny_source, tmp_p
         requests = [json.loads(line) for line in open(tmp_path / "requests.jsonl")]
         ids = [request["custom_id"] for request in requests]
         lines = []
-        for custom_id, body in (
-            [(ids[0], chat_completion(REFUSAL)), (ids[1], chat_completion("A cut", finish_reason="length")),
-             (ids[2], chat_completion("word " * 20_000)), (ids[3], chat_completion("A fine caption.")),
-             (ids[3], chat_completion("Another caption for the same request."))]  # fmt: skip
-        ):
+        for custom_id, body in [
+            (ids[0], chat_completion(REFUSAL)),
+            (ids[1], chat_completion("A cut", finish_reason="length")),
+            (ids[2], chat_completion("word " * 20_000)),
+            (ids[3], chat_completion("A fine caption.")),
+            (ids[3], chat_completion("Another caption for the same request.")),
+        ]:  # fmt: skip
             lines.append(json.dumps({"custom_id": custom_id, "response": {"status_code": 200, "body": body}}))
-        lines += [json.dumps({"custom_id": f"{n:064x}", "response": {"status_code": 200, "body": {}}}) for n in range(12)]
+        lines += [
+            json.dumps({"custom_id": f"{n:064x}", "response": {"status_code": 200, "body": {}}}) for n in range(12)
+        ]
         (tmp_path / "results.jsonl").write_text("\n".join(lines) + "\n")
         imported = cli(
             tiny_source, server, tmp_path / "cache", "--import_results", tmp_path / "results.jsonl", "--output_dir",
