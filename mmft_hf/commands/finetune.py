@@ -24,6 +24,8 @@ import sys
 from dataclasses import dataclass, field
 
 import datasets
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from transformers import AutoModel, AutoProcessor, set_seed
 
 from mmft_hf import MMFTTrainer, MMFTTrainingArguments
@@ -41,6 +43,8 @@ logger = logging.getLogger("finetune")
 # Used when neither a model nor a dataset is given: a small random CLIP learns the synthetic shapes within a couple
 # of minutes on 2 CPU cores. Flags on the command line still win.
 DEMO_ARGUMENTS = [*DEMO_TRAINING_ARGUMENTS, "--num_train_epochs", "30"]
+SUGGESTED_MODEL = "openai/clip-vit-base-patch32"  # named by the error for a dataset without a model
+RESULTS_FILENAME = "all_results.json"  # written last: its presence marks a finished run
 
 
 @dataclass
@@ -63,7 +67,6 @@ class ModelArguments:
     def __post_init__(self):
         if self.wise_ft_alpha is not None:
             parse_alphas(self.wise_ft_alpha)  # a typo fails before any work
-
 
 
 @dataclass
@@ -101,7 +104,6 @@ class DataArguments:
         default=None,
         metadata={"help": "File with the retention dataset's class names, one per line (default: its ClassLabel)."},
     )
-
 
     def __post_init__(self):
         if self.num_shots is not None and self.num_shots < 1:
@@ -187,14 +189,64 @@ def wise_ft_and_retention(
 
 
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, MMFTTrainingArguments, bool]:
+    """Parses the flags (or one JSON file of them); the demo's defaults apply when neither a model nor a dataset
+    is given. A dataset without a model is an error: the demo's small random CLIP is not for real data.
+
+    Returns:
+        `(model_args, data_args, training_args, demo)`.
+    """
     parser = command_parser((ModelArguments, DataArguments, MMFTTrainingArguments), __doc__)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return (*parser.parse_json_file(os.path.abspath(argv[0])), False)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    from_json = len(argv) == 1 and argv[0].endswith(".json")
+    if from_json:
+        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(argv[0]))
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
     demo = model_args.model_name_or_path is None and data_args.dataset_name is None
-    if demo:
+    if demo and not from_json:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(DEMO_ARGUMENTS + argv)
+    if data_args.dataset_name is not None and model_args.model_name_or_path is None:
+        raise ValueError(
+            f"--model_name_or_path is missing: name the model to fine-tune on --dataset_name "
+            f"{data_args.dataset_name}, e.g. --model_name_or_path {SUGGESTED_MODEL}. (The offline demo's small random "
+            "CLIP runs only when neither --model_name_or_path nor --dataset_name is given.)"
+        )
     return model_args, data_args, training_args, demo
+
+
+def summary_line(results: dict, num_classes: int, output_dir: str) -> str:
+    """One line: the final split's accuracy after fine-tuning (and before, when it was measured)."""
+    final_split = "test" if "test_accuracy" in results["after"] else "validation"
+    summary = f"{final_split} accuracy after fine-tuning: {results['after'][f'{final_split}_accuracy']:.1%}"
+    before = results.get("before", {}).get(f"{final_split}_before_accuracy")
+    if before is not None:
+        summary = f"{final_split} accuracy before fine-tuning: {before:.1%} | " + summary
+    if "wise_ft_alpha" in results:
+        summary += f" (WiSE-FT alpha {results['wise_ft_alpha']:g})"
+    if "retention_accuracy_after" in results:
+        summary += (f" | zero-shot accuracy on {results['retention_dataset']}: {results['retention_accuracy_before']:.1%}"
+                    f" before, {results['retention_accuracy_after']:.1%} after")  # fmt: skip
+    return summary + f" ({num_classes} classes; saved to {output_dir})"
+
+
+def finished_run(args: MMFTTrainingArguments) -> str | None:
+    """What `args.output_dir` holds when a run finished there (its final model and `all_results.json`, written
+    last), unless `--overwrite_output_dir` or `--resume_from_checkpoint` asks for training; `None` otherwise.
+    Decided by the main process and shared with the others, so that every process stops or trains."""
+    decision = [None]
+    if PartialState().is_main_process:
+        results_path = os.path.join(args.output_dir, RESULTS_FILENAME)
+        config_path = os.path.join(args.output_dir, "config.json")
+        requested = args.overwrite_output_dir or args.resume_from_checkpoint not in (None, False, "", "false", "no")
+        if not requested and os.path.isfile(results_path) and os.path.isfile(config_path):
+            with open(results_path, encoding="utf-8") as handle, open(config_path, encoding="utf-8") as config:
+                results, num_classes = json.load(handle), len(json.load(config).get("id2label", {}))
+            summary = summary_line(results, num_classes, args.output_dir) if "after" in results else "no accuracy"
+            decision[0] = (
+                f"{args.output_dir} is already trained, nothing to do ({summary}). To train again: "
+                "--overwrite_output_dir true (or another --output_dir)."
+            )
+    broadcast_object_list(decision, from_process=0)
+    return decision[0]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -210,6 +262,11 @@ def run(argv: list[str]) -> dict:
     model_args, data_args, training_args, demo = parse_arguments(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     log_launch(training_args, logger)
+    finished = finished_run(training_args)
+    if finished is not None:
+        if training_args.process_index == 0:
+            print(finished)
+        return {}
     checkpoint = resolve_resume_checkpoint(training_args)  # before any work: a non-empty output_dir fails fast
     if demo:
         logger.info("No model or dataset given: running the offline demo (synthetic shapes, small CLIP).")
@@ -250,20 +307,9 @@ def run(argv: list[str]) -> dict:
                 card["wise_ft_plot"] = WISE_FT_PLOT_FILENAME
         # the card written by save_model() had the validation accuracy; now it gets the final split's
         trainer.create_model_card(dataset=data_args.dataset_name, num_shots=data_args.num_shots, **card)
-        with open(os.path.join(training_args.output_dir, "all_results.json"), "w") as handle:
+        with open(os.path.join(training_args.output_dir, RESULTS_FILENAME), "w") as handle:
             json.dump(results, handle, indent=2)
-        before = results.get("before", {}).get(f"{final_split}_before_accuracy")
-        after = results["after"][f"{final_split}_accuracy"]
-        summary = f"{final_split} accuracy after fine-tuning: {after:.1%}"
-        if before is not None:
-            summary = f"{final_split} accuracy before fine-tuning: {before:.1%} | " + summary
-        if "wise_ft_alpha" in results:
-            summary += f" (WiSE-FT alpha {results['wise_ft_alpha']:g})"
-        if "retention_accuracy_after" in results:
-            summary += (f" | zero-shot accuracy on {results['retention_dataset']}: "
-                        f"{results['retention_accuracy_before']:.1%} before, {results['retention_accuracy_after']:.1%} "
-                        "after")  # fmt: skip
-        print(summary + f" ({len(trainer.class_names)} classes; saved to {training_args.output_dir})")
+        print(summary_line(results, len(trainer.class_names), training_args.output_dir))
     return results
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import datasets
 import torch
@@ -45,6 +47,18 @@ from .losses import mmft_loss
 logger = logging.get_logger(__name__)
 
 EXTRA_PARAMETERS_FILENAME = "mmft_extra_parameters.safetensors"
+
+
+@contextmanager
+def _without_weight_writing_bars() -> Iterator[None]:
+    """Turns transformers' own progress bars (such as "Writing model shards") off inside the block."""
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
 
 
 # The private `transformers.Trainer` members this trainer overrides or relies on, with their parameters as checked
@@ -314,7 +328,9 @@ class MMFTTrainer(Trainer):
             lora_dropout=args.lora_dropout,
             target_modules=list(args.lora_target_modules),
         )
-        model = get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft reads the deprecated `is_gradient_checkpointing` of transformers 5
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(model, config)
         for name in ("logit_scale", "logit_bias"):  # peft freezes them; the method trains the temperature
             parameter = getattr(_unwrap_peft(model), name, None)
             if isinstance(parameter, torch.nn.Parameter):
@@ -551,7 +567,8 @@ class MMFTTrainer(Trainer):
         metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
         if self.state.epoch is not None:
             metrics["epoch"] = self.state.epoch
-        self.log(metrics)
+        # one line per evaluation: the per-class accuracies stay in the returned metrics and the model card
+        self.log({key: value for key, value in metrics.items() if not key.startswith(f"{metric_key_prefix}_accuracy_")})
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
@@ -576,7 +593,8 @@ class MMFTTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Saves the model and processor, plus the class prototypes and (LoRA) the trained logit scale."""
         output_dir = output_dir or self.args.output_dir
-        super()._save(output_dir, state_dict=state_dict)
+        with _without_weight_writing_bars():  # one "Writing model shards" bar per checkpoint would bury the log
+            super()._save(output_dir, state_dict=state_dict)
         prototypes = self._prototypes_for_saving()
         if not self.args.should_save:
             return

@@ -3,6 +3,8 @@ optimiser step must equal a one-process step on the same global batch."""
 
 import json
 import os
+import sys
+import warnings
 from pathlib import Path
 
 import datasets
@@ -13,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPModel
 
-from mmft_hf import load_class_prototypes
+from mmft_hf import MMFTTrainer, MMFTTrainingArguments, cli, load_class_prototypes
 from mmft_hf.commands import finetune as finetune_command
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -25,21 +27,32 @@ def load_finetune_module():
     return finetune_command
 
 
-def test_offline_demo_trains_evaluates_and_saves(tmp_path):
+def test_offline_demo_trains_evaluates_and_saves_then_a_rerun_ends_at_once(tmp_path, capfd):
     finetune = load_finetune_module()
     out = tmp_path / "demo"
-    results = finetune.main(
-        [
-            "--output_dir", str(out),
-            "--num_train_epochs", "8",
-            "--demo_num_classes", "4",
-            "--demo_train_per_class", "8",
-            "--per_device_train_batch_size", "16",
-            "--disable_tqdm", "true",
-        ]
-    )  # fmt: skip
+    argv = [
+        "--output_dir", str(out),
+        "--num_train_epochs", "8",
+        "--demo_num_classes", "4",
+        "--demo_train_per_class", "8",
+        "--per_device_train_batch_size", "16",
+        "--disable_tqdm", "true",
+    ]  # fmt: skip
+    results = finetune.main(argv)
     before, after = results["before"]["test_before_accuracy"], results["after"]["test_accuracy"]
     assert after > before
+    # quiet: no progress bar per checkpoint written, and one line per evaluation, without the per-class dictionary
+    log = capfd.readouterr()
+    assert "Writing model shards" not in log.err + log.out
+    assert "eval_accuracy" in log.out and "accuracy_red circle" not in log.out + log.err
+    # a second run finds the finished run and trains nothing
+    weights = (out / "model.safetensors").stat().st_mtime_ns
+    assert finetune.main(argv) == {}
+    assert capfd.readouterr().out.strip() == (
+        f"{out} is already trained, nothing to do ({finetune.summary_line(results, 4, str(out))}). To train again: "
+        "--overwrite_output_dir true (or another --output_dir)."
+    )
+    assert (out / "model.safetensors").stat().st_mtime_ns == weights
     assert json.loads((out / "all_results.json").read_text())["after"]["test_accuracy"] == after
     model = CLIPModel.from_pretrained(out)
     prototypes, labels, _ = load_class_prototypes(str(out))
@@ -52,8 +65,33 @@ def test_demo_defaults_yield_to_explicit_flags():
     finetune = load_finetune_module()
     _, _, args, demo = finetune.parse_arguments(["--output_dir", "x", "--learning_rate", "0.5"])
     assert demo and args.learning_rate == 0.5 and args.num_train_epochs == 30
-    _, _, args, demo = finetune.parse_arguments(["--output_dir", "x", "--dataset_name", "some/dir"])
+    _, _, args, demo = finetune.parse_arguments(
+        ["--output_dir", "x", "--dataset_name", "d", "--model_name_or_path", "m"]
+    )
     assert not demo and args.learning_rate == 1e-5 and args.num_train_epochs == 50  # the paper's defaults
+
+
+def test_a_dataset_without_a_model_is_an_error_naming_the_flag(tmp_path, capsys, monkeypatch):
+    """The demo's small random CLIP trains only in the demo: never silently on the user's data."""
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    out = tmp_path / "out"
+    assert cli.main(["finetune", "--dataset_name", "me/captioned-dtd", "--output_dir", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        "mmft-hf finetune: error: --model_name_or_path is missing: name the model to fine-tune on --dataset_name "
+        "me/captioned-dtd, e.g. --model_name_or_path openai/clip-vit-base-patch32. (The offline demo's small random "
+        "CLIP runs only when neither --model_name_or_path nor --dataset_name is given.)\n"
+    )
+    assert not out.exists()
+
+
+def test_lora_raises_no_deprecation_warning_of_transformers(tiny_clip):
+    model, _ = tiny_clip
+    args = MMFTTrainingArguments(output_dir="unused", use_lora=True, use_cpu=True, report_to="none")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrapped = MMFTTrainer._wrap_lora(model, args)
+    assert hasattr(wrapped, "get_base_model")  # a peft model
+    assert [str(warning.message) for warning in caught if issubclass(warning.category, FutureWarning)] == []
 
 
 @pytest.mark.parametrize(
@@ -81,6 +119,7 @@ def test_splits_follow_the_benchmark_protocol_and_the_label_column(tmp_path, syn
         dataset = synthetic_dataset[split].rename_column("label", "category")
         dataset.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
     base = ["--output_dir", str(tmp_path / "out"), "--dataset_name", str(root), "--label_column", "category"]
+    base += ["--model_name_or_path", "unused"]  # parsed, not loaded
     _, data_args, training_args, _ = finetune.parse_arguments([*base, "--num_shots", "2", "--seed", "3"])
     splits, protocol = finetune.load_splits(data_args, training_args, None)
     assert protocol == "seeded 90/10 train/validation split" and list(splits) == ["train", "validation", "test"]
