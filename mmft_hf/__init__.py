@@ -118,7 +118,12 @@ class _LoaderThenRegister(importlib.abc.Loader):
 
     def exec_module(self, module) -> None:
         self.loader.exec_module(module)
-        importlib.import_module(_PIPELINE_MODULE)
+        if any(getattr(getattr(sys.modules[name], "__spec__", None), "_initializing", False) for name in _ours()):
+            # loaded from inside an import of this package (e.g. the prototypes importing the Hub copy of the
+            # pipeline, which subclasses transformers' `Pipeline`): the pipeline module needs those finished first
+            _register_on_first_lookup(module.PIPELINE_REGISTRY)
+        else:
+            importlib.import_module(_PIPELINE_MODULE)
 
     def __getattr__(self, name):  # get_source (tracebacks), is_package, get_resource_reader, ...
         return getattr(self.loader, name)
@@ -137,6 +142,27 @@ class _RegisterWithPipelines(importlib.abc.MetaPathFinder):
                 spec.loader = _LoaderThenRegister(spec.loader)
                 return spec
         return None
+
+
+def _ours() -> list[str]:
+    return [name for name in list(sys.modules) if name.startswith(f"{__name__}.")]
+
+
+def _register_on_first_lookup(registry) -> None:
+    """Registers the task the first time transformers looks a task up (`pipeline()` calls `check_task`)."""
+    originals = {name: getattr(registry, name) for name in ("check_task", "get_supported_tasks")}
+
+    def registering_first(name):
+        def lookup(*args, **kwargs):
+            for attribute in originals:  # back to the registry's own methods
+                vars(registry).pop(attribute, None)
+            importlib.import_module(_PIPELINE_MODULE)
+            return originals[name](*args, **kwargs)
+
+        return lookup
+
+    for name in originals:
+        setattr(registry, name, registering_first(name))
 
 
 def _register_pipeline_task() -> None:

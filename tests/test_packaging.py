@@ -173,6 +173,14 @@ def test_the_pipeline_task_is_registered_whichever_is_imported_first():
     )
     loaded_after(f"import mmft_hf\n{check}", ())  # the registry loads after mmft_hf
     loaded_after(f"import transformers.pipelines\nimport mmft_hf\n{check}", ())  # or before it
+    # or from inside an import of the package (the prototypes import the Hub copy, which subclasses `Pipeline`)
+    loaded_after(f"import mmft_hf.classification.prototypes\n{check}", ())
+    loaded_after(
+        "import mmft_hf.training.trainer\nfrom transformers import pipeline\n"
+        "assert pipeline.__module__ == 'transformers.pipelines'\n"
+        "from transformers.pipelines import check_task\nassert check_task('mmft-classification')[0]",
+        (),
+    )
 
 
 def test_every_public_name_resolves_and_every_documented_import_exists():
