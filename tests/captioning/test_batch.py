@@ -329,3 +329,50 @@ def test_cancel_open_batches_keeps_what_finished(batch_api, labelled, tmp_path):
     summary = results["run"].caption_summary
     assert summary.captions_done == 18 and all("batch_cancelled" in failure.reason for failure in summary.failures)
     assert cancel_open_batches(batch_captioner(server), tmp_path) == []  # closed in the cache once read
+
+
+def test_a_sync_run_waits_for_a_batch_a_live_run_polls(batch_api, labelled, tmp_path):
+    import threading
+
+    server = batch_api(hold=True)
+    results = {}
+
+    def batch_run():
+        results["batch"] = caption_dataset(
+            labelled, batch_captioner(server), domain="textures", cache_dir=tmp_path, show_progress=False
+        )
+
+    thread = threading.Thread(target=batch_run)
+    thread.start()
+    sync = OpenAICompatibleCaptioner("fake-vlm", base_url=server.base_url, api_key_env=None, max_retries=0)
+    try:
+        deadline = time.monotonic() + 60
+        while len(server.retrieves) < 2:  # the batch is recorded and polled by a live run
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.01)
+        threading.Timer(0.5, setattr, (server, "hold", False)).start()  # the provider finishes a little later
+        waited = caption_dataset(labelled, sync, domain="textures", cache_dir=tmp_path, show_progress=False)
+    finally:
+        server.hold = False
+        thread.join(60)
+    assert server.requests == [] and len(server.created) == 1  # the sync run paid for nothing: it waited
+    assert waited.caption_summary.from_other_runs == 36 and waited.caption_summary.requests == 0
+    assert results["batch"].caption_summary.requests == 36
+
+
+def test_an_open_batch_of_another_endpoint_stops_a_run_that_cannot_poll_it(batch_api, labelled, tmp_path, monkeypatch):
+    from mmft_hf.captioning.engine import OpenBatchError
+
+    server = batch_api(hold=True)
+
+    def killed(self, batch_id):  # the run stops while polling: its batch stays open in the ledger
+        raise SystemExit("killed while polling")
+
+    monkeypatch.setattr(OpenAIBatchCaptioner, "batch_status", killed)
+    with pytest.raises(SystemExit):
+        caption_dataset(labelled, batch_captioner(server), domain="textures", cache_dir=tmp_path, show_progress=False)
+    other = batch_api()  # the same model served elsewhere, synchronous only: it cannot poll that provider's batch
+    sync = OpenAICompatibleCaptioner("fake-vlm", base_url=other.base_url, api_key_env=None, max_retries=0)
+    with pytest.raises(OpenBatchError, match=f"36 caption.s. this run needs are in 1 open batch.*{server.base_url}"):
+        caption_dataset(labelled, sync, domain="textures", cache_dir=tmp_path, show_progress=False)
+    assert other.requests == [] and server.requests == []  # nothing paid twice
