@@ -154,7 +154,10 @@ class MMFTTrainingArguments(TrainingArguments):
 
     # Paper defaults (method.md §6) and the settings a Trainer over image/caption rows needs.
     learning_rate: float = 1e-5
-    weight_decay: float = 1e-4
+    weight_decay: float = field(
+        default=1e-4,  # transformers' help says biases and norms are exempt: here they are not, by default
+        metadata={"help": "AdamW weight decay, on every parameter unless --weight_decay_all_parameters false."},
+    )
     lr_scheduler_type: str = "cosine"
     warmup_steps: float = 0
     optim: str = "adamw_torch"
