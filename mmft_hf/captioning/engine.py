@@ -655,8 +655,8 @@ class CaptionEngine:
                     batches=",".join(sorted(set(statuses))), open=len(waiting),
                     elapsed=f"{time.monotonic() - started:.0f}s",
                 )  # fmt: skip
-            if waiting:
-                time.sleep(poller.poll_interval_s)
+            if waiting:  # quick looks at first (a batch that ends at once), then every `poll_interval_s`
+                time.sleep(min(poller.poll_interval_s, max(0.05, 0.25 * (time.monotonic() - started))))
 
     # ------------------------------------------------------------------ the end
     def failures(self) -> tuple[list[CaptionFailure], list[CaptionFailure]]:

@@ -138,7 +138,7 @@ class BatchCaptioner(Captioner, Protocol):
     `retry_failed="sync"` passes.
 
     Attributes:
-        poll_interval_s (`float`): seconds between two status checks.
+        poll_interval_s (`float`): the most seconds between two status checks.
         retry_failed (`str`): how later passes re-ask what failed: `"batch"` (a new batch) or `"sync"`.
         max_requests_per_batch (`int`), max_batch_file_bytes (`int`): the provider's per-batch limits.
     """

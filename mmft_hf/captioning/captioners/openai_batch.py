@@ -49,7 +49,8 @@ class OpenAIBatchCaptioner(OpenAICompatibleCaptioner):
         extra_body, max_answer_retries, cache_tag, max_concurrency: as for `OpenAICompatibleCaptioner` (timeouts and
             retries apply to each file and batch call, concurrency and answer retries to synchronous requests).
         completion_window (`str`, defaults to `"24h"`): the batch's completion window (OpenAI accepts only `"24h"`).
-        poll_interval_s (`float`, defaults to 30.0): seconds between two status checks of the open batches.
+        poll_interval_s (`float`, defaults to 30.0): the most seconds between two status checks of the open batches
+            (the first checks come sooner: the wait grows with the time already waited).
         max_requests_per_batch (`int`, defaults to 50000): requests per batch (OpenAI's limit); more are split
             into several batches.
         max_batch_file_bytes (`int`, defaults to 190 MiB): the largest request file uploaded (OpenAI allows
@@ -212,7 +213,7 @@ def as_batch_captioner(captioner) -> OpenAIBatchCaptioner | None:
         return captioner
     if isinstance(captioner, OpenAICompatibleCaptioner):
         poller = _with_settings_of(captioner, OpenAIBatchCaptioner)
-        poller.completion_window, poller.poll_interval_s = "24h", 1.0
+        poller.completion_window, poller.poll_interval_s = "24h", 30.0
         poller.max_requests_per_batch, poller.max_batch_file_bytes = MAX_REQUESTS_PER_BATCH, MAX_BATCH_FILE_BYTES
         poller.retry_failed = "batch"
         return poller
