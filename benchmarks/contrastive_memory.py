@@ -5,7 +5,8 @@ over the batch) and with `contrastive_chunk_size` (GradCache: the batch embedded
 batch). Every configuration runs in a fresh subprocess so that peak figures are comparable: CUDA's
 `max_memory_allocated` where there is a GPU, else the peak resident set size (`ru_maxrss`) and its rise over the
 resident size before the first step (the model, batch and imports are the same in both modes; the rise is the
-steps' activations, gradients and optimiser state). Prints a table with the chunked / plain ratios.
+steps' activations, gradients and optimiser state). Steps/s come from the median step time (robust to other work
+on a shared machine). Prints a table with the chunked / plain ratios.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/contrastive_memory.py
     .venv/bin/python benchmarks/contrastive_memory.py --batch_sizes 64,128,256 --chunk_size 32 --hidden_size 256
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -85,13 +87,15 @@ def measure(options) -> dict:
     step()  # warm-up: allocator pools, optimiser state (in both peaks alike)
     if device == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    durations = []
     for _ in range(options.steps):
+        start = time.perf_counter()
         step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    result = {"device": device, "steps_per_second": options.steps / elapsed}
+        if device == "cuda":
+            torch.cuda.synchronize()
+        durations.append(time.perf_counter() - start)
+    # the median step: robust to a burst of other work on a shared machine
+    result = {"device": device, "steps_per_second": 1 / statistics.median(durations)}
     if device == "cuda":
         result["peak_bytes"] = torch.cuda.max_memory_allocated()
     else:
@@ -119,14 +123,14 @@ def mebibytes(value: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch_sizes", default="32,64,128", help="comma-separated per-device batch sizes")
+    parser.add_argument("--batch_sizes", default="32,64,128,256", help="comma-separated per-device batch sizes")
     parser.add_argument("--chunk_size", type=int, default=16, help="contrastive_chunk_size of the chunked runs")
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--patch_size", type=int, default=8)
     parser.add_argument("--hidden_size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--text_length", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=3, help="timed optimiser steps per configuration")
+    parser.add_argument("--steps", type=int, default=7, help="timed optimiser steps per configuration (median)")
     parser.add_argument("--cpu", action="store_true", help="measure on the CPU even where there is a GPU")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--batch_size", type=int, help=argparse.SUPPRESS)
@@ -146,7 +150,7 @@ def main() -> None:
     print(
         f"device: {device}; CLIP hidden {options.hidden_size}, {options.layers} layers per tower, image "
         f"{options.image_size}px / patch {options.patch_size}, text {options.text_length} tokens; chunk "
-        f"{options.chunk_size}; {options.steps} timed steps after one warm-up"
+        f"{options.chunk_size}; median of {options.steps} timed steps after one warm-up"
     )
     memory = "peak CUDA allocated MiB" if cuda else "peak RSS MiB (rise over pre-step RSS)"
     print(
