@@ -43,6 +43,7 @@ _EXPORTS = {
     "PROMPT_TEMPLATE": "captioning.prompts",
     "build_prompt": "captioning.prompts",
     "normalize_class_name": "captioning.prompts",
+    "split_sentences": "captioning.sentences",
     "PRESETS": "captioning.builder",
     "CaptionedImages": "captioning.builder",
     "CaptionedImagesConfig": "captioning.builder",
