@@ -55,6 +55,22 @@ DOMAINS = {
 _NUMERIC_PREFIX = re.compile(r"^\s*\d+\.(?!\d)\s*")
 
 
+def read_class_names(path: str) -> list[str]:
+    """Reads one class name per line of a UTF-8 text file, in label-id order (line `i` names label `i`).
+
+    Args:
+        path (`str`): the file (`--class_names`, `--retention_class_names`).
+
+    Raises:
+        `ValueError`: the file is empty or has a blank line.
+    """
+    with open(path, encoding="utf-8") as handle:
+        names = [line.strip() for line in handle.read().rstrip().splitlines()]
+    if not names or not all(names):
+        raise ValueError(f"Class-names file {path!r} needs one class name per line, without blank lines.")
+    return names
+
+
 def normalize_class_name(name: str) -> str:
     """Normalises a class name for prompts and class templates.
 

@@ -16,6 +16,11 @@ mmft-hf caption --dataset_name org/my-images --domain flowers \
 mmft-hf caption --preset gtsrb --captioner openai:Qwen/Qwen3-VL-8B-Instruct \
     --base_url http://localhost:8000/v1 --api_key_env none --class_names gtsrb_names.txt --output_dir captioned-gtsrb
 
+# several captioners: each image gets every caption type from each; `caption_sources` names each caption's model;
+# flags apply to every captioner, a spec's own ,key=value settings to that one (docs/scaling.md §5)
+mmft-hf caption --preset dtd --output_dir captioned-dtd --captioner openai:gpt-4o-mini \
+    --captioner 'openai:Qwen/Qwen3-VL-8B-Instruct,base_url=http://localhost:8000/v1,api_key_env=none'
+
 # two machines: each captions a shard into its own copy of the cache ... or all into one shared cache directory.
 # Then rerun without --num_shards: every caption is a cache hit, and the full dataset is written.
 mmft-hf caption ... --num_shards 2 --shard_index 0 --cache_dir /shared/captions
@@ -38,8 +43,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import datasets
 
@@ -49,11 +55,36 @@ from mmft_hf.captioning.caption import CaptioningError, CaptioningInterrupted, c
 from mmft_hf.captioning.captioners.base import CaptionerUnavailableError
 from mmft_hf.captioning.engine import OpenBatchError
 from mmft_hf.captioning.offline import export_caption_requests, import_caption_results
-from mmft_hf.captioning.prompts import CAPTION_TYPES, DEFAULT_WORDS, PROMPT_TEMPLATE, validate_caption_types
+from mmft_hf.captioning.prompts import (
+    CAPTION_TYPES,
+    DEFAULT_WORDS,
+    PROMPT_TEMPLATE,
+    read_class_names,
+    validate_caption_types,
+)
+from mmft_hf.captioning.provenance import caption_source
 from mmft_hf.captioning.stats import estimate_captioning_cost
 from mmft_hf.commands.flags import command_parser, errors_in_flags, flag_names
 
 logger = logging.getLogger("generate_captions")
+DEFAULT_CAPTIONER = "openai:gemini-2.5-flash-lite"
+# the settings (and their types) one captioner of several may set for itself in its --captioner spec (`,key=value`)
+SPEC_OPTIONS = {
+    "base_url": str,
+    "api_key_env": str,
+    "max_concurrency": int,
+    "batch_size": int,
+    "temperature": float,
+    "max_tokens": int,
+    "timeout": float,
+    "max_retries": int,
+    "max_answer_retries": int,
+    "max_consecutive_connection_errors": int,
+    "extra_body": str,
+    "image_format": str,
+    "max_image_side": int,
+    "cache_tag": str,
+}
 
 
 @dataclass
@@ -80,10 +111,16 @@ class CaptioningArguments:
             "(e.g. CLIP's descriptive GTSRB or ImageNet names)."
         },
     )
-    captioner: str = field(
-        default="openai:gemini-2.5-flash-lite",
+    captioner: list[str] = field(
+        default_factory=list,
         metadata={
-            "help": "openai:MODEL, openai-batch:MODEL (the provider's Batch API) or transformers:MODEL_OR_PATH."
+            "action": "extend",
+            "help": f"openai:MODEL, openai-batch:MODEL (the provider's Batch API) or transformers:MODEL_OR_PATH "
+            f"(default {DEFAULT_CAPTIONER}). Repeat it (or give several) to caption every image with each: the "
+            "dataset gets a caption_sources column naming each caption's captioner. The flags below apply to every "
+            "captioner; one captioner's own settings follow its spec as ,key=value pairs, e.g. --captioner "
+            "openai:gpt-4o-mini --captioner 'openai:Qwen/Qwen3-VL-8B-Instruct,base_url=http://localhost:8000/v1,"
+            "api_key_env=none' (keys: " + ", ".join(SPEC_OPTIONS) + ").",
         },
     )
     base_url: str | None = field(default=None, metadata={"help": "API root of an OpenAI-compatible server."})
@@ -195,15 +232,6 @@ def load_source(args: CaptioningArguments) -> datasets.DatasetDict:
     return source
 
 
-def read_class_names(path: str) -> list[str]:
-    """Reads one class name per line of a UTF-8 text file, in label-id order (line `i` names label `i`)."""
-    with open(path, encoding="utf-8") as handle:
-        names = [line.strip() for line in handle.read().rstrip().splitlines()]
-    if not names or not all(names):
-        raise ValueError(f"--class_names file {path!r} needs one class name per line, without blank lines.")
-    return names
-
-
 API_OPTIONS = (
     "timeout",
     "max_retries",
@@ -257,9 +285,39 @@ def quiet_http_loggers() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def captioner_kwargs(args: CaptioningArguments) -> dict:
-    """The backend keyword arguments for `make_captioner(args.captioner, ...)`."""
-    backend = args.captioner.partition(":")[0]
+def parse_captioner_spec(value: str, args: CaptioningArguments) -> tuple[str, CaptioningArguments]:
+    """`"openai:MODEL,base_url=URL,api_key_env=none"` -> `("openai:MODEL", args with those settings)`.
+
+    A spec is `BACKEND:MODEL` optionally followed by `,key=value` pairs for the keys of `SPEC_OPTIONS`, which override
+    the flag of the same name for this captioner only. A comma starts a new pair only before `key=`, so a JSON
+    `extra_body={"a": 1, "b": 2}` keeps its commas.
+
+    Raises:
+        `ValueError`: for an unknown key, a pair without `=` or a value of the wrong type.
+    """
+    spec, *pairs = re.split(r",(?=\s*\w+\s*=)", value)
+    if "," in spec:
+        raise ValueError(f"--captioner {value!r}: after the spec, give settings as ,key=value (e.g. ,base_url=URL).")
+    overrides = {}
+    for pair in pairs:
+        key, _, text = pair.partition("=")
+        key = key.strip()
+        if key not in SPEC_OPTIONS:
+            raise ValueError(
+                f"--captioner {value!r}: unknown setting {key!r}; a captioner's own settings are "
+                f"{', '.join(SPEC_OPTIONS)}."
+            )
+        kind = SPEC_OPTIONS[key]
+        try:
+            overrides[key] = kind(text.strip())
+        except ValueError:
+            raise ValueError(f"--captioner {value!r}: {key} must be {kind.__name__}, got {text!r}.") from None
+    return spec.strip(), replace(args, **overrides)
+
+
+def captioner_kwargs(args: CaptioningArguments, spec: str) -> dict:
+    """The backend keyword arguments for `make_captioner(spec, ...)`."""
+    backend = spec.partition(":")[0]
     if backend in ("openai", "openai-batch"):
         kwargs = dict(
             base_url=args.base_url,
@@ -279,9 +337,7 @@ def captioner_kwargs(args: CaptioningArguments) -> dict:
         return kwargs
     if api_options(args):
         given = ", ".join(f"--{name}" for name in api_options(args))
-        raise ValueError(
-            f"{given} apply to API captioners (--captioner openai:MODEL) only, not to {args.captioner!r}."
-        )
+        raise ValueError(f"{given} apply to API captioners (--captioner openai:MODEL) only, not to {spec!r}.")
     return dict(batch_size=args.batch_size, temperature=args.temperature, max_new_tokens=args.max_tokens)
 
 
@@ -298,7 +354,27 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\n{message}", file=sys.stderr)
         raise SystemExit(130) from None
     except (CaptionerUnavailableError, CaptioningError, CaptionCacheError, OpenBatchError) as error:  # says it all
-        raise SystemExit(f"mmft-hf caption: error: {error}") from None
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())  # one line
+        raise SystemExit(f"mmft-hf caption: error: {message}") from None
+
+
+def make_captioners(args: CaptioningArguments) -> list:
+    """The captioner of each `--captioner` (the default one when none is given), each with its own settings; checks
+    that every API key variable named is set before anything is built."""
+    specs = [parse_captioner_spec(value, args) for value in args.captioner or [DEFAULT_CAPTIONER]]
+    captioners = []
+    for spec, own in specs:
+        kwargs = captioner_kwargs(own, spec)
+        key_variable = kwargs.get("api_key_env")
+        if key_variable and not os.environ.get(key_variable, "").strip():
+            raise ValueError(
+                f"--api_key_env {key_variable}: the environment variable {key_variable} is not set. Set it (export "
+                f"{key_variable}=...), name the variable holding your key with --api_key_env (or ,api_key_env= in "
+                "the --captioner spec), or pass --api_key_env none for a local server that needs no key."
+            )
+    for spec, own in specs:
+        captioners.append(make_captioner(spec, **captioner_kwargs(own, spec)))
+    return captioners
 
 
 def caption_splits(args: CaptioningArguments) -> dict:
@@ -340,15 +416,13 @@ def caption_splits(args: CaptioningArguments) -> dict:
                 "remove that column first)."
             )
     class_names = read_class_names(args.class_names) if args.class_names else None
-    kwargs = captioner_kwargs(args)
-    key_variable = kwargs.get("api_key_env")
-    if key_variable and not os.environ.get(key_variable, "").strip():
+    captioners = make_captioners(args)
+    if args.export_requests and len(captioners) > 1:
         raise ValueError(
-            f"--api_key_env {key_variable}: the environment variable {key_variable} is not set. Set it (export "
-            f"{key_variable}=...), name the variable holding your key with --api_key_env, or pass --api_key_env none "
-            "for a local server that needs no key."
+            "--export_requests writes one captioner's requests: run it once per --captioner (each with its own "
+            "file); --import_results then reads every file, and a run with all the captioners writes the dataset."
         )
-    captioner = make_captioner(args.captioner, **kwargs)
+    captioner = captioners if len(captioners) > 1 else captioners[0]
     captioned, summaries = {}, {}
     for path in args.import_results or ():
         print(import_caption_results(path, cache_dir=args.cache_dir))
@@ -365,18 +439,24 @@ def caption_splits(args: CaptioningArguments) -> dict:
             cache_dir=args.cache_dir,
             one_request_per_image=args.one_request_per_image,
         )
-        if args.estimate_only:
-            summaries[split] = estimate_captioning_cost(
-                source[split],
-                captioner,
-                sample_rows=args.estimate_sample_rows,
-                seed=args.estimate_seed,
-                price_per_million_input_tokens=args.price_per_million_input_tokens,
-                price_per_million_output_tokens=args.price_per_million_output_tokens,
-                batch_discount=args.batch_discount,
-                **settings,
-            )
-            print(f"[{split}] {summaries[split]}")
+        if args.estimate_only:  # one estimate per captioner: models differ in price and tokens
+            estimates = [
+                estimate_captioning_cost(
+                    source[split],
+                    item,
+                    sample_rows=args.estimate_sample_rows,
+                    seed=args.estimate_seed,
+                    price_per_million_input_tokens=args.price_per_million_input_tokens,
+                    price_per_million_output_tokens=args.price_per_million_output_tokens,
+                    batch_discount=args.batch_discount,
+                    **settings,
+                )
+                for item in captioners
+            ]
+            summaries[split] = estimates if len(estimates) > 1 else estimates[0]
+            for item, estimate in zip(captioners, estimates, strict=True):
+                who = f" {caption_source(item.cache_identity())}" if len(captioners) > 1 else ""
+                print(f"[{split}{who}] {estimate}")
             continue
         if args.export_requests:
             stem, extension = os.path.splitext(args.export_requests)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import datasets
 import torch
 
-from ..captioning.prompts import normalize_class_name
+from ..captioning.prompts import normalize_class_name, read_class_names
 from ..classification.prototypes import SINGLE_TEMPLATE, zero_shot_prototypes
 from ..encoders import eval_mode, model_device, pooled_output
 from ..training.collator import MMFTDataCollator
@@ -161,8 +161,6 @@ def load_retention_set(
             raise ValueError(f"The retention dataset {name!r} has no column {column!r} (it has "
                              f"{dataset.column_names}); set {flag}.")  # fmt: skip
     if isinstance(class_names, str):
-        from ..commands.caption import read_class_names  # the one reader of class-name files
-
         class_names = read_class_names(class_names)
     feature = dataset.features[label_column]
     if class_names is None:
