@@ -24,13 +24,16 @@ from .cache import identity_json
 from .caption import caption_dataset
 from .prompts import CAPTION_TYPES, DEFAULT_WORDS, DOMAINS, PROMPT_TEMPLATE, build_prompt, normalize_class_name
 from .provenance import (
+    SOURCES_COLUMN,
     VOLATILE_PROVENANCE_KEYS,
     CaptionSettings,
     attach_provenance,
     caption_counts,
     caption_provenance,
+    captions_per_row,
     differing_settings,
     make_provenance,
+    provenance_captioners,
     provenance_feature,
 )
 from .stats import caption_stats
@@ -156,9 +159,12 @@ class CaptionedImagesConfig(datasets.BuilderConfig):
             the config) an in-memory `Dataset`/`DatasetDict`, then identified by `source_fingerprint`.
         source_config (`str`, *optional*): the source's config name.
         splits (`tuple[str, ...]`, *optional*): the splits to caption; all by default.
-        captioner (`str`, *optional*): `"openai:MODEL"` / `"transformers:PATH"`, or (given to the builder) a
-            captioner object, then identified by `captioner_identity`.
-        captioner_kwargs (`dict`): keyword arguments for `make_captioner`.
+        captioner (`str` or `tuple`, *optional*): `"openai:MODEL"` / `"transformers:PATH"`; several captioners as a
+            tuple of specs, each a spec string or a dict `{"spec": "openai:MODEL", **its own make_captioner keyword
+            arguments}` (given as JSON text in the config); or (given to the builder) a captioner object or a list of
+            them, then identified by `captioner_identity`. Several captioners add a `caption_sources` column (see
+            `caption_dataset`).
+        captioner_kwargs (`dict`): keyword arguments for `make_captioner`, for every spec (a spec's own win).
         domain (`str`, *optional*): the prompt's domain word (presets set it).
         caption_types, captions_per_type, words, prompt_template, max_passes, strict, allow_missing,
             one_request_per_image: see `caption_dataset`.
@@ -171,7 +177,7 @@ class CaptionedImagesConfig(datasets.BuilderConfig):
     source_config: str | None = None
     source_fingerprint: str | None = None
     splits: tuple[str, ...] | None = None
-    captioner: str | None = None
+    captioner: str | tuple | None = None
     captioner_kwargs: dict = field(default_factory=dict)
     captioner_identity: str | None = None
     domain: str | None = None
@@ -207,7 +213,8 @@ class CaptionedImages(datasets.GeneratorBasedBuilder):
 
     Instantiate it directly (pass `dataset_name=`; no loading script): `CaptionedImages(config_name="dtd",
     captioner=..., dataset_name="captioned_dtd")` or `CaptionedImages(source=my_dataset_dict, domain="pets",
-    captioner=my_captioner, dataset_name="captioned_pets")`. Every caption goes through the caption cache, and a
+    captioner=my_captioner, dataset_name="captioned_pets")`; `captioner=[a, b]` (objects or specs) captions with each
+    and adds `caption_sources`. Every caption goes through the caption cache, and a
     prepared builder is reused by `download_and_prepare` without captioning again.
     """
 
@@ -225,11 +232,22 @@ class CaptionedImages(datasets.GeneratorBasedBuilder):
             kwargs["source_fingerprint"] = ",".join(part._fingerprint for part in parts)
         elif source is not None:
             kwargs["source"] = source
-        if captioner is not None and not isinstance(captioner, str):
-            self._captioner_object = captioner
-            kwargs["captioner_identity"] = identity_json(captioner.cache_identity())
-        elif captioner is not None:
-            kwargs["captioner"] = captioner
+        items = (
+            list(captioner) if isinstance(captioner, (list, tuple)) else [captioner] if captioner is not None else []
+        )
+        specs = [item for item in items if isinstance(item, (str, dict))]
+        if specs and len(specs) < len(items):
+            raise ValueError("captioner: pass captioner objects or specs ('openai:MODEL', {'spec': ...}), not both.")
+        if items and not specs:
+            self._captioner_object = items if len(items) > 1 else items[0]
+            identities = [item.cache_identity() for item in items]
+            kwargs["captioner_identity"] = identity_json(identities if len(items) > 1 else identities[0])
+        elif len(specs) > 1:  # hashable config: dict specs as JSON text
+            kwargs["captioner"] = tuple(
+                spec if isinstance(spec, str) else json.dumps(spec, sort_keys=True) for spec in specs
+            )
+        elif specs:
+            kwargs["captioner"] = specs[0]
         for key in ("splits", "caption_types", "class_names"):  # hashable, stable config ids
             if kwargs.get(key) is not None and not isinstance(kwargs[key], str):
                 kwargs[key] = tuple(kwargs[key])
@@ -280,11 +298,29 @@ class CaptionedImages(datasets.GeneratorBasedBuilder):
                 raise ValueError(
                     "CaptionedImages needs a captioner: 'openai:MODEL', 'transformers:PATH' or an object."
                 )
-            self._captioner_object = make_captioner(self.config.captioner, **self.config.captioner_kwargs)
+            specs = self._specs()
+            captioners = [make_captioner(spec, **{**self.config.captioner_kwargs, **own}) for spec, own in specs]
+            self._captioner_object = captioners if len(captioners) > 1 else captioners[0]
         return self._captioner_object
 
-    def _features(self, captioner_identity: dict) -> datasets.Features:
-        """The output features, with the provenance (settings and `captioner_identity`) in the caption feature."""
+    def _specs(self) -> list[tuple[str, dict]]:
+        """`(spec, its own make_captioner keyword arguments)` of each captioner the config names."""
+        specs = []
+        for item in (self.config.captioner,) if isinstance(self.config.captioner, str) else self.config.captioner:
+            own = json.loads(item) if item.lstrip().startswith("{") else {"spec": item}
+            if not isinstance(own, dict) or not isinstance(own.get("spec"), str):
+                raise ValueError(f"Captioner spec {item!r} must be 'openai:MODEL' or a dict with a 'spec' string.")
+            specs.append((own.pop("spec"), own))
+        return specs
+
+    def _identities(self) -> list[dict]:
+        """The identity of every captioner, once it is built (the captioner order of the captions)."""
+        captioner = self._captioner()
+        return [item.cache_identity() for item in (captioner if isinstance(captioner, list) else [captioner])]
+
+    def _features(self, captioner_identity: dict | list) -> datasets.Features:
+        """The output features, with the provenance (settings and `captioner_identity`, a list of identities for several
+        captioners, which add `caption_sources`) in the caption feature."""
         config = self.config
         settings = CaptionSettings(
             domain=config.domain,
@@ -296,13 +332,14 @@ class CaptionedImages(datasets.GeneratorBasedBuilder):
             extra={"source": config.source or f"in-memory dataset {config.source_fingerprint}"},
         )
         provenance = make_provenance(captioner_identity, settings, None, None)
-        return datasets.Features(
-            {
-                "image": datasets.Image(),
-                "label": datasets.ClassLabel(names=self._class_names()),
-                "captions": provenance_feature(provenance),
-            }
-        )
+        features = {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=self._class_names()),
+            "captions": provenance_feature(provenance),
+        }
+        if isinstance(captioner_identity, list):
+            features[SOURCES_COLUMN] = datasets.List(datasets.Value("string"))
+        return datasets.Features(features)
 
     # ------------------------------------------------------------------ builder API
     def _info(self) -> datasets.DatasetInfo:
@@ -312,7 +349,8 @@ class CaptionedImages(datasets.GeneratorBasedBuilder):
         if config.captioner_identity:
             identity = json.loads(config.captioner_identity)
         else:  # the captioner is built only to caption (it may load a model): `_split_generators` records its identity
-            identity = {"spec": config.captioner, "kwargs": config.captioner_kwargs}
+            identity = [{"spec": spec, "kwargs": {**config.captioner_kwargs, **own}} for spec, own in self._specs()]
+            identity = identity if len(identity) > 1 else identity[0]
         return datasets.DatasetInfo(
             description=f"Images with synthetic MMFT captions made by mmft-hf from {config.source or 'a dataset'}.",
             features=self._features(identity),
@@ -320,7 +358,8 @@ class CaptionedImages(datasets.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         # preparing: build the captioner now and record its real identity instead of the spec
-        self.info.features = self._features(self._captioner().cache_identity())
+        identities = self._identities()
+        self.info.features = self._features(identities if len(identities) > 1 else identities[0])
         return [datasets.SplitGenerator(name=split, gen_kwargs={"split": split}) for split in self._source()]
 
     def _generate_examples(self, split: str):
@@ -346,13 +385,15 @@ class CaptionedImages(datasets.GeneratorBasedBuilder):
         label_ids = None  # string labels: their ids in the ClassLabel of `_class_names`
         if not isinstance(part.features[config.label_column], datasets.ClassLabel) and not config.class_names:
             label_ids = {name: index for index, name in enumerate(self._class_names())}
-        rows = captioned.select_columns([config.image_column, config.label_column, "captions"])
+        extra = [SOURCES_COLUMN] if SOURCES_COLUMN in captioned.column_names else []
+        rows = captioned.select_columns([config.image_column, config.label_column, "captions", *extra])
         rows = rows.cast_column(config.image_column, datasets.Image(decode=False))  # keep the original bytes
         for index, row in enumerate(rows):
             label = row[config.label_column]
             if label_ids is not None:
                 label = label_ids[str(label)]
-            yield index, {"image": row[config.image_column], "label": label, "captions": row["captions"]}
+            example = {"image": row[config.image_column], "label": label, "captions": row["captions"]}
+            yield index, {**example, **{column: row[column] for column in extra}}
 
 
 # ---------------------------------------------------------------------- publishing
@@ -411,12 +452,14 @@ def push_captioned(
         differing = differing_settings(base, provenance, ignore=(*VOLATILE_PROVENANCE_KEYS, "source"))
         if differing:
             raise ValueError(f"Split {split!r} was captioned with other settings than {first_split!r}: {differing}.")
-    per_row = len(base["caption_types"]) * base["captions_per_type"]
+    per_row = captions_per_row(base)
     counts = {}
     splits = {}
     for split, part in dataset_dict.items():
         if caption_column not in part.column_names:
             part = part.add_column(caption_column, [[]] * len(part), feature=datasets.List(datasets.Value("string")))
+        if "caption_sources" in base and SOURCES_COLUMN not in part.column_names:  # several captioners
+            part = part.add_column(SOURCES_COLUMN, [[]] * len(part), feature=datasets.List(datasets.Value("string")))
         counts[split] = caption_counts([list(row) for row in part[caption_column]], per_row)
         if split not in captioned:  # nothing was asked for
             counts[split]["captions_expected"] = 0
@@ -507,15 +550,19 @@ def _render_card(card_data, splits, provenance, caption_column, tokenizer, targe
             stats[split] = {k: v for k, v in report.items() if isinstance(v, dict) and v.get("captions")}
     names = next(iter(splits.values())).features.get("label")
     example_class = normalize_class_name(names.names[0]) if isinstance(names, datasets.ClassLabel) else "cat"
-    captioner = provenance["captioner"]
+    identities = provenance_captioners(provenance)
+    models = [identity.get("model") or identity.get("spec") or "the captioning model" for identity in identities]
     return DatasetCard.from_template(
         card_data,
         template_path=CARD_TEMPLATE,
         pretty_name=pretty_name or f"Captioned {provenance.get('source') or 'images'}",
         repo_id=target,
         source=provenance.get("source") or "an image classification dataset",
-        captioner=json.dumps(captioner, sort_keys=True),
-        captioner_model=captioner.get("model") or captioner.get("spec") or "the captioning model",
+        captioners=[
+            (source, json.dumps(identity, sort_keys=True))
+            for source, identity in zip(provenance.get("caption_sources") or [None], identities, strict=True)
+        ],
+        captioner_model=", ".join(dict.fromkeys(models)),
         domain=provenance["domain"],
         caption_types=provenance["caption_types"],
         captions_per_type=provenance["captions_per_type"],

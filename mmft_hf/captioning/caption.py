@@ -41,10 +41,13 @@ from .prompts import (
     validate_template,
 )
 from .provenance import (
+    SOURCES_COLUMN,
     CaptionSettings,
     attach_provenance,
     caption_counts,
     caption_provenance,
+    caption_source,
+    captions_per_row,
     differing_settings,
     make_provenance,
 )
@@ -52,12 +55,14 @@ from .provenance import (
 logger = logging.getLogger(__name__)
 
 
-def _resume_note(engine: CaptionEngine | None, cache: CaptionCache) -> str:
-    if engine is None:  # stopped while reading the cache, before any request
+def _resume_note(engines: list[CaptionEngine], expected: int, cache: CaptionCache) -> str:
+    """How many of the `expected` captions are cached and how to resume; one sentence, no line break."""
+    if not engines:  # stopped while reading the cache, before any request
         return f"Nothing was requested; the caption cache is {cache.path}."
-    expected = sum(len(row) for row in engine.texts)
-    stored = cache.get_many(engine.positions)  # read back: a caption committed just before the stop counts too
-    done = sum(len(positions) for key, positions in engine.positions.items() if key in stored)
+    done = 0
+    for engine in engines:  # read back: a caption committed just before the stop counts too
+        stored = cache.get_many(engine.positions)
+        done += sum(len(positions) for key, positions in engine.positions.items() if key in stored)
     return (
         f"{done} of {expected} captions are cached in {cache.path}; run the same command again to resume (only the "
         "missing captions are requested)."
@@ -199,9 +204,17 @@ def caption_keys(
     return _caption_keys(image_hashes, prompts, slots, identity_json(captioner.cache_identity()))
 
 
+def as_captioners(captioner) -> list:
+    """`captioner` as a list: a list or tuple of captioners as given, a single captioner as a list of one."""
+    captioners = list(captioner) if isinstance(captioner, (list, tuple)) else [captioner]
+    if not captioners:
+        raise ValueError("captioner is an empty list; pass a captioner or a list of captioners.")
+    return captioners
+
+
 def check_settings(dataset: datasets.Dataset, captioner, settings: CaptionSettings) -> list[str] | None:
-    """Validates the dataset's columns and the caption settings before anything is requested; returns the raw class
-    names per label id (`None` for string labels)."""
+    """Validates the dataset's columns, the captioner(s) and the caption settings before anything is requested;
+    returns the raw class names per label id (`None` for string labels)."""
     if isinstance(dataset, datasets.DatasetDict):
         raise TypeError("caption_dataset takes one split: pass dataset['train'] (or use CaptionedImages).")
     if not isinstance(dataset, datasets.Dataset):
@@ -212,8 +225,19 @@ def check_settings(dataset: datasets.Dataset, captioner, settings: CaptionSettin
     image_feature = dataset.features[settings.image_column]
     if not isinstance(image_feature, datasets.Image):
         raise ValueError(f"Column {settings.image_column!r} must be a datasets.Image feature, got {image_feature}.")
-    if not all(callable(getattr(captioner, attr, None)) for attr in ("caption", "cache_identity")):
-        raise TypeError("captioner must implement caption(requests) and cache_identity() (see captioners/base.py).")
+    captioners, seen = as_captioners(captioner), {}
+    for position, item in enumerate(captioners):
+        if not all(callable(getattr(item, attr, None)) for attr in ("caption", "cache_identity")):
+            raise TypeError(
+                f"captioner {position} must implement caption(requests) and cache_identity() (see captioners/base.py)."
+            )
+        identity = identity_json(item.cache_identity())
+        if identity in seen:
+            raise ValueError(
+                f"captioners {seen[identity]} and {position} have the same identity {identity}: they would write the "
+                "same captions; pass each captioner once (another model, temperature or cache_tag makes another)."
+            )
+        seen[identity] = position
     validate_caption_types(settings.caption_types)
     validate_template(settings.prompt_template)
     if not isinstance(settings.captions_per_type, int) or settings.captions_per_type < 1:
@@ -233,18 +257,33 @@ def caption_rows(
     retry_resize: tuple[int, int] | None = (224, 512),
     seed: int = 0,
 ) -> CaptionRows:
-    """The engine's view of `part`: image hashes, per-slot prompts and cache keys, and an image loader.
+    """The engine's view of `part` for one captioner: image hashes, per-slot prompts and cache keys, an image loader.
 
     Hashing reads the encoded bytes, not decoded pixels: no decoding on a rerun, and stable across Pillow/libjpeg
     versions. Parquet (push_to_hub) keeps the exact file bytes, so a reloaded dataset hits the same cache.
     """
+    return caption_rows_per_captioner(
+        part, [captioner], settings, names, first_row=first_row, retry_resize=retry_resize, seed=seed
+    )[0]
+
+
+def caption_rows_per_captioner(
+    part: datasets.Dataset,
+    captioners: Sequence,
+    settings: CaptionSettings,
+    names: list[str] | None,
+    *,
+    first_row: int = 0,
+    retry_resize: tuple[int, int] | None = (224, 512),
+    seed: int = 0,
+) -> list[CaptionRows]:
+    """`caption_rows` of each captioner, hashing the images once: the rows differ only in their identity and keys."""
     slots = settings.slots
     raw = _undecoded(part, settings.image_column, settings.label_column)
     image_hashes, prompts = _image_hashes_and_prompts(
         raw, first_row, names, settings.image_column, settings.label_column, slots, settings.domain, settings.words,
         settings.prompt_template,
     )  # fmt: skip
-    identity = identity_json(captioner.cache_identity())
     mode, rng = part.features[settings.image_column].mode, random.Random(seed)
 
     def load(row: int, retry: bool):
@@ -256,8 +295,12 @@ def caption_rows(
             image = image.resize((side, side))
         return image
 
-    keys = _caption_keys(image_hashes, prompts, slots, identity)
-    return CaptionRows(keys, prompts, image_hashes, slots, identity, load, first_row)
+    result = []
+    for captioner in captioners:
+        identity = identity_json(captioner.cache_identity())
+        keys = _caption_keys(image_hashes, prompts, slots, identity)
+        result.append(CaptionRows(keys, prompts, image_hashes, slots, identity, load, first_row))
+    return result
 
 
 def caption_dataset(
@@ -270,6 +313,7 @@ def caption_dataset(
     image_column: str = "image",
     label_column: str = "label",
     caption_column: str = "captions",
+    sources_column: str = SOURCES_COLUMN,
     class_names: Sequence[str] | None = None,
     prompt_template: str = PROMPT_TEMPLATE,
     words: int = DEFAULT_WORDS,
@@ -285,18 +329,25 @@ def caption_dataset(
     show_progress: bool = True,
     one_request_per_image: bool = False,
 ) -> datasets.Dataset:
-    """Captions every image of a labelled dataset with an MLLM, `len(caption_types) × captions_per_type` each.
+    """Captions every image of a labelled dataset with one MLLM or several, `len(caption_types) × captions_per_type`
+    captions each per captioner.
 
     Args:
         dataset (`datasets.Dataset`): one split with an `Image` column and a label column.
-        captioner (`Captioner` or `BatchCaptioner`): a backend of `mmft_hf.captioning.captioners.base`; a
-            `BatchCaptioner` (`OpenAIBatchCaptioner`) gets the requests as Batch API batches.
+        captioner (`Captioner`, `BatchCaptioner`, or a list of them): a backend of
+            `mmft_hf.captioning.captioners.base`; a `BatchCaptioner` (`OpenAIBatchCaptioner`) gets the requests as
+            Batch API batches. Several captioners each caption every image with every caption type, one after the
+            other through the same engine; cache keys stay per captioner, so adding a captioner to a captioned dataset
+            pays only for the new one's captions. Each must have its own `cache_identity()`.
         domain (`str`): the domain word of the prompt, e.g. `"textures"` (see `mmft_hf.captioning.prompts.DOMAINS`).
         caption_types (`Sequence[str]`, defaults to `("visual", "shape", "texture")`): characteristic words.
         captions_per_type (`int`, defaults to 1): distinct captions per image and type.
         image_column (`str`, defaults to `"image"`): the `Image` column.
         label_column (`str`, defaults to `"label"`): a `ClassLabel` column, or string labels.
         caption_column (`str`, defaults to `"captions"`): the column to add; it must not exist yet.
+        sources_column (`str`, defaults to `"caption_sources"`): with several captioners, the column added beside
+            `caption_column` naming the captioner of each caption (`caption_source`: model and identity hash). A
+            single captioner adds no such column (its dataset reads exactly as before).
         class_names (`Sequence[str]`, *optional*): names per label id, overriding the `ClassLabel` names. Names
             are normalised for the prompt (`normalize_class_name`).
         prompt_template (`str`, defaults to `PROMPT_TEMPLATE`): a custom template containing `{class_name}`.
@@ -330,13 +381,16 @@ def caption_dataset(
     Returns:
         `datasets.Dataset`: the input rows (this shard's rows when sharding), all columns kept, plus
         `caption_column` (`List(string)`), ordered type-major: the `captions_per_type` captions of the first type,
-        then of the second, and so on. `caption_provenance(result)` gives the provenance and
-        `result.caption_summary` the `CaptioningSummary` of this call.
+        then of the second, and so on. With several captioners the order is captioner-major (all captions of the
+        first captioner, type-major, then of the second, ...), and `sources_column` (`List(string)`, parallel to it)
+        names each caption's captioner; missing captions are left out of both lists alike. `caption_provenance(
+        result)` gives the provenance (every captioner's identity under `"captioner"`, a list when there are several)
+        and `result.caption_summary` the `CaptioningSummary` of this call (summed over the captioners).
 
     Raises:
         [`~captioners.base.CaptionerUnavailableError`]: the backend cannot answer (unreachable server, rejected key,
-            unknown model, or a server that stopped answering mid-run); the message adds how many captions are
-            cached and that the same call resumes.
+            unknown model, or a server that stopped answering mid-run); the one-line message adds how many captions
+            are cached and that the same call resumes.
         [`CaptioningInterrupted`]: on Ctrl-C (a `KeyboardInterrupt`), with the same one-line message.
         [`CaptioningError`]: captions still missing (see `allow_missing` and `strict`).
         [`~engine.OpenBatchError`]: captions are in an open batch of another provider that this run cannot poll.
@@ -356,43 +410,68 @@ def caption_dataset(
         label_column=label_column,
     )
     names = check_settings(dataset, captioner, settings)
-    if caption_column in dataset.column_names:
-        raise ValueError(
-            f"The dataset already has a {caption_column!r} column. Remove it "
-            f"(dataset.remove_columns({caption_column!r})) or pass another caption_column."
-        )
+    captioners = as_captioners(captioner)
+    several = len(captioners) > 1
+    for column in (caption_column, sources_column) if several else (caption_column,):
+        if column in dataset.column_names:
+            raise ValueError(
+                f"The dataset already has a {column!r} column. Remove it (dataset.remove_columns({column!r})) or pass "
+                f"another {'caption_column' if column == caption_column else 'sources_column'}."
+            )
     if not isinstance(max_passes, int) or max_passes < 1:
         raise ValueError(f"max_passes must be a positive integer, got {max_passes!r}.")
     start, stop = shard_bounds(len(dataset), num_shards, shard_index)
     part = dataset.shard(num_shards, shard_index, contiguous=True) if num_shards > 1 else dataset
-    rows = caption_rows(part, captioner, settings, names, first_row=start, retry_resize=retry_resize, seed=seed)
+    all_rows = caption_rows_per_captioner(
+        part, captioners, settings, names, first_row=start, retry_resize=retry_resize, seed=seed
+    )
+    identities = [item.cache_identity() for item in captioners]
+    sources = [caption_source(identity) for identity in identities]
 
-    summary = CaptioningSummary(num_rows=len(part), captions_expected=len(part) * len(settings.slots))
+    per_row = len(settings.slots) * len(captioners)
+    summary = CaptioningSummary(num_rows=len(part), captions_expected=len(part) * per_row)
     cache = CaptionCache(cache_dir if cache_dir is not None else default_cache_dir())
     summary.cache_path = cache.path
-    claim_owner, engine = new_claim_owner(), None
+    claim_owner, engines = new_claim_owner(), []
     claim_keeper = ClaimKeeper(cache.path, claim_owner, CLAIM_TTL_S)
     try:
         with SubmissionLedger(cache) as ledger:
-            engine = CaptionEngine(
-                captioner, rows, cache, ledger, summary, claim_owner=claim_owner,
-                poller=as_batch_captioner(captioner), chunk_size=chunk_size, show_progress=show_progress,
-            )  # fmt: skip
-            engine.run(max_passes, one_request_per_image)
+            for item, rows, source in zip(captioners, all_rows, sources, strict=True):  # one captioner after another
+                if several:
+                    logger.info("Captioner %s (%d of %d).", source, len(engines) + 1, len(captioners))
+                engine = CaptionEngine(
+                    item, rows, cache, ledger, summary, claim_owner=claim_owner,
+                    poller=as_batch_captioner(item), chunk_size=chunk_size, show_progress=show_progress,
+                )  # fmt: skip
+                engines.append(engine)
+                engine.run(max_passes, one_request_per_image)
     except CaptionerUnavailableError as error:  # the backend cannot answer at all: stop, saying how to resume
-        raise type(error)(f"{error}\n{_resume_note(engine, cache)}") from None
+        who = f"captioner {sources[len(engines) - 1]}: " if several and engines else ""
+        raise type(error)(f"{who}{error} {_resume_note(engines, summary.captions_expected, cache)}") from None
     except KeyboardInterrupt:
-        raise CaptioningInterrupted(f"Interrupted. {_resume_note(engine, cache)}") from None
+        raise CaptioningInterrupted(
+            f"Interrupted. {_resume_note(engines, summary.captions_expected, cache)}"
+        ) from None
     finally:
         claim_keeper.close()
         cache.close()
 
-    missing, unreadable = engine.failures()
+    missing, unreadable = [], []
+    columns, column_sources = [[] for _ in range(len(part))], [[] for _ in range(len(part))]
+    for engine, source in zip(engines, sources, strict=True):  # captioner-major, then type-major, as the slots
+        server, images = engine.failures()
+        for failure in server + images if several else ():
+            failure.source = source
+        missing += server
+        unreadable += images
+        for row, row_texts in enumerate(engine.texts):
+            kept = [text for text in row_texts if text is not None]
+            columns[row] += kept
+            column_sources[row] += [source] * len(kept)
     summary.failures = missing + unreadable
-    columns = [[text for text in row if text is not None] for row in engine.texts]
     summary.captions_done = sum(len(row) for row in columns)
     summary.rows_without_captions = sum(not row for row in columns)
-    summary.rows_incomplete = sum(0 < len(row) < len(settings.slots) for row in columns)
+    summary.rows_incomplete = sum(0 < len(row) < per_row for row in columns)
     summary.elapsed_s = time.monotonic() - started
     if summary.failures:
         logger.warning("%d caption(s) missing:\n%s", len(summary.failures), "\n".join(map(str, summary.failures[:20])))
@@ -403,11 +482,13 @@ def caption_dataset(
 
     shard = {"num_shards": num_shards, "shard_index": shard_index, "start": start, "stop": stop}
     result = part.add_column(caption_column, columns, feature=datasets.List(datasets.Value("string")))
+    if several:
+        result = result.add_column(sources_column, column_sources, feature=datasets.List(datasets.Value("string")))
     provenance = make_provenance(
-        captioner.cache_identity(),
+        identities if several else identities[0],
         settings,
         shard if num_shards > 1 else None,
-        caption_counts(columns, len(settings.slots)),
+        caption_counts(columns, per_row),
     )
     result = attach_provenance(result, provenance, caption_column)
     result.caption_summary = summary
@@ -451,7 +532,7 @@ def merge_caption_shards(shards: Sequence[datasets.Dataset], caption_column: str
     order = sorted(range(len(shards)), key=lambda i: provenances[i]["shard"]["shard_index"])
     plain = datasets.List(datasets.Value("string"))
     merged = datasets.concatenate_datasets([shards[i].cast_column(caption_column, plain) for i in order])
-    per_row = len(reference["caption_types"]) * reference["captions_per_type"]
+    per_row = captions_per_row(reference)
     provenance = {**provenances[order[0]], "shard": None}
     provenance["counts"] = caption_counts([list(row) for row in merged[caption_column]], per_row)
     return attach_provenance(merged, provenance, caption_column)

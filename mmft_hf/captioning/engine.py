@@ -2,8 +2,8 @@
 
 A *request unit* is one request and the caption slots its answer fills: one slot for a per-type request, every
 caption type of an image (one copy) for a one-request-per-image (joint) request. Units carry the captioner identity
-in their record, so captions of several captioners could share one engine. The engine owns everything but the
-transport:
+in their record and keys, so several captioners (`caption_dataset` with a list) share one cache and ledger without
+mixing their captions. The engine owns everything but the transport:
 
 - **claims**: before a unit is sent its captions are claimed in the cache (`CaptionCache.claim`); captions another
   live run has claimed are waited for and read from the cache, never requested twice. An open batch recorded in the
@@ -59,15 +59,18 @@ class CaptionFailure:
         caption_type (`str`): the caption type (characteristic word).
         slot (`int`): which caption of that type (0 .. captions_per_type - 1).
         reason (`str`): the last error reported for it.
+        source (`str`, defaults to `""`): the captioner's name (`caption_source`) when several caption the dataset.
     """
 
     row: int
     caption_type: str
     slot: int
     reason: str
+    source: str = ""
 
     def __str__(self) -> str:
-        return f"row {self.row}, caption type {self.caption_type!r} (slot {self.slot}): {self.reason}"
+        who = f"captioner {self.source}, " if self.source else ""
+        return f"row {self.row}, {who}caption type {self.caption_type!r} (slot {self.slot}): {self.reason}"
 
 
 @dataclass
@@ -356,7 +359,8 @@ def reason_kind(reason: str) -> str:
 
 
 class CaptionEngine:
-    """Runs the passes of one captioning job over `CaptionRows` (see the module docstring).
+    """Runs the passes of one captioner over `CaptionRows` (see the module docstring); several captioners run one
+    engine each, in turn, sharing the cache, ledger, claim owner and summary.
 
     Args:
         captioner (`Captioner`): the backend; a `BatchCaptioner` gets its units as batches.
@@ -395,7 +399,7 @@ class CaptionEngine:
                     self.positions.setdefault(key, []).append((row, s))
         cached = cache.get_many(self.positions)
         self.texts = [[cached.get(key) if key else None for key in row_keys] for row_keys in rows.keys]
-        summary.cache_hits = sum(text is not None for row in self.texts for text in row)
+        summary.cache_hits += sum(text is not None for row in self.texts for text in row)
         self.reasons: dict[tuple[int, int], str] = {}
         self.unreadable: dict[int, str] = {}
         for row, digest in enumerate(rows.image_hashes):

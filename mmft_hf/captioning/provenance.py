@@ -9,6 +9,7 @@ datasets writes into the Parquet schema and the README `dataset_info`, so it als
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,11 @@ from .prompts import CAPTION_TYPES, DEFAULT_WORDS, PROMPT_TEMPLATE
 PROVENANCE_FORMAT = "mmft-hf-captions/1"
 IMAGE_KEY = "sha256 of the image bytes as encoded in the dataset"
 CAPTION_ORDER = "type-major: all captions of caption_types[0], then caption_types[1], ..."
+MULTI_CAPTION_ORDER = (
+    "captioner-major, then type-major: all captions of captioner[0] (type-major), then of captioner[1], ...; "
+    "caption_sources names the captioner of each caption"
+)
+SOURCES_COLUMN = "caption_sources"
 # Provenance entries that differ between parts of one job (shards, splits, versions) without the captions differing.
 VOLATILE_PROVENANCE_KEYS = ("shard", "counts", "mmft_hf_version")
 _DESCRIPTION_MARKER = "mmft-hf caption provenance: "
@@ -71,17 +77,52 @@ class CaptionSettings:
         }
 
 
+def caption_source(identity: dict) -> str:
+    """The name of a captioner in a `caption_sources` column: its model and a short hash of its whole identity
+    (`"gpt-4o-mini#1a2b3c4d"`), so two settings of one model (another temperature, `cache_tag`, ...) stay apart."""
+    model = identity.get("model") or identity.get("spec") or identity.get("backend") or "captioner"
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return f"{model}#{hashlib.sha256(text.encode('utf-8')).hexdigest()[:8]}"
+
+
 def make_provenance(captioner_identity, settings: CaptionSettings, shard: dict | None, counts: dict | None) -> dict:
-    """The provenance record of a captioned dataset (or of one shard of it)."""
-    return {
+    """The provenance record of a captioned dataset (or of one shard of it).
+
+    `captioner_identity` is one captioner's identity (`dict`), recorded as today under `"captioner"`; or a list of
+    identities for a dataset captioned by several, recorded as that list, with `"caption_sources"` (their names, see
+    `caption_source`) and the captioner-major `"caption_order"`.
+    """
+    several = isinstance(captioner_identity, (list, tuple))
+    provenance = {
         "format": PROVENANCE_FORMAT,
         "mmft_hf_version": __version__,
-        "captioner": captioner_identity,
+        "captioner": list(captioner_identity) if several else captioner_identity,
         **settings.to_dict(),
         "image_key": IMAGE_KEY,
         "shard": shard,
         "counts": counts,
     }
+    if several:
+        provenance["caption_sources"] = [caption_source(identity) for identity in captioner_identity]
+        provenance["caption_order"] = MULTI_CAPTION_ORDER
+    return provenance
+
+
+def provenance_captioners(provenance: dict) -> list[dict]:
+    """The identity of every captioner a provenance records, in caption order (one for a single captioner)."""
+    captioner = provenance.get("captioner")
+    if isinstance(captioner, list):
+        return captioner
+    return [captioner] if captioner else []
+
+
+def captions_per_row(provenance: dict) -> int:
+    """Captions a complete row holds: captioners × caption types × captions per type."""
+    return (
+        max(1, len(provenance_captioners(provenance)))
+        * len(provenance["caption_types"])
+        * provenance["captions_per_type"]
+    )
 
 
 def caption_counts(columns: list[list[str]], per_row: int) -> dict:

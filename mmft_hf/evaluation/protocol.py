@@ -31,7 +31,7 @@ import torch
 from transformers.utils import logging
 
 from ..captioning.prompts import CAPTION_TYPES, validate_caption_types
-from ..captioning.provenance import attach_provenance, caption_provenance
+from ..captioning.provenance import SOURCES_COLUMN, attach_provenance, caption_provenance, provenance_captioners
 from ..training.arguments import PROTOTYPE_SOURCES, MMFTTrainingArguments
 from ..training.data import align_label_names, sample_few_shot, train_validation_split
 from ..training.trainer import MMFTTrainer
@@ -304,8 +304,9 @@ def select_caption_types(
                 f"caption types {types}; pass all_types= with the types the dataset was captioned with."
             )
         per_type = full // len(types)
-    expected = per_type * len(types)
-    slots = [index for index in range(expected) if types[index // per_type] in keep]
+    block = per_type * len(types)  # one captioner's captions; several are stored captioner-major
+    expected = block * max(1, len(provenance_captioners(provenance)))
+    slots = [index for index in range(expected) if types[index % block // per_type] in keep]
     incomplete = sum(length != expected for length in lengths)
     if incomplete:
         logger.warning(
@@ -313,7 +314,8 @@ def select_caption_types(
         )
 
     def keep_types(batch):
-        return {caption_column: [[c[i] for i in slots] if len(c) == expected else [] for c in batch[caption_column]]}
+        columns = [name for name in (caption_column, SOURCES_COLUMN) if name in batch]  # sources stay parallel
+        return {name: [[c[i] for i in slots] if len(c) == expected else [] for c in batch[name]] for name in columns}
 
     selected = dataset.map(keep_types, batched=True, desc="Selecting caption types")
     if provenance:

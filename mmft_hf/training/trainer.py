@@ -18,7 +18,7 @@ from transformers import Trainer
 from transformers.utils import logging
 
 from ..captioning.prompts import normalize_class_name
-from ..captioning.provenance import caption_provenance
+from ..captioning.provenance import caption_provenance, provenance_captioners
 from ..classification.class_texts import class_texts_from_captions
 from ..classification.prototypes import (
     OPENAI_IMAGENET_TEMPLATES,
@@ -721,8 +721,8 @@ class MMFTTrainer(Trainer):
             caption_provenance(self.prototype_dataset, args.caption_column) if args.text_source == "captions" else None
         )
         if provenance:
-            captioner = provenance.get("captioner") or {}
-            data["captioner"] = captioner.get("model") if isinstance(captioner, dict) else str(captioner)
+            models = [c.get("model") if isinstance(c, dict) else str(c) for c in provenance_captioners(provenance)]
+            data["captioner"] = ", ".join(str(model) for model in models if model) or None  # several: each
             data["caption_prompt"] = provenance.get("prompt_template")
             data["caption_types"] = list(provenance.get("caption_types") or [])
             data["domain"] = provenance.get("domain")

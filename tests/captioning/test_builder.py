@@ -304,7 +304,8 @@ def http_log_levels():
 def test_generate_captions_arguments(generate_captions, monkeypatch):
     def kwargs(*argv):
         parser = HfArgumentParser(generate_captions.CaptioningArguments)
-        return generate_captions.captioner_kwargs(parser.parse_args_into_dataclasses(args=list(argv))[0])
+        args = parser.parse_args_into_dataclasses(args=list(argv))[0]
+        return generate_captions.captioner_kwargs(args, (args.captioner or [generate_captions.DEFAULT_CAPTIONER])[0])
 
     local = kwargs("--captioner", "transformers:x", "--temperature", "0.7", "--max_tokens", "64", "--batch_size", "2")
     assert local == {"batch_size": 2, "temperature": 0.7, "max_new_tokens": 64}
@@ -415,6 +416,7 @@ def test_generate_captions_errors_name_flags_and_come_before_any_request(
         generate_captions.main([*argv, "--base_url", unreachable, "--max_retries", "0"])
     assert info.value.code.startswith(f"mmft-hf caption: error: Cannot connect to {unreachable}")
     assert "0 of 24 captions are cached" in info.value.code  # train (8 rows) is the first split: 8 x 3
+    assert "\n" not in info.value.code  # one line, the resume note included
 
 
 def test_generate_captions_ctrl_c_prints_one_line_then_the_same_command_resumes(source, tmp_path):

@@ -639,7 +639,7 @@ def test_unreachable_server_raises_with_how_to_resume(labelled, tmp_path):
     message = str(info.value)
     assert f"Cannot connect to {base_url}" in message
     assert f"0 of 36 captions are cached in {tmp_path / CACHE_FILENAME}" in message
-    assert "run the same command again to resume" in message
+    assert "run the same command again to resume" in message and "\n" not in message  # one line
 
 
 def test_server_that_stops_answering_trips_the_breaker_and_the_rerun_resumes(labelled, tmp_path):

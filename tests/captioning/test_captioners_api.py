@@ -513,7 +513,8 @@ def test_caption_command_stops_on_a_failing_server_and_writes_nothing(
     assert finished.returncode != 0
     (error,) = [line for line in finished.stderr.splitlines() if line.startswith("mmft-hf caption: error: ")]
     assert re.search(message, error), finished.stderr
-    assert "0 of 36 captions are cached" in finished.stderr  # and how to resume
+    assert "0 of 36 captions are cached" in error  # how to resume, on the same line
+    assert finished.stderr.rstrip().splitlines()[-1] == error  # the run ends with that one line
     assert "Traceback" not in finished.stderr and "Cannot connect" not in finished.stderr
     assert not (tmp_path / "out").exists()
     # 36 captions: the first request alone (2 attempts), then at most 4 in flight of 2 attempts before the 3rd failure

@@ -38,11 +38,11 @@ def test_batch_captioner_flags_reach_the_captioner():
     args = parser.parse_args_into_dataclasses(
         args=["--captioner", "openai-batch:m", "--max_requests_per_batch", "7", "--batch_retry", "sync"]
     )[0]
-    kwargs = caption_command.captioner_kwargs(args)
+    kwargs = caption_command.captioner_kwargs(args, "openai-batch:m")
     assert kwargs["max_requests_per_batch"] == 7 and kwargs["retry_failed"] == "sync"
     assert kwargs["completion_window"] == "24h" and kwargs["api_key_env"] == "OPENAI_API_KEY"
     assert "retry_failed" not in caption_command.captioner_kwargs(
-        parser.parse_args_into_dataclasses(args=["--captioner", "openai:m"])[0]
+        parser.parse_args_into_dataclasses(args=["--captioner", "openai:m"])[0], "openai:m"
     )
 
 
