@@ -432,21 +432,30 @@ def caption_dataset(
     summary = CaptioningSummary(num_rows=len(part), captions_expected=len(part) * per_row)
     cache = CaptionCache(cache_dir if cache_dir is not None else default_cache_dir())
     summary.cache_path = cache.path
-    claim_owner, engines = new_claim_owner(), []
+    claim_owner, engines, running = new_claim_owner(), [], None
     claim_keeper = ClaimKeeper(cache.path, claim_owner, CLAIM_TTL_S)
     try:
         with SubmissionLedger(cache) as ledger:
-            for item, rows, source in zip(captioners, all_rows, sources, strict=True):  # one captioner after another
-                if several:
-                    logger.info("Captioner %s (%d of %d).", source, len(engines) + 1, len(captioners))
-                engine = CaptionEngine(
-                    item, rows, cache, ledger, summary, claim_owner=claim_owner,
-                    poller=as_batch_captioner(item), chunk_size=chunk_size, show_progress=show_progress,
-                )  # fmt: skip
-                engines.append(engine)
+            for item, rows in zip(captioners, all_rows, strict=True):  # every cache hit is read first...
+                engines.append(
+                    CaptionEngine(
+                        item,
+                        rows,
+                        cache,
+                        ledger,
+                        summary,
+                        claim_owner=claim_owner,
+                        poller=as_batch_captioner(item),
+                        chunk_size=chunk_size,
+                        show_progress=show_progress,
+                    )  # fmt: skip
+                )
+            for running, engine in enumerate(engines):  # ...then one captioner after another pays for the rest
+                if several and engine.missing():
+                    logger.info("Captioner %s (%d of %d).", sources[running], running + 1, len(captioners))
                 engine.run(max_passes, one_request_per_image)
     except CaptionerUnavailableError as error:  # the backend cannot answer at all: stop, saying how to resume
-        who = f"captioner {sources[len(engines) - 1]}: " if several and engines else ""
+        who = f"captioner {sources[running]}: " if several and running is not None else ""
         raise type(error)(f"{who}{error} {_resume_note(engines, summary.captions_expected, cache)}") from None
     except KeyboardInterrupt:
         raise CaptioningInterrupted(

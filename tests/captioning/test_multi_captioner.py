@@ -3,14 +3,15 @@ and model; a rerun pays nothing; adding a captioner pays only for it; `caption_s
 provenance, builder, card and the CLI list every captioner; training reads a two-captioner dataset."""
 
 import json
+import socket
 from collections import Counter
 
 import datasets
 import pytest
 
 from mmft_hf.captioning.builder import CaptionedImages, push_captioned
-from mmft_hf.captioning.caption import caption_dataset, caption_provenance
-from mmft_hf.captioning.captioners import OpenAICompatibleCaptioner
+from mmft_hf.captioning.caption import caption_dataset, caption_provenance, merge_caption_shards
+from mmft_hf.captioning.captioners import CaptionerConnectionError, OpenAICompatibleCaptioner
 from mmft_hf.captioning.prompts import build_prompt
 from mmft_hf.captioning.provenance import MULTI_CAPTION_ORDER, caption_source
 from mmft_hf.commands import caption as caption_command
@@ -131,6 +132,36 @@ def test_missing_captions_keep_sources_parallel_and_name_their_captioner(four, t
         assert len(captions) == 3 and sources == [source_a, source_a, source_b]
         assert "shape" in captions[2] and all("#" in caption for caption in captions)
     assert caption_provenance(kept)["counts"]["rows_incomplete"] == 4
+
+
+def test_an_unreachable_captioner_stops_with_one_line_naming_it_and_counting_every_cached_caption(
+    server, four, tmp_path
+):
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = OpenAICompatibleCaptioner(
+            "model-b", base_url=f"http://127.0.0.1:{probe.getsockname()[1]}/v1", api_key_env=None, max_retries=0
+        )
+    for order in ([api(server, "model-a"), dead], [dead, api(server, "model-a")]):
+        with pytest.raises(CaptionerConnectionError) as info:
+            run(four, order, tmp_path)
+        message = str(info.value)
+        assert (
+            message.startswith(f"captioner {caption_source(dead.cache_identity())}: Cannot connect")
+            and "\n" not in message
+        )
+        assert "8 of 16 captions are cached" in message  # model-a's, whichever runs first
+    assert Counter(model for model, _, _ in sent(server)) == {"model-a": 8}
+
+
+def test_shards_of_a_two_captioner_run_merge_with_their_sources(four, tmp_path):
+    first, second = FakeCaptioner(model="fake-a"), FakeCaptioner(model="fake-b")
+    shards = [run(four, [first, second], tmp_path, num_shards=2, shard_index=index) for index in (1, 0)]
+    merged = merge_caption_shards(shards)
+    whole = run(four, [first, second], tmp_path)  # every caption a cache hit
+    assert whole.caption_summary.requests == 0 and len(first.requests) == len(second.requests) == 8
+    assert merged["captions"] == whole["captions"] and merged["caption_sources"] == whole["caption_sources"]
+    assert caption_provenance(merged)["counts"] == caption_provenance(whole)["counts"]
 
 
 def test_builder_and_card_list_every_captioner(four, tmp_path):
