@@ -75,11 +75,12 @@ class CaptionFailure:
 
 @dataclass
 class CaptioningSummary:
-    """What one `caption_dataset` call did; attached to its result as `result.caption_summary`.
+    """What one `caption_dataset` call did (summed over its captioners); attached to its result as
+    `result.caption_summary`.
 
     Args:
         num_rows (`int`): rows captioned (this shard's rows when sharding).
-        captions_expected (`int`): `num_rows × len(caption_types) × captions_per_type`.
+        captions_expected (`int`): `num_rows × len(caption_types) × captions_per_type` (× captioners).
         captions_done (`int`): captions in the result.
         cache_hits (`int`): captions found in the cache before any request.
         from_other_runs (`int`): captions another run sharing the cache was making (it had claimed them), read from
