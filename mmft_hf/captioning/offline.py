@@ -170,6 +170,11 @@ def export_caption_requests(
     Returns:
         `ExportSummary`: the file, and how many requests and captions it holds.
     """
+    if isinstance(captioner, (list, tuple)):
+        raise TypeError(
+            f"export_caption_requests takes one captioner, got a {type(captioner).__name__} of {len(captioner)}: "
+            "export one requests file per captioner (each one's results import into the same cache)."
+        )
     writer = as_batch_captioner(captioner)
     if writer is None:
         raise TypeError(

@@ -378,6 +378,12 @@ def estimate_captioning_cost(
     from .captioners.base import BatchCaptioner
     from .ledger import SubmissionLedger
 
+    if isinstance(captioner, (list, tuple)):
+        raise TypeError(
+            f"estimate_captioning_cost takes one captioner, got a {type(captioner).__name__} of {len(captioner)}: "
+            "estimate each captioner of a several-captioner run in turn and add the estimates (their captions are "
+            "cached and paid separately)."
+        )
     if not 0 <= batch_discount < 1:
         raise ValueError(f"batch_discount must be in [0, 1), got {batch_discount}.")
     if not isinstance(sample_rows, int) or sample_rows < 1:

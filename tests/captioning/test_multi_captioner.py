@@ -306,3 +306,15 @@ def test_training_and_the_benchmark_read_a_two_captioner_dataset(
     (record,) = summary["ran"]
     assert record["method"] == "mmft" and 0.0 <= record["accuracy"] <= 1.0 and record["test_samples"] == 16
     assert record["settings"]["dataset"]["caption_provenance"]["caption_sources"] == two[0]["caption_sources"][::2]
+
+
+def test_the_estimate_and_the_export_take_one_captioner_and_say_how_to_do_several(server, four, tmp_path):
+    from mmft_hf.captioning.offline import export_caption_requests
+    from mmft_hf.captioning.stats import estimate_captioning_cost
+
+    pair = [api(server, "model-a"), api(server, "model-b")]
+    with pytest.raises(TypeError, match="takes one captioner, got a list of 2: estimate each captioner"):
+        estimate_captioning_cost(four, pair, domain="textures", cache_dir=tmp_path / "cache")
+    with pytest.raises(TypeError, match="takes one captioner, got a list of 2: export one requests file per"):
+        export_caption_requests(four, tmp_path / "requests.jsonl", pair, domain="textures")
+    assert server.requests == [] and not (tmp_path / "requests.jsonl").exists()
