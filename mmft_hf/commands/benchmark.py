@@ -104,6 +104,11 @@ class BenchmarkArguments:
     synthetic_num_classes: int = field(default=8, metadata={"help": "Classes of the synthetic dataset."})
     synthetic_train_per_class: int = field(default=16, metadata={"help": "Synthetic training images per class."})
     synthetic_eval_per_class: int = field(default=8, metadata={"help": "Synthetic val and test images per class."})
+    synthetic_caption_types: str = field(
+        default="visual,shape,texture",
+        metadata={"help": "Comma-separated caption types of the synthetic dataset; 'long' gives five-sentence "
+                  "captions over 77 tokens, for comparing mmft-sentence with mmft."},
+    )  # fmt: skip
     retention_dataset: str | None = field(
         default=None,
         metadata={"help": "Zero-shot retention: a labelled dataset (Hub id, directory, or 'synthetic': shapes of "
@@ -156,6 +161,7 @@ def load_raw(name: str, location: str | None, bench: BenchmarkArguments) -> tupl
             num_classes=bench.synthetic_num_classes,
             train_per_class=bench.synthetic_train_per_class,
             eval_per_class=bench.synthetic_eval_per_class,
+            caption_types=tuple(name.strip() for name in bench.synthetic_caption_types.split(",") if name.strip()),
             seed=0,
         )
     else:
