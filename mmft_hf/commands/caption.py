@@ -393,6 +393,8 @@ def caption_splits(args: CaptioningArguments) -> dict:
             f"--hub_repo_id ORG/NAME before anything is paid for. Every caption is also kept in the cache ({cache_dir}),"
             " so a later run with a destination pays only for captions not there yet."
         )
+    if args.push_to_hub and not args.hub_repo_id:
+        raise ValueError("--push_to_hub needs --hub_repo_id org/name.")
     source = load_source(args)
     splits = list(dict.fromkeys(args.split))
     written = list(preset.splits) if preset and not args.dataset_name else list(source)
@@ -503,8 +505,6 @@ def caption_splits(args: CaptioningArguments) -> dict:
             push_captioned(dataset_dict, os.path.abspath(args.output_dir), source=source_name, license=args.license),
         )
     if args.push_to_hub:
-        if not args.hub_repo_id:
-            raise ValueError("--push_to_hub needs --hub_repo_id org/name.")
         print("Pushed", push_captioned(dataset_dict, args.hub_repo_id, source=source_name, license=args.license))
     print(
         f"Captions are cached in {cache_dir}: rerunning this command (e.g. with another --output_dir) writes the "

@@ -394,6 +394,8 @@ def test_generate_captions_errors_name_flags_and_come_before_any_request(
             ValueError, match="^--api_key_env MMFT_UNSET_KEY: the environment variable MMFT_UNSET_KEY is not"
         ):
             generate_captions.main([*argv, "--api_key_env", "MMFT_UNSET_KEY"])
+        with pytest.raises(ValueError, match=r"^--push_to_hub needs --hub_repo_id org/name\.$"):
+            generate_captions.main([*argv[:-2], "--push_to_hub"])  # refused before captioning, not after
         assert server.requests == []
         # a server that cannot answer: one line naming the cause, a non-zero exit, nothing retried for hours
         server.plan[:] = [(404, {}, {"error": {"message": "no such model"}})]
