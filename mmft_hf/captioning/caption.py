@@ -179,9 +179,7 @@ def _caption_keys(
     ]
 
 
-def caption_keys(
-    dataset: datasets.Dataset,
-    captioner,
+def caption_settings(
     *,
     domain: str,
     caption_types: Sequence[str] = CAPTION_TYPES,
@@ -191,17 +189,30 @@ def caption_keys(
     class_names: Sequence[str] | None = None,
     prompt_template: str = PROMPT_TEMPLATE,
     words: int = DEFAULT_WORDS,
-) -> list[list[str | None]]:
-    """The cache key of every caption `caption_dataset` would make with these settings, per row (type-major);
-    `None` for a row without an image. Computed exactly as `caption_dataset` computes them."""
-    types = validate_caption_types(caption_types)
-    names = resolve_class_names(dataset, label_column, class_names)
-    slots = [(kind, copy) for kind in types for copy in range(captions_per_type)]
-    image_hashes, prompts = _image_hashes_and_prompts(
-        _undecoded(dataset, image_column, label_column), 0, names, image_column, label_column, slots, domain, words,
-        prompt_template,
-    )  # fmt: skip
-    return _caption_keys(image_hashes, prompts, slots, identity_json(captioner.cache_identity()))
+) -> CaptionSettings:
+    """The `CaptionSettings` of `caption_dataset`'s arguments (the same for its export and its cost estimate): the
+    caption types checked, `class_names` as a tuple (a string is kept as given, for `resolve_class_names` to refuse)."""
+    return CaptionSettings(
+        domain=domain,
+        caption_types=tuple(validate_caption_types(caption_types)),
+        captions_per_type=captions_per_type,
+        words=words,
+        prompt_template=prompt_template,
+        class_names=tuple(class_names)
+        if class_names is not None and not isinstance(class_names, str)
+        else class_names,
+        image_column=image_column,
+        label_column=label_column,
+    )
+
+
+def caption_keys(dataset: datasets.Dataset, captioner, **settings) -> list[list[str | None]]:
+    """The cache key of every caption `caption_dataset` would make with these settings (`domain=`, `caption_types=`,
+    ... as for `caption_settings`), per row (type-major); `None` for a row without an image. Computed exactly as
+    `caption_dataset` computes them."""
+    settings = caption_settings(**settings)
+    names = resolve_class_names(dataset, settings.label_column, settings.class_names)
+    return caption_rows(dataset, captioner, settings, names).keys
 
 
 def as_captioners(captioner) -> list:
@@ -397,17 +408,15 @@ def caption_dataset(
         `ValueError`: invalid arguments or data (before anything is requested).
     """
     started = time.monotonic()
-    settings = CaptionSettings(
+    settings = caption_settings(
         domain=domain,
-        caption_types=tuple(validate_caption_types(caption_types)),
+        caption_types=caption_types,
         captions_per_type=captions_per_type,
-        words=words,
-        prompt_template=prompt_template,
-        class_names=tuple(class_names)
-        if class_names is not None and not isinstance(class_names, str)
-        else class_names,
         image_column=image_column,
         label_column=label_column,
+        class_names=class_names,
+        prompt_template=prompt_template,
+        words=words,
     )
     names = check_settings(dataset, captioner, settings)
     captioners = as_captioners(captioner)

@@ -26,13 +26,12 @@ import datasets
 from ..images import IMAGE_DECODE_ERRORS
 from .batch_files import parse_output_line
 from .cache import CaptionCache, default_cache_dir
-from .caption import caption_rows, check_settings, shard_bounds
+from .caption import caption_rows, caption_settings, check_settings, shard_bounds
 from .captioners.base import CaptionRequest, CaptionResult
 from .captioners.openai_batch import as_batch_captioner
 from .engine import EXPORT_KIND, build_units, reason_kind, store_answer
 from .ledger import SubmissionLedger
-from .prompts import CAPTION_TYPES, DEFAULT_WORDS, PROMPT_TEMPLATE, validate_caption_types
-from .provenance import CaptionSettings
+from .prompts import CAPTION_TYPES, DEFAULT_WORDS, PROMPT_TEMPLATE
 
 SHOWN = 10  # bad lines listed per kind in an import report; the rest are counted ("... and N more")
 
@@ -181,10 +180,9 @@ def export_caption_requests(
             "export_caption_requests needs an OpenAICompatibleCaptioner (or OpenAIBatchCaptioner) describing the "
             f"model and generation settings the engine will use; got {type(captioner).__name__}."
         )
-    settings = CaptionSettings(
-        domain=domain, caption_types=tuple(validate_caption_types(caption_types)), captions_per_type=captions_per_type,
-        words=words, prompt_template=prompt_template, class_names=tuple(class_names) if class_names else None,
-        image_column=image_column, label_column=label_column,
+    settings = caption_settings(
+        domain=domain, caption_types=caption_types, captions_per_type=captions_per_type, image_column=image_column,
+        label_column=label_column, class_names=class_names, prompt_template=prompt_template, words=words,
     )  # fmt: skip
     names = check_settings(dataset, captioner, settings)
     start, _ = shard_bounds(len(dataset), num_shards, shard_index)

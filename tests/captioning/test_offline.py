@@ -100,6 +100,21 @@ def test_export_rejects_a_captioner_without_a_request_body(labelled, tmp_path):
         export_caption_requests(labelled, tmp_path / "r.jsonl", Local(), domain="textures", cache_dir=tmp_path)
 
 
+def test_export_takes_the_settings_exactly_as_caption_dataset_does(labelled, tmp_path):
+    # one settings constructor: a string class_names ("abc", 3 letters for 3 classes) is refused by both, not read
+    # by the export as the names 'a', 'b', 'c' (its prompts would then differ from every later caption_dataset call)
+    captioner = OpenAICompatibleCaptioner("fake-vlm", api_key_env=None)
+    for call in (
+        lambda: caption_dataset(labelled, captioner, domain="textures", class_names="abc", cache_dir=tmp_path),
+        lambda: export_caption_requests(
+            labelled, tmp_path / "r.jsonl", captioner, domain="textures", class_names="abc", cache_dir=tmp_path
+        ),
+    ):
+        with pytest.raises(ValueError, match="class_names is the string 'abc'; pass a list"):
+            call()
+    assert not (tmp_path / "r.jsonl").exists()
+
+
 def test_output_lines_of_every_shape():
     from mmft_hf.captioning.batch_files import parse_output_line
 
