@@ -20,7 +20,7 @@ import datasets
 
 from ..images import load_image
 from .cache import CaptionCache, ClaimKeeper, caption_key, default_cache_dir, identity_json, new_claim_owner
-from .captioners.base import CaptionerUnavailableError
+from .captioners.base import Captioner, CaptionerUnavailableError
 from .captioners.openai_batch import as_batch_captioner
 from .engine import (
     CLAIM_TTL_S,
@@ -238,9 +238,13 @@ def check_settings(dataset: datasets.Dataset, captioner, settings: CaptionSettin
         raise ValueError(f"Column {settings.image_column!r} must be a datasets.Image feature, got {image_feature}.")
     captioners, seen = as_captioners(captioner), {}
     for position, item in enumerate(captioners):
-        if not all(callable(getattr(item, attr, None)) for attr in ("caption", "cache_identity")):
+        if not isinstance(item, Captioner):
+            hint = (
+                f": build it with mmft_hf.captioning.builder.make_captioner({item!r})" if isinstance(item, str) else ""
+            )
             raise TypeError(
-                f"captioner {position} must implement caption(requests) and cache_identity() (see captioners/base.py)."
+                f"captioner {position} is a {type(item).__name__}, not a Captioner (caption(requests) and "
+                f"cache_identity(), see captioners/base.py){hint}."
             )
         identity = identity_json(item.cache_identity())
         if identity in seen:

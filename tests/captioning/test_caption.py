@@ -279,6 +279,9 @@ def test_labels_class_names_and_bad_input(labelled, tmp_path):
         caption_dataset(labelled, fake, domain="textures", image_column="picture", cache_dir=tmp_path)
     with pytest.raises(ValueError, match="class_name"):
         caption_dataset(labelled, fake, domain="textures", prompt_template="no field", cache_dir=tmp_path)
+    # a spec string (what the CLI and the builder take) is not a captioner: the error says how to build one
+    with pytest.raises(TypeError, match=r"captioner 1 is a str, not a Captioner .*make_captioner\('openai:m'\)"):
+        caption_dataset(labelled, [fake, "openai:m"], domain="textures", cache_dir=tmp_path)
 
 
 def test_missing_image_is_reported_not_dropped(tmp_path):
