@@ -426,7 +426,14 @@ def test_generate_captions_ctrl_c_prints_one_line_then_the_same_command_resumes(
     server = start_fake_api(delay=0.3)
     argv = ["caption", "--dataset_name", str(tmp_path / "src"), "--split", "train", "--captioner", "openai:fake-mllm"]
     argv += ["--base_url", server.base_url, "--api_key_env", "none", "--domain", "textures", "--max_concurrency", "1"]
-    argv += ["--caption_types", "shape,texture", "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out")]
+    argv += [
+        "--caption_types",
+        "shape,texture",
+        "--cache_dir",
+        str(tmp_path / "cache"),
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = subprocess.Popen(
         [sys.executable, "-m", "mmft_hf.cli", *argv],

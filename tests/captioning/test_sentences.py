@@ -24,8 +24,10 @@ REFERENCES = [
     # etc. and dotted abbreviations end a sentence only before a capital
     ("Reds, blues, etc. The end.", ["Reds, blues, etc.", "The end."]),
     ("Reds, blues, etc. and more.", ["Reds, blues, etc. and more."]),
-    ("A U.S. flag flies. It is in the U.S. Next to it, a tree.", ["A U.S. flag flies.", "It is in the U.S.",
-                                                                  "Next to it, a tree."]),
+    (
+        "A U.S. flag flies. It is in the U.S. Next to it, a tree.",
+        ["A U.S. flag flies.", "It is in the U.S.", "Next to it, a tree."],
+    ),
     ("Open at 9 a.m. daily. Closed later.", ["Open at 9 a.m. daily.", "Closed later."]),
     # initials, quotes and brackets stay with their sentence
     ("J. R. Smith drew it. Nice.", ["J. R. Smith drew it.", "Nice."]),
