@@ -156,10 +156,11 @@ def load_retention_set(
         raise ValueError(f"The retention split {split!r} is not in {name!r} (it has {list(raw)}); set "
                          "--retention_split.")  # fmt: skip
     dataset = raw[split]
-    for column, flag in ((image_column, "--retention_image_column"), (label_column, "--retention_label_column")):
+    for column in (image_column, label_column):
         if column not in dataset.column_names:
             raise ValueError(f"The retention dataset {name!r} has no column {column!r} (it has "
-                             f"{dataset.column_names}); set {flag}.")  # fmt: skip
+                             f"{dataset.column_names}). It is read with the training data's column names "
+                             "(--image_column, --label_column): rename its columns to match.")  # fmt: skip
     if isinstance(class_names, str):
         class_names = read_class_names(class_names)
     feature = dataset.features[label_column]

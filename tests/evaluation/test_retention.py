@@ -63,3 +63,14 @@ def test_retention_set_from_a_folder_with_a_class_names_file(tmp_path, synthetic
     names_file.write_text("one\ntwo\n")
     with pytest.raises(ValueError, match="labels run from 0 to 3, but 2 class names"):
         load_retention_set(str(tmp_path / "data"), class_names=str(names_file))
+
+
+def test_a_missing_column_names_the_flags_that_exist(tmp_path, synthetic_dataset):
+    """The retention set is read with the training data's --image_column / --label_column (there is no
+    --retention_image_column); the error says so."""
+    synthetic_dataset.rename_column("image", "img").save_to_disk(tmp_path / "data")
+    with pytest.raises(ValueError) as error:
+        load_retention_set(str(tmp_path / "data"))
+    message = str(error.value)
+    assert "has no column 'image'" in message and "'img'" in message
+    assert "(--image_column, --label_column)" in message and "--retention_image_column" not in message
