@@ -268,6 +268,9 @@ def run(argv: list[str]) -> dict:
             print(finished)
         return {}
     checkpoint = resolve_resume_checkpoint(training_args)  # before any work: a non-empty output_dir fails fast
+    stale_results = os.path.join(training_args.output_dir, RESULTS_FILENAME)
+    if training_args.process_index == 0 and os.path.isfile(stale_results):
+        os.remove(stale_results)  # an earlier run's: left there, it would mark this run finished if it stops early
     if demo:
         logger.info("No model or dataset given: running the offline demo (synthetic shapes, small CLIP).")
     set_seed(training_args.seed)

@@ -188,3 +188,22 @@ def test_two_processes_train_like_one_process_on_the_global_batch(tmp_path, tiny
     assert moved > 1e-3  # the step changed the weights
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_retrain_that_stops_early_is_not_reported_as_finished(tmp_path, monkeypatch):
+    """`--overwrite_output_dir true` into a finished run's folder, stopped during training: the old run's
+    all_results.json must not make the next run report the folder as already trained."""
+    out = tmp_path / "out"
+    argv = ["--output_dir", str(out), "--num_train_epochs", "1", "--demo_num_classes", "2",
+            "--demo_train_per_class", "4", "--per_device_train_batch_size", "8", "--disable_tqdm", "true"]  # fmt: skip
+    finetune_command.main(argv)
+    args = finetune_command.parse_arguments(argv)[2]
+    assert finetune_command.finished_run(args) is not None  # the finished run is detected
+
+    def stopped(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MMFTTrainer, "train", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        finetune_command.main([*argv, "--overwrite_output_dir", "true"])
+    assert finetune_command.finished_run(args) is None
