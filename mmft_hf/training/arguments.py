@@ -63,9 +63,11 @@ class MMFTTrainingArguments(TrainingArguments):
             Decay biases and LayerNorm weights too, as the reference does (Trainer exempts them otherwise).
         contrastive_chunk_size (`int`, *optional*):
             Embed the per-device batch in chunks of this many pairs (GradCache): a pass without the graph, the loss
-            over the whole (gathered) batch, then each chunk again with gradients. Same weights as the unchunked
-            run within float rounding, with the memory of a `contrastive_chunk_size` batch. Unset, or at least the
-            batch size: one forward pass over the batch. See docs/large-batches.md.
+            over the whole (gathered) batch, then each chunk again with gradients, with the memory of a
+            `contrastive_chunk_size` batch. Without dropout, the same weights as the unchunked run within float
+            rounding; with dropout (`lora_dropout` defaults to 0.1) masks are drawn per chunk, so the runs differ as
+            two dropout draws do. Unset, or at least the batch size: one forward pass over the batch. See
+            docs/large-batches.md.
         use_lora / lora_r / lora_alpha / lora_dropout / lora_target_modules:
             LoRA through peft on both towers (`q_proj`, `k_proj`, `v_proj`, `out_proj` by default). The final
             `save_model` writes the merged plain model; checkpoints hold the adapter.

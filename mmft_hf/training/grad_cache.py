@@ -9,8 +9,10 @@ way gradient accumulation splits a sum of per-sample losses. GradCache splits th
 3. embed each chunk again with the graph and back-propagate `sum(embeddings * g)`, whose parameter gradient is the
    chunk's share of `dL/dtheta` (chain rule); the chunks' shares add up in `.grad`.
 
-The weights therefore follow the unchunked run within float rounding, provided step 3 sees exactly the inputs of
-step 1: the collator draws crops before the step, and `RandomState` replays each chunk's dropout masks.
+The gradient is therefore exactly that of the loss of step 2, provided step 3 sees exactly the inputs of step 1: the
+collator draws crops before the step, and `RandomState` replays each chunk's dropout masks. Without dropout the
+weights follow the unchunked run within float rounding; with dropout the masks are drawn per chunk instead of per
+batch, so the two runs differ as two dropout draws do.
 `MMFTTrainer.training_step` drives the three steps; this module holds the pieces that do not need the trainer.
 """
 
