@@ -7,7 +7,7 @@ request gets `default` (by default `(200, {})`: success, echoing the prompt text
 
 Steps for the failure modes (use them in `plan` or as `default`): `(500, {})` for a server failing every request,
 `RATE_LIMITED` (HTTP 429 with a short `Retry-After`), `HANG` (accept, read the request, never answer until the server
-is closed), and `answer(...)` for a chosen completion, e.g. `answer(REFUSAL)`, `answer(text, finish_reason="length")`
+is closed), `HOLD` (answer only once the test sets `server.resume`, a `threading.Event`), and `answer(...)` for a chosen completion, e.g. `answer(REFUSAL)`, `answer(text, finish_reason="length")`
 or `answer(HUGE)`. `stops_answering_after(n)` is a plan of n answers, to be followed by `default=HANG`.
 `wait_until_quiet(server, quiet)` counts the requests once they have stopped arriving.
 """
@@ -37,6 +37,8 @@ class FakeChatHandler(BaseHTTPRequestHandler):
             server.max_in_flight = max(server.max_in_flight, server.in_flight)
         status, headers, override = (*step, None)[:3]
         headers = dict(headers)  # a plan may repeat one step object: never consume its entries
+        if headers.pop("X-Hold", None):
+            server.resume.wait()  # answers once the test sets `server.resume` (or the server closes)
         if headers.pop("X-Hang", None):
             server.released.wait()  # holds the connection open, without an answer, until the server closes
             with server.lock:
@@ -92,14 +94,17 @@ class FakeChatServer(ThreadingHTTPServer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.released = threading.Event()
+        self.resume = threading.Event()
 
     def server_close(self):
         self.released.set()  # hung requests end (without an answer) and their threads exit
+        self.resume.set()  # held requests are answered
         super().server_close()
 
 
 RATE_LIMITED = (429, {"Retry-After": "0.05"})
 HANG = (200, {"X-Hang": "1"})
+HOLD = (200, {"X-Hold": "1"})
 REFUSAL = "I'm sorry, but I can't help with that."
 HUGE = "lorem ipsum " * 10_000  # 20,000 words, 120,000 characters
 

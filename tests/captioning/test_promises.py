@@ -17,7 +17,7 @@ import datasets
 import pytest
 from PIL import Image
 
-from tests.fake_chat_server import HUGE, REFUSAL, answer, chat_completion, start_fake_api
+from tests.fake_chat_server import HOLD, HUGE, REFUSAL, answer, chat_completion, start_fake_api
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {
@@ -108,23 +108,33 @@ def test_a_sync_run_collects_an_open_batch_instead_of_paying_again(batch_api, ti
 
 
 def test_a_batch_run_waits_for_the_captions_a_live_sync_run_claimed(batch_api, tiny_source, tmp_path):
+    # the sync run captions shard 0 (3 rows, 9 captions, claimed at once) and is held after its first answer until
+    # the batch run (the whole dataset) has submitted its batch: by then the batch run has found shard 0 claimed, so
+    # it must wait for those captions and read them, whatever the two processes' start-up times
     server = batch_api()
-    server.delay = 0.2  # the synchronous run takes a few seconds: the batch run starts while it holds its claims
-    sync = worker("caption_worker.py", tiny_source, tmp_path / "cache", server.base_url, "--max_concurrency", 1)
+    server.plan[:] = [(200, {})] + [HOLD] * 8
+    sync = worker(
+        "caption_worker.py", tiny_source, tmp_path / "cache", server.base_url, "--max_concurrency", 1,
+        "--num_shards", 2, "--shard_index", 0,
+    )  # fmt: skip
     batch = None
     try:
-        wait_for(lambda: len(server.requests) >= 2, sync, "the sync run has claimed and started")
+        wait_for(lambda: len(server.requests) >= 2, sync, "the sync run has claimed its shard and is held")
         batch = worker("batch_caption_worker.py", tiny_source, tmp_path / "cache", server.base_url)
+        wait_for(lambda: server.created, batch, "the batch run has submitted the captions nobody claimed")
+        server.resume.set()
         batch_output, sync_output = finish(batch), finish(sync)
     finally:
+        server.resume.set()
         for process in (sync, batch):
             if process is not None:
                 finish(process)
     assert batch.returncode == 0 and sync.returncode == 0, batch_output + sync_output
-    assert len(server.requests) == 18 and server.created == []  # every caption paid once, by the sync run
-    found = re.search(r"18/18 captions \((\d+) from cache, (\d+) from another run, 0 requests", batch_output)
-    assert found and int(found[2]) > 0 and int(found[1]) + int(found[2]) == 18, batch_output  # waited, then read
-    assert "tokens" not in batch_output  # it billed nothing: no token count at all
+    assert len(server.requests) == 9 and len(server.created) == 1  # every caption paid once
+    submitted = server.contents[server.batches[server.created[0]]["input_file_id"]].decode().splitlines()
+    assert len(submitted) == 9  # shard 1's captions only: none the sync run had claimed
+    found = re.search(r"18/18 captions \((\d+) from cache, (\d+) from another run, 9 requests", batch_output)
+    assert found and int(found[2]) >= 8 and int(found[1]) + int(found[2]) == 9, batch_output  # waited, then read
 
 
 def test_a_batch_rerun_after_a_kill_collects_and_closes_the_batch(batch_api, tiny_source, tmp_path):
