@@ -325,8 +325,10 @@ def select_caption_types(
 
 
 def check_method_arguments(method: MethodSpec, args: MMFTTrainingArguments) -> None:
-    """Raises `ValueError` for a method the arguments cannot run: `ce` with `use_lora` (the CE baseline fine-tunes
+    """Raises `ValueError` for a method the arguments cannot run: overrides that make invalid arguments (e.g.
+    `mmft-notemplate-mix`: template mixing without a template), and `ce` with `use_lora` (the CE baseline fine-tunes
     the whole image tower and a linear head; it has no LoRA variant)."""
+    dataclasses.replace(args, **method.overrides)  # MMFTTrainingArguments' checks, as `run_cell` will apply them
     if method.kind == "ce":
         check_ce_arguments(args)
 

@@ -55,3 +55,13 @@ def test_benchmark_runs_the_recipes_side_by_side_on_long_synthetic_captions(tmp_
     # the long captions do not fit CLIP's 77 tokens with their prefix: what sentence sampling is for
     assert all(len(caption.split()) > 70 for row in datasets.load_from_disk(str(location))["train"]["captions"]
                for caption in row)  # fmt: skip
+
+
+def test_a_recipe_the_arguments_cannot_run_fails_before_any_cell_trains(tmp_path):
+    """`mmft-notemplate-mix` mixes in a template it does not have: the sweep stops before training `mmft`."""
+    out = tmp_path / "results"
+    with pytest.raises(ValueError, match="--template_probability 0.5 trains some rows on the class template alone"):
+        benchmark.main(["--dataset", "synthetic", "--synthetic_num_classes", "2", "--synthetic_train_per_class", "2",
+                        "--synthetic_eval_per_class", "1", "--methods", "mmft,mmft-notemplate-mix", "--shots", "1",
+                        "--seeds", "1", "--output_dir", str(out), *QUICK_FLAGS])  # fmt: skip
+    assert not (out / "results.jsonl").exists()
