@@ -17,8 +17,9 @@ import torch
 
 # A LoRA layer's state-dict entries under peft: the wrapped weight and the adapter's two factors.
 _BASE_LAYER = ".base_layer."
-_LORA_B = re.compile(r"\.lora_(?:B|embedding_B)\.[^.]+\.")
-_LORA_A = re.compile(r"\.lora_(?:A|embedding_A)\.[^.]+\.")
+# (`lora_A.<adapter>.weight` for linear layers; `lora_embedding_A.<adapter>`, a bare parameter, for embeddings)
+_LORA_B = re.compile(r"\.lora_(?:B|embedding_B)\.[^.]+(?:\.|$)")
+_LORA_A = re.compile(r"\.lora_(?:A|embedding_A)\.[^.]+(?:\.|$)")
 
 
 def _is_peft(model: torch.nn.Module) -> bool:

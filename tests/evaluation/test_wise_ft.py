@@ -92,9 +92,10 @@ def test_mismatched_models_and_alphas_are_refused(tiny_tokenizer):
             wise_ft(start, clip(tiny_tokenizer, 1), alpha)
 
 
-def lora_run(start, seed=0):
+def lora_run(start, seed=0, target_modules=("q_proj", "v_proj")):
     """A peft model as MMFTTrainer's LoRA run leaves it: trained adapters and a trained (unfrozen) temperature."""
-    model = get_peft_model(copy.deepcopy(start), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=list(target_modules))
+    model = get_peft_model(copy.deepcopy(start), config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -104,10 +105,14 @@ def lora_run(start, seed=0):
     return model
 
 
-@pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
-def test_lora_alpha_scales_the_update_like_interpolating_merged_weights(tiny_tokenizer, alpha):
+@pytest.mark.parametrize(
+    "alpha, target_modules",
+    [(0.0, ("q_proj", "v_proj")), (0.4, ("q_proj", "v_proj")), (1.0, ("q_proj", "v_proj")),
+     (0.4, ("q_proj", "token_embedding"))],  # an embedding's adapter factors are bare parameters
+)  # fmt: skip
+def test_lora_alpha_scales_the_update_like_interpolating_merged_weights(tiny_tokenizer, alpha, target_modules):
     start = clip(tiny_tokenizer, 0)
-    finetuned = lora_run(start)
+    finetuned = lora_run(start, target_modules=target_modules)
     before = snapshot(finetuned)
     mixed = wise_ft(start, finetuned, alpha)
 
