@@ -236,7 +236,9 @@ def finished_run(args: MMFTTrainingArguments) -> str | None:
     if PartialState().is_main_process:
         results_path = os.path.join(args.output_dir, RESULTS_FILENAME)
         config_path = os.path.join(args.output_dir, "config.json")
-        requested = args.overwrite_output_dir or args.resume_from_checkpoint not in (None, False, "", "false", "no")
+        # read as `resolve_resume_checkpoint` reads it: "False", "none", ... ask for no checkpoint
+        resume = str(args.resume_from_checkpoint).lower() not in ("none", "false", "no", "")
+        requested = args.overwrite_output_dir or resume
         if not requested and os.path.isfile(results_path) and os.path.isfile(config_path):
             with open(results_path, encoding="utf-8") as handle, open(config_path, encoding="utf-8") as config:
                 results, num_classes = json.load(handle), len(json.load(config).get("id2label", {}))

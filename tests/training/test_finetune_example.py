@@ -207,3 +207,15 @@ def test_a_retrain_that_stops_early_is_not_reported_as_finished(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         finetune_command.main([*argv, "--overwrite_output_dir", "true"])
     assert finetune_command.finished_run(args) is None
+
+
+@pytest.mark.parametrize("resume, finished", [("False", True), ("none", True), ("last", False)])
+def test_resume_flag_is_read_as_resolve_resume_checkpoint_reads_it(tmp_path, resume, finished):
+    """A finished folder (final model config + all_results.json): `--resume_from_checkpoint False` asks for no
+    checkpoint, so the run is reported as finished; `last` asks to train from the last checkpoint."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"id2label": {"0": "a", "1": "b"}}))
+    (out / "all_results.json").write_text(json.dumps({"after": {"test_accuracy": 0.5}}))
+    args = finetune_command.parse_arguments(["--output_dir", str(out), "--resume_from_checkpoint", resume])[2]
+    assert (finetune_command.finished_run(args) is not None) == finished
