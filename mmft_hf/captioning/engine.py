@@ -437,7 +437,7 @@ class CaptionEngine:
         """Stores one answer (from any backend), fills the rows it serves and counts it."""
         answer = store_answer(self.cache, self.ledger, record, result)
         self.summary.account(result)
-        for reason in answer.rejected:
+        for reason in [*result.rejected, *answer.rejected]:  # answers the backend asked again, then this one
             kind = reason_kind(reason)
             self.summary.rejected[kind] = self.summary.rejected.get(kind, 0) + 1
         for key, caption in answer.captions.items():

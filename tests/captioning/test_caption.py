@@ -454,6 +454,28 @@ def test_real_backend_authentication_error_stops_the_run(labelled, tmp_path):
         server.server_close()
 
 
+def test_the_summary_counts_every_rejected_answer_also_those_the_captioner_asked_again(labelled, tmp_path):
+    # default max_answer_retries=2: the captioner re-asks a refusal and a cut answer itself; both were billed, so the
+    # summary counts them, beside the requests and the retries they cost
+    from mmft_hf.captioning.captioners.openai_compatible import OpenAICompatibleCaptioner
+    from tests.fake_chat_server import REFUSAL, answer
+
+    server = start_fake_api(plan=[(200, {}), answer(REFUSAL), answer("A cut", finish_reason="length")])
+    try:
+        captioner = OpenAICompatibleCaptioner(model="m", base_url=server.base_url, api_key_env=None, max_concurrency=1)
+        result = caption_dataset(
+            labelled.select(range(2)), captioner, domain="textures", cache_dir=tmp_path, show_progress=False
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    summary = result.caption_summary
+    assert len(server.requests) == 8 and summary.captions_done == 6 and summary.failures == []
+    assert summary.requests == 6 and summary.retries == 2
+    assert summary.rejected == {"refusal": 1, "finish_reason=length": 1}
+    assert "sorry" not in str(result["captions"]) and "A cut" not in str(result["captions"])
+
+
 def test_cache_open_retries_while_another_shard_holds_the_lock(tmp_path, monkeypatch):
     """Two shards opening one fresh cache at once: switching to WAL can fail at once with "database is locked"."""
     import sqlite3

@@ -151,6 +151,7 @@ def test_500_then_success_with_default_backoff(api):
     server = api(plan=[(500, {})])
     ((_, result),) = list(make_captioner(server).caption(make_requests(1)))
     assert result.text == "describe image 0" and result.retries == 1 and len(server.requests) == 2
+    assert result.rejected == []  # a transport retry is no rejected answer
 
 
 def test_5xx_until_retries_run_out_is_a_failed_request(api):
@@ -165,6 +166,7 @@ def test_slow_response_past_timeout_is_retried(api):
     captioner = make_captioner(server, timeout=0.8, max_retries=1)
     ((_, result),) = list(captioner.caption(make_requests(1)))
     assert result.text == "describe image 0" and result.retries == 1 and len(server.requests) == 2
+    assert result.rejected == []  # a transport retry is no rejected answer
 
 
 def test_timeouts_until_retries_run_out(api):
@@ -206,6 +208,8 @@ def test_unusable_answers_are_asked_again_then_failed(api, answer, error):
     request = CaptionRequest(Image.new("RGB", (40, 30)), "Describe this photo in 20 words.")
     ((_, result),) = list(make_captioner(server, max_answer_retries=2).caption([request]))
     assert result.text is None and result.error.startswith(error) and result.retries == 2
+    # the two answers asked again (each billed, for the summary to count); the third one's reason is `error`
+    assert len(result.rejected) == 2 and all(f"rejected: {reason}".startswith(error) for reason in result.rejected)
     assert result.finish_reason == answer["choices"][0]["finish_reason"]
     assert result.refusal == answer["choices"][0]["message"].get("refusal")
     assert result.usage["prompt_tokens"] == 15  # every attempt is paid for: 3 x 5
@@ -216,6 +220,7 @@ def test_empty_answer_then_success(api):
     server = api(plan=[(200, {}, completion(""))])
     ((_, result),) = list(make_captioner(server, max_answer_retries=2).caption(make_requests(1)))
     assert result.text == "describe image 0" and result.retries == 1 and len(server.requests) == 2
+    assert result.rejected == ["empty"]  # the answer asked again, for the summary to count
     assert result.usage == {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}
 
 

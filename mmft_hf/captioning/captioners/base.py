@@ -74,6 +74,9 @@ class CaptionResult:
         sent (`bool`, defaults to `True`): whether the provider processed the request (and bills it); `False` for a
             request that never left this machine (an unreadable image) or a batch line the provider never ran (an
             expired batch's `batch_expired` lines). Summaries count only sent requests.
+        rejected (`list[str]`, defaults to `[]`): the quality gate's reasons for the answers to this request that the
+            backend itself rejected and asked again (each one billed); counted in the summary's `rejected` with the
+            final answer's own reason, if any (an `error` starting `"rejected: "`).
     """
 
     text: str | None
@@ -83,6 +86,7 @@ class CaptionResult:
     finish_reason: str | None = None
     refusal: str | None = None
     sent: bool = True
+    rejected: list[str] = field(default_factory=list)
 
 
 @runtime_checkable

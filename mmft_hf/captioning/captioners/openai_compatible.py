@@ -350,21 +350,22 @@ class OpenAICompatibleCaptioner:
             return CaptionResult(text=None, error=f"could not prepare the image: {type(err).__name__}: {err}")
         body = self.request_body(request.prompt, url, getattr(request, "response_format", None))
         max_words = max_words_asked(request.prompt)
-        retries, usage = 0, Counter()
+        retries, usage, rejected = 0, Counter(), []
         result = CaptionResult(text=None, error="no attempt made")
         for attempt in range(self.max_answer_retries + 1):
             if attempt:  # an answer retry is one more request
                 retries += 1
+                rejected.append(result.error.removeprefix("rejected: "))  # the answer asked again
             raw, failure, transport_retries = await self._send(client, body, max_retries)
             retries += transport_retries
             if failure is not None:
-                return CaptionResult(text=None, error=failure, retries=retries, usage=dict(usage))
+                return CaptionResult(text=None, error=failure, retries=retries, usage=dict(usage), rejected=rejected)
             result = _read_answer(raw, max_words)
             usage.update(result.usage)
             if result.text is not None or result.error.startswith("malformed"):  # a broken server will not heal
                 break
             logger.debug("Asking again (%d of %d): %s", attempt + 1, self.max_answer_retries, result.error)
-        result.retries, result.usage = retries, dict(usage)
+        result.retries, result.usage, result.rejected = retries, dict(usage), rejected
         return result
 
     async def _send(self, client, body: dict, max_retries: int) -> tuple[Any, str | None, int]:
