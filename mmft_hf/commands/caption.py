@@ -496,8 +496,16 @@ def caption_splits(args: CaptioningArguments) -> dict:
         return summaries
     # the splits not captioned are written too, with empty caption lists: evaluation reads only images and labels
     for split in written:
-        if split not in dataset_dict and source[split].features == source[splits[0]].features:
+        if split in dataset_dict:
+            continue
+        if source[split].features == source[splits[0]].features:
             dataset_dict[split] = source[split]
+        else:  # one dataset has one schema: say so rather than leave the split out silently
+            logger.warning(
+                "Split %r is not written: its features %s differ from those of %r (%s). Caption it too (--split "
+                "%s) or write it separately.",
+                split, dict(source[split].features), splits[0], dict(source[splits[0]].features), split,
+            )  # fmt: skip
     source_name = args.dataset_name or (preset.source if preset else None)
     if args.output_dir:
         print(

@@ -526,3 +526,22 @@ def test_generate_captions_example_end_to_end(generate_captions, source, tmp_pat
             build_prompt(names[label], "textures", k) for k in ("visual", "shape")
         ]
     assert json.loads(loaded["train"].features["captions"].feature.id)["captioner"]["model"] == "fake-mllm"
+
+
+def test_a_split_the_command_cannot_write_is_named_not_left_out_silently(source, tmp_path, caplog):
+    odd = datasets.DatasetDict({"train": source["train"].select(range(2)), "test": source["test"]})
+    odd["test"] = odd["test"].add_column("note", ["x"] * len(odd["test"]))  # another schema than train's
+    odd.save_to_disk(str(tmp_path / "src"))
+    server = start_fake_api()
+    try:
+        argv = ["--dataset_name", str(tmp_path / "src"), "--captioner", "openai:fake-mllm", "--api_key_env", "none"]
+        argv += ["--base_url", server.base_url, "--domain", "textures", "--caption_types", "shape"]
+        argv += ["--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out")]
+        with caplog.at_level(logging.WARNING):
+            caption_command.main(argv)
+    finally:
+        server.shutdown()
+        server.server_close()
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert any(message.startswith("Split 'test' is not written: its features") for message in warnings), warnings
+    assert list(datasets.load_dataset(str(tmp_path / "out"), cache_dir=str(tmp_path / "hf"))) == ["train"]
