@@ -40,13 +40,16 @@ def _distribution(values: Sequence[float]) -> dict:
 
 
 def _slot_types(dataset: datasets.Dataset, caption_column: str, caption_types) -> list[str] | None:
-    from .caption import caption_provenance
+    """The caption type of each position of a complete row: `caption_types` as given, else from the provenance
+    (type-major, repeated for each captioner of a several-captioner dataset: captioner-major)."""
+    from .provenance import caption_provenance, provenance_captioners
 
     if caption_types is None:
         provenance = caption_provenance(dataset, caption_column)
         if provenance is None:
             return None
-        return [kind for kind in provenance["caption_types"] for _ in range(provenance["captions_per_type"])]
+        per_captioner = [kind for kind in provenance["caption_types"] for _ in range(provenance["captions_per_type"])]
+        return per_captioner * max(1, len(provenance_captioners(provenance)))
     return list(caption_types)
 
 

@@ -164,6 +164,16 @@ def test_shards_of_a_two_captioner_run_merge_with_their_sources(four, tmp_path):
     assert caption_provenance(merged)["counts"] == caption_provenance(whole)["counts"]
 
 
+def test_caption_stats_attribute_each_captioners_captions_to_their_types(four, tmp_path):
+    from mmft_hf.captioning.stats import caption_stats
+
+    two = run(four, [FakeCaptioner(model="fake-a"), FakeCaptioner(model="fake-b")], tmp_path)
+    report = caption_stats(two)  # the card's statistics: types from the provenance, captioner-major rows
+    assert report["rows_incomplete"] == 0
+    assert report["shape"]["captions"] == report["texture"]["captions"] == 4 * 2  # rows x captioners
+    assert report["all"]["captions"] == 16
+
+
 def test_builder_and_card_list_every_captioner(four, tmp_path):
     first, second = FakeCaptioner(model="fake-a"), FakeCaptioner(model="fake-b")
     builder = CaptionedImages(
