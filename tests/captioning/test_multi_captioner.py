@@ -10,7 +10,7 @@ import datasets
 import pytest
 
 from mmft_hf.captioning.builder import CaptionedImages, push_captioned
-from mmft_hf.captioning.caption import caption_dataset, caption_provenance, merge_caption_shards
+from mmft_hf.captioning.caption import CaptioningError, caption_dataset, caption_provenance, merge_caption_shards
 from mmft_hf.captioning.captioners import CaptionerConnectionError, OpenAICompatibleCaptioner
 from mmft_hf.captioning.prompts import build_prompt
 from mmft_hf.captioning.provenance import MULTI_CAPTION_ORDER, caption_source
@@ -124,7 +124,7 @@ def test_settings_identity_separates_two_captioners_of_one_model(server, four, t
 def test_missing_captions_keep_sources_parallel_and_name_their_captioner(four, tmp_path):
     first = FakeCaptioner(model="fake-a")
     second = FakeCaptioner(model="fake-b", fail=lambda request, seen: "texture characteristics" in request.prompt)
-    with pytest.raises(Exception, match=r"captioner fake-b#\w{8}, caption type 'texture'"):
+    with pytest.raises(CaptioningError, match=r"captioner fake-b#\w{8}, caption type 'texture'"):
         run(four, [first, second], tmp_path, max_passes=1)
     kept = run(four, [first, second], tmp_path, max_passes=1, allow_missing=True)
     source_a, source_b = (caption_source(c.cache_identity()) for c in (first, second))
