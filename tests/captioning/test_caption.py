@@ -322,11 +322,12 @@ def test_concurrent_shards_share_one_cache_then_merge(labelled, tmp_path):
             show_progress=False,
         )
 
-    threads = [threading.Thread(target=run, args=(index,)) for index in (0, 1)]
+    threads = [threading.Thread(target=run, args=(index,), daemon=True) for index in (0, 1)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(120)  # bounded: two shards waiting on each other's claims would fail here, not hang the suite
+        assert not thread.is_alive(), "a shard never finished"
     assert len(fakes[0].requests) == len(fakes[1].requests) == 18  # 6 rows each, disjoint
     assert caption_provenance(results[1])["shard"] == {"num_shards": 2, "shard_index": 1, "start": 6, "stop": 12}
     merged = merge_caption_shards([results[1], results[0]])  # any order
