@@ -451,6 +451,9 @@ def caption_splits(args: CaptioningArguments) -> dict:
                     price_per_million_input_tokens=args.price_per_million_input_tokens,
                     price_per_million_output_tokens=args.price_per_million_output_tokens,
                     batch_discount=args.batch_discount,
+                    strict=args.strict,
+                    allow_missing=args.allow_missing,
+                    max_passes=args.max_passes,
                     **settings,
                 )
                 for item in captioners

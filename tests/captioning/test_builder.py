@@ -545,3 +545,24 @@ def test_a_split_the_command_cannot_write_is_named_not_left_out_silently(source,
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert any(message.startswith("Split 'test' is not written: its features") for message in warnings), warnings
     assert list(datasets.load_dataset(str(tmp_path / "out"), cache_dir=str(tmp_path / "hf"))) == ["train"]
+
+
+def test_estimate_only_takes_the_run_flags_its_errors_name(source, tmp_path, capsys):
+    # the sample's missing-captions error says "--allow_missing": that flag (and --max_passes) must reach the sample
+    source.save_to_disk(str(tmp_path / "src"))
+    server = start_fake_api(plan=[(200, {}), (500, {})])  # one request of the sample fails (no retries, one pass)
+    try:
+        argv = ["--dataset_name", str(tmp_path / "src"), "--captioner", "openai:fake-mllm", "--api_key_env", "none"]
+        argv += ["--base_url", server.base_url, "--domain", "textures", "--caption_types", "shape"]
+        argv += ["--cache_dir", str(tmp_path / "cache"), "--max_retries", "0", "--max_concurrency", "1"]
+        argv += ["--estimate_only", "--estimate_sample_rows", "3", "--max_passes", "1"]
+        with pytest.raises(SystemExit, match="1 caption\\(s\\) still missing .*--allow_missing"):
+            caption_command.main(argv)
+        assert len(server.requests) == 3  # one pass, as asked
+        server.plan[:] = [(500, {})]  # the rerun asks for the missing one only, and it fails again
+        estimate = caption_command.main([*argv, "--allow_missing"])["train"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(server.requests) == 4 and estimate.sample_rows == 3 and estimate.requests > 0
+    assert "[train] Estimate for 8 rows" in capsys.readouterr().out
