@@ -63,8 +63,18 @@ TABLES = (
     # The caption recipes of issue 14 on long (five-sentence, over 77-token) captions.
     Table(
         "synthetic-long",
-        ("--dataset", "synthetic", "--synthetic_caption_types", "long", "--methods", "flyp,mmft,mmft-sentence,mmft-mix",
-         "--shots", "1,4,16", "--seeds", "1,2,3"),
+        (
+            "--dataset",
+            "synthetic",
+            "--synthetic_caption_types",
+            "long",
+            "--methods",
+            "flyp,mmft,mmft-sentence,mmft-mix",
+            "--shots",
+            "1,4,16",
+            "--seeds",
+            "1,2,3",
+        ),
         "The caption recipes on long captions (five sentences, over 77 tokens with the class prefix):",
     ),  # fmt: skip
 )

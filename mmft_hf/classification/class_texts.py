@@ -136,5 +136,7 @@ def prototypes_from_captioned_dataset(
         raise ValueError(
             f"Column {label_column!r} is not a ClassLabel, so the class names are unknown; pass `class_names=[...]`."
         )
-    texts = class_texts_from_captions(captions, labels, class_names, class_template, fallback_template, caption_sampling)
+    texts = class_texts_from_captions(
+        captions, labels, class_names, class_template, fallback_template, caption_sampling
+    )
     return build_class_prototypes(model, tokenizer, texts, batch_size=batch_size), list(class_names)

@@ -146,7 +146,9 @@ def load_retention_set(
             eval_per_class=8,
             seed=1,
         )
-    elif os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
+    elif os.path.isdir(name) and any(
+        os.path.exists(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")
+    ):
         raw = datasets.load_from_disk(name)
     else:
         raw = datasets.load_dataset(name, config_name, cache_dir=cache_dir)

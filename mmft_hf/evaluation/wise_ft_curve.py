@@ -96,7 +96,9 @@ def best_alpha(curve: Sequence[dict], key: str = "validation_accuracy") -> float
     return best["alpha"]
 
 
-def plot_wise_ft_curve(curve: Sequence[dict], path: str | os.PathLike, retention_name: str | None = None) -> str | None:
+def plot_wise_ft_curve(
+    curve: Sequence[dict], path: str | os.PathLike, retention_name: str | None = None
+) -> str | None:
     """Draws accuracy (%) against alpha, one line per measured split and zero-shot retention; returns the path, or
     `None` without matplotlib (extra `plot`)."""
     try:

@@ -568,7 +568,9 @@ class MMFTTrainer(Trainer):
         if self.state.epoch is not None:
             metrics["epoch"] = self.state.epoch
         # one line per evaluation: the per-class accuracies stay in the returned metrics and the model card
-        self.log({key: value for key, value in metrics.items() if not key.startswith(f"{metric_key_prefix}_accuracy_")})
+        self.log(
+            {key: value for key, value in metrics.items() if not key.startswith(f"{metric_key_prefix}_accuracy_")}
+        )
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 

@@ -36,7 +36,9 @@ def _mix(start: torch.Tensor, finetuned: torch.Tensor, alpha: float) -> torch.Te
 def _check_alpha(alpha: float) -> float:
     alpha = float(alpha)
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"WiSE-FT alpha must be in [0, 1] (0: the starting model, 1: the fine-tuned one), got {alpha}.")
+        raise ValueError(
+            f"WiSE-FT alpha must be in [0, 1] (0: the starting model, 1: the fine-tuned one), got {alpha}."
+        )
     return alpha
 
 
@@ -96,7 +98,9 @@ def wise_ft(start_model: torch.nn.Module, finetuned_model: torch.nn.Module, alph
             f"{type(base).__name__} (fine-tuned)."
         )
     if peft and any(getattr(config, "use_dora", False) for config in finetuned_model.peft_config.values()):
-        raise ValueError("WiSE-FT of a DoRA adapter is not supported: its update is not linear in the adapter weights.")
+        raise ValueError(
+            "WiSE-FT of a DoRA adapter is not supported: its update is not linear in the adapter weights."
+        )
     start_state = start_model.state_dict()
     result = copy.deepcopy(finetuned_model)
     finetuned_state = result.state_dict()

@@ -44,7 +44,9 @@ def test_benchmark_runs_the_recipes_side_by_side_on_long_synthetic_captions(tmp_
     assert len(summary["ran"]) == 4
     records = {r["method"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     assert set(records) == set(methods)
-    recipes = {m: (r["settings"]["caption_sampling"], r["settings"]["template_probability"]) for m, r in records.items()}
+    recipes = {
+        m: (r["settings"]["caption_sampling"], r["settings"]["template_probability"]) for m, r in records.items()
+    }
     assert recipes["mmft"] == ("caption", 0.0) and recipes["flyp"] == ("caption", 0.0)
     assert recipes["mmft-sentence"] == ("sentence", 0.0) and recipes["mmft-mix"] == ("caption", 0.5)
     assert len({r["fingerprint"] for r in records.values()}) == 4

@@ -13,7 +13,9 @@ def reference_zero_shot_accuracy(model, processor, dataset, class_names) -> floa
     """Independent zero-shot CLIP: one prompt per class, cosine similarity, argmax (no mmft_hf code)."""
     model.eval()
     with torch.no_grad():
-        texts = processor.tokenizer([f"a photo of a {name}" for name in class_names], padding=True, return_tensors="pt")
+        texts = processor.tokenizer(
+            [f"a photo of a {name}" for name in class_names], padding=True, return_tensors="pt"
+        )
         text = model.get_text_features(**texts)
         text = F.normalize(getattr(text, "pooler_output", text), dim=-1)
         pixels = processor.image_processor(images=[image.convert("RGB") for image in dataset["image"]],

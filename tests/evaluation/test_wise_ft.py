@@ -49,7 +49,9 @@ def test_every_weight_is_the_convex_mix(tiny_tokenizer, alpha):
     # both towers, the projections and the temperature moved; integer buffers were copied
     for name in ("text_model.encoder.layers.0.mlp.fc1.weight", "vision_model.embeddings.patch_embedding.weight",
                  "visual_projection.weight", "text_projection.weight"):  # fmt: skip
-        assert not torch.equal(state[name], before_start[name]) and not torch.equal(state[name], before_finetuned[name])
+        assert not torch.equal(state[name], before_start[name]) and not torch.equal(
+            state[name], before_finetuned[name]
+        )
     assert mixed.logit_scale.item() == pytest.approx((1 - alpha) * 1.0 + alpha * 2.0)
     integer_buffers = {k: v for k, v in finetuned.named_buffers() if not v.is_floating_point()}
     assert integer_buffers  # position_ids (not in the state dict under transformers 5: copied with the model)

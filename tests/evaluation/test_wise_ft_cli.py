@@ -62,7 +62,9 @@ def test_curve_saves_the_best_alpha_on_validation_and_records_every_point(tmp_pa
 
     curve = results["wise_ft_curve"]
     assert [point["alpha"] for point in curve] == [0.0, 0.5, 1.0]
-    assert all(set(point) == {"alpha", "validation_accuracy", "test_accuracy", "retention_accuracy"} for point in curve)
+    assert all(
+        set(point) == {"alpha", "validation_accuracy", "test_accuracy", "retention_accuracy"} for point in curve
+    )
     best = max(curve, key=lambda point: point["validation_accuracy"])  # the first of equals, as documented
     assert results["wise_ft_alpha"] == best["alpha"]
     assert results["after"]["test_accuracy"] == pytest.approx(best["test_accuracy"])

@@ -348,7 +348,7 @@ class OpenAICompatibleCaptioner:
             url = await data_url_of(request.image)
         except (OSError, ValueError) as err:  # unreadable or truncated image file: this request only
             return CaptionResult(text=None, error=f"could not prepare the image: {type(err).__name__}: {err}")
-        body = self.request_body(request.prompt, url, getattr(request, "response_format", None))
+        body = self.request_body(request.prompt, url, request.response_format)
         max_words = max_words_asked(request.prompt)
         retries, usage, rejected = 0, Counter(), []
         result = CaptionResult(text=None, error="no attempt made")
