@@ -109,8 +109,10 @@ REFUSAL = "I'm sorry, but I can't help with that."
 HUGE = "lorem ipsum " * 10_000  # 20,000 words, 120,000 characters
 
 
-def chat_completion(content: str = "", finish_reason: str | None = "stop", refusal: str | None = None) -> dict:
-    """A complete chat-completion body with the given answer."""
+def chat_completion(
+    content: str = "", finish_reason: str | None = "stop", refusal: str | None = None, completion_tokens: int = 3
+) -> dict:
+    """A complete chat-completion body with the given answer (5 prompt tokens, `completion_tokens` answer tokens)."""
     message = {"role": "assistant", "content": content}
     if refusal is not None:
         message["refusal"] = refusal
@@ -120,7 +122,7 @@ def chat_completion(content: str = "", finish_reason: str | None = "stop", refus
         "created": 0,
         "model": "fake",
         "choices": [{"index": 0, "finish_reason": finish_reason, "message": message}],
-        "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+        "usage": {"prompt_tokens": 5, "completion_tokens": completion_tokens, "total_tokens": 5 + completion_tokens},
     }
 
 

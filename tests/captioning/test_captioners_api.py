@@ -20,6 +20,7 @@ from fake_chat_server import (
     RATE_LIMITED,
     REFUSAL,
     answer,
+    chat_completion,
     start_fake_api,
     stops_answering_after,
     wait_until_quiet,
@@ -43,17 +44,8 @@ FAST = {"retry-after-ms": "10"}  # keeps SDK retries quick where the backoff its
 
 
 def completion(content="", finish_reason="stop", refusal=None):
-    message = {"role": "assistant", "content": content}
-    if refusal is not None:
-        message["refusal"] = refusal
-    return {
-        "id": "chatcmpl-test",
-        "object": "chat.completion",
-        "created": 0,
-        "model": "fake",
-        "choices": [{"index": 0, "finish_reason": finish_reason, "message": message}],
-        "usage": {"prompt_tokens": 5, "completion_tokens": 0, "total_tokens": 5},
-    }
+    """An unusable answer as the server sends it; billed as 5 prompt tokens and no answer tokens."""
+    return chat_completion(content, finish_reason, refusal, completion_tokens=0)
 
 
 @pytest.fixture
