@@ -12,6 +12,7 @@ from mmft_hf import MMFTTrainer, MMFTTrainingArguments, mmft_loss
 from mmft_hf.synthetic import build_clip
 from mmft_hf.training.distributed import global_logits
 from mmft_hf.training.grad_cache import RandomState, cached_gradient_objective, split_rows
+from tests.training.test_trainer import make_args
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tests" / "scripts" / "chunked_training_check.py"
@@ -32,26 +33,17 @@ def float64_clip(tokenizer, attention_dropout: float = 0.0):
 def train(tokenizer, dataset, tmp_path, chunk_size, trainer_class=MMFTTrainer, attention_dropout=0.0, **overrides):
     """Trains the tiny CLIP for `STEPS` optimiser steps; returns the trainer (weights and logged losses)."""
     model, processor = float64_clip(tokenizer, attention_dropout)
-    settings = dict(
+    args = make_args(
+        tmp_path,
         output_dir=str(tmp_path / f"out-{chunk_size}"),
-        learning_rate=1e-3,
         max_steps=STEPS,
         per_device_train_batch_size=BATCH,
-        use_cpu=True,
-        save_strategy="no",
-        eval_strategy="no",
-        load_best_model_at_end=False,
-        logging_steps=1,
-        seed=0,
-        disable_tqdm=True,
         report_to=[],
         supcon_weight=0.5,  # both terms shape the gradients
         contrastive_chunk_size=chunk_size,
+        **overrides,
     )
-    settings.update(overrides)
-    trainer = trainer_class(
-        model=model, args=MMFTTrainingArguments(**settings), train_dataset=dataset, processing_class=processor
-    )
+    trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=processor)
     trainer.initial_weights = weights(trainer)
     trainer.train()
     return trainer
