@@ -61,7 +61,7 @@ from mmft_hf.evaluation import (
     settings_fingerprint,
     shared_results,
 )
-from mmft_hf.evaluation.retention import load_retention_set
+from mmft_hf.evaluation.retention import retention_set_from_flags
 from mmft_hf.synthetic import DEMO_TRAINING_ARGUMENTS, build_demo_clip, make_synthetic_dataset
 from mmft_hf.training.arguments import MMFTTrainingArguments
 
@@ -263,17 +263,7 @@ def run(argv: list[str]) -> dict:
         )
         for name, (raw, split_names) in loaded.items()
     }
-    retention = None
-    if bench.retention_dataset is not None:
-        retention = load_retention_set(
-            bench.retention_dataset,
-            split=bench.retention_split,
-            config_name=bench.retention_dataset_config_name,
-            class_names=bench.retention_class_names,
-            image_column=training_args.image_column,
-            label_column=training_args.label_column,
-            cache_dir=bench.cache_dir,
-        )
+    retention = retention_set_from_flags(bench, training_args, bench.cache_dir)
     retention_facts = retention_settings(retention) if retention is not None else None
     for cell in cells:
         method = parse_method(cell["method"])

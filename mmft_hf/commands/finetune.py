@@ -32,7 +32,7 @@ from mmft_hf import MMFTTrainer, MMFTTrainingArguments
 from mmft_hf.commands.flags import command_parser, errors_in_flags, flag_names
 from mmft_hf.commands.launch import log_launch, process_group_teardown
 from mmft_hf.evaluation import load_benchmark_splits
-from mmft_hf.evaluation.retention import RetentionSet, load_retention_set
+from mmft_hf.evaluation.retention import RetentionSet, retention_set_from_flags
 from mmft_hf.evaluation.wise_ft_curve import WISE_FT_PLOT_FILENAME, WiseFTSweep, best_alpha, plot_wise_ft_curve
 from mmft_hf.synthetic import DEMO_TRAINING_ARGUMENTS, build_demo_clip, make_synthetic_dataset
 from mmft_hf.training.arguments import resolve_resume_checkpoint
@@ -145,21 +145,6 @@ def load_model(model_args: ModelArguments, train_dataset: datasets.Dataset):
     model = AutoModel.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
     processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
     return model, processor
-
-
-def load_retention(data_args: DataArguments, training_args: MMFTTrainingArguments, cache_dir: str | None):
-    """The `--retention_dataset` split, or `None` without one."""
-    if data_args.retention_dataset is None:
-        return None
-    return load_retention_set(
-        data_args.retention_dataset,
-        split=data_args.retention_split,
-        config_name=data_args.retention_dataset_config_name,
-        class_names=data_args.retention_class_names,
-        image_column=training_args.image_column,
-        label_column=training_args.label_column,
-        cache_dir=cache_dir,
-    )
 
 
 def wise_ft_and_retention(
@@ -281,7 +266,7 @@ def run(argv: list[str]) -> dict:
     model, processor = load_model(model_args, splits["train"])
     alphas = parse_alphas(model_args.wise_ft_alpha) if model_args.wise_ft_alpha is not None else None
     start_model = copy.deepcopy(model) if alphas else None  # the trainer may wrap `model` with LoRA in place
-    retention = load_retention(data_args, training_args, model_args.cache_dir)
+    retention = retention_set_from_flags(data_args, training_args, model_args.cache_dir)
     results = {}
     if retention is not None:
         results.update(retention_dataset=retention.name, retention_split=data_args.retention_split)

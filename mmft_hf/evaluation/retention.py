@@ -3,7 +3,7 @@ fine-tuning (and at each WiSE-FT alpha), so that a user sees what fine-tuning co
 
 ```python
 from mmft_hf.evaluation.retention import RetentionSet, load_retention_set
-retention = load_retention_set("synthetic-other")           # or a Hub id / folder with image and label columns
+retention = load_retention_set("synthetic")                 # or a Hub id / folder with image and label columns
 before = retention.accuracy(model, processor)                # zero-shot, "a photo of a {class name}"
 ```
 """
@@ -109,6 +109,28 @@ class RetentionSet:
             model, processor, self.dataset, self.class_names, SINGLE_TEMPLATE, self.image_column, self.label_column,
             batch_size,
         )  # fmt: skip
+
+
+def retention_set_from_flags(flags, training_args, cache_dir: str | None = None) -> RetentionSet | None:
+    """The `--retention_dataset` split of a command (`finetune`, `benchmark`), or `None` without one.
+
+    Args:
+        flags: the command's arguments, with `retention_dataset`, `retention_split`, `retention_dataset_config_name`
+            and `retention_class_names`.
+        training_args (`MMFTTrainingArguments`): its `image_column` and `label_column` apply to the retention set.
+        cache_dir (`str`, *optional*): where downloaded datasets are kept.
+    """
+    if flags.retention_dataset is None:
+        return None
+    return load_retention_set(
+        flags.retention_dataset,
+        split=flags.retention_split,
+        config_name=flags.retention_dataset_config_name,
+        class_names=flags.retention_class_names,
+        image_column=training_args.image_column,
+        label_column=training_args.label_column,
+        cache_dir=cache_dir,
+    )
 
 
 def load_retention_set(
