@@ -1,12 +1,14 @@
 """What the training commands do around a run: say how it was launched, and end the process group cleanly.
 
 `torchrun` / `accelerate launch` start one process per device; `TrainingArguments` joins them into a process group
-the first time it is asked for its device. A process that exits with that group alive can abort in gloo's teardown
-(SIGABRT) while its peer is still closing, so every command runs inside `process_group_teardown()`.
+the first time it is asked for its device. A process that exits with that group alive can abort (SIGABRT): gloo's
+worker threads release finished work, whose tensors need the GIL, while the interpreter is shutting down. So every
+command runs inside `process_group_teardown()`, which ends the group and its threads before the process exits.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,9 +44,15 @@ def log_launch(args: TrainingArguments, logger: logging.Logger) -> None:
 
 @contextmanager
 def process_group_teardown() -> Iterator[None]:
-    """Destroys the default process group, if one was created, when the block ends (normally or not)."""
+    """Destroys the default process group, if one was created, when the block ends (normally or not), and frees it.
+
+    `destroy_process_group` drops only torch's own references: the group lives on, with its gloo worker threads, in
+    the reference cycles of the finished `Trainer` (its `DistributedDataParallel` reducer holds the group). Collecting
+    them frees the group now, which joins those threads while the interpreter can still serve them.
+    """
     try:
         yield
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+            gc.collect()

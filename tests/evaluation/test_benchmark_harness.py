@@ -498,5 +498,6 @@ def test_two_process_launch_writes_one_result_from_rank_zero(tiny_clip_dir, tmp_
     assert len(launches) == 1 and launches[0].endswith(
         "Launch: world size 2; contrastive batch 8 = per-device batch 4 x 2 devices."
     ), launches
-    for rank in (0, 1):  # a clean end: the command destroyed the process group on every rank
+    for rank in (0, 1):  # a clean end: the command destroyed and freed the process group on every rank
         assert f"rank {rank}: process group alive after the command: False" in finished.stdout
+        assert f"rank {rank}: gloo threads after the command: none" in finished.stdout

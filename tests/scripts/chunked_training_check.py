@@ -16,6 +16,7 @@ import tempfile
 import torch
 
 from mmft_hf import MMFTTrainer, MMFTTrainingArguments
+from mmft_hf.commands.launch import process_group_teardown
 from mmft_hf.synthetic import build_clip, build_word_tokenizer, caption_vocabulary, make_synthetic_dataset
 
 PER_DEVICE_BATCH, CHUNK, STEPS = 5, 2, 3
@@ -70,4 +71,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with process_group_teardown():  # frees the trainers' process group before exit, as the commands do
+        main()

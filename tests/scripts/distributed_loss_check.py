@@ -17,6 +17,7 @@ import argparse
 
 import torch
 
+from mmft_hf.commands.launch import process_group_teardown
 from mmft_hf.synthetic import build_clip, build_word_tokenizer
 from mmft_hf.training.distributed import gather_batch, global_logits
 from mmft_hf.training.losses import mmft_loss
@@ -88,8 +89,8 @@ def main() -> None:
     if rank == 0:
         torch.save(results, args.output)
     torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    with process_group_teardown():  # frees the group (held by the DDP model) before exit, as the commands do
+        main()

@@ -174,9 +174,10 @@ def test_two_processes_train_like_one_process_on_the_global_batch(tmp_path, tiny
         "Launch: world size 2; contrastive batch 8 = per-device batch 4 x 2 devices."
     ), launches
     assert "Launch: world size 1; contrastive batch 8 = per-device batch 8 x 1 device." in one_process.stderr
-    # a clean end: every rank exits 0 (run_torchrun checks) with its process group destroyed by the command
+    # a clean end: every rank exits 0 (run_torchrun checks) with its process group destroyed and freed by the command
     for rank in (0, 1):
         assert f"rank {rank}: process group alive after the command: False" in two_processes.stdout
+        assert f"rank {rank}: gloo threads after the command: none" in two_processes.stdout
     # the card names the local model and dataset by their folders, not by paths of this machine
     card = (tmp_path / "two" / "README.md").read_text()
     assert str(tmp_path) not in card and tiny_clip_dir not in card
