@@ -16,6 +16,7 @@ from fake_chat_server import start_fake_api
 from mmft_hf import cli
 from mmft_hf.commands import benchmark, finetune
 from mmft_hf.commands.flags import as_flags, command_parser
+from mmft_hf.evaluation.retention import RetentionArguments
 from mmft_hf.training.arguments import MMFTTrainingArguments
 from mmft_hf.version import __version__
 
@@ -91,6 +92,7 @@ def test_subcommand_help_teaches_the_recipe(command, capsys, monkeypatch):
     assert lines[2] == command.__doc__.strip().splitlines()[0]  # the module docstring is the description
     headings = [line for line, after in zip(lines, lines[1:]) if line.endswith(":") and after.startswith("  -")]
     own = ["model:", "data:"] if command is finetune else ["sweep (datasets, methods, shots, seeds):"]
+    own.append("retention:")
     assert headings[: len(own)] == own  # the command's own flags first, then MMFT's, the recipe, the run's
     assert [heading.split(" ")[0] for heading in headings[len(own) :]] == ["MMFT", "recipe:", "run", "help:"]
     # the paper's recipe, with its defaults (method.md §6; MMFTTrainingArguments)
@@ -117,6 +119,31 @@ def test_subcommand_help_teaches_the_recipe(command, capsys, monkeypatch):
     assert "all other transformers.TrainingArguments:" in everything and "more flags" not in everything
     show_help("help", name)
     assert capsys.readouterr().out == out  # `mmft-hf help <command>`
+
+
+def test_finetune_and_benchmark_take_the_retention_flags_of_one_declaration(tmp_path, capsys, monkeypatch):
+    """`--retention_*` are `RetentionArguments`' fields, in both commands' parsers and nowhere else; both parse the
+    same flags into it and list them, the same, in their --help section "retention"."""
+    names = [field.name for field in dataclasses.fields(RetentionArguments)]
+    assert names == ["retention_dataset", "retention_dataset_config_name", "retention_split", "retention_class_names"]
+    argv = ["--retention_dataset", "synthetic", "--retention_dataset_config_name", "c", "--retention_split", "val",
+            "--retention_class_names", str(tmp_path / "names.txt"), "--output_dir", str(tmp_path)]  # fmt: skip
+    parsed = {}
+    for command in (finetune, benchmark):
+        assert RetentionArguments in command.ARGUMENT_DATACLASSES
+        others = [cls for cls in command.ARGUMENT_DATACLASSES if cls is not RetentionArguments]
+        assert not [field.name for cls in others for field in dataclasses.fields(cls) if "retention" in field.name]
+        (parsed[command],) = [args for args in command.parse_arguments(argv) if isinstance(args, RetentionArguments)]
+        defaults = [args for args in command.parse_arguments(argv[-2:]) if isinstance(args, RetentionArguments)]
+        assert defaults == [RetentionArguments()]
+    assert parsed[finetune] == parsed[benchmark] == RetentionArguments("synthetic", "c", "val", argv[7])
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    entries = {}
+    for name in ("finetune", "benchmark"):
+        show_help(name, "--help")
+        entries[name] = flag_entries(section(capsys.readouterr().out, "retention:"))
+    assert list(entries["finetune"]) == [f"--{name}" for name in names] and entries["finetune"] == entries["benchmark"]
+    assert entries["finetune"]["--retention_split"].endswith("(default: test)")
 
 
 def test_help_sections_come_from_the_dataclasses():

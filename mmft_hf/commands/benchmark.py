@@ -61,7 +61,7 @@ from mmft_hf.evaluation import (
     settings_fingerprint,
     shared_results,
 )
-from mmft_hf.evaluation.retention import retention_set_from_flags
+from mmft_hf.evaluation.retention import RetentionArguments, retention_set_from_flags
 from mmft_hf.synthetic import DEMO_TRAINING_ARGUMENTS, build_demo_clip, make_synthetic_dataset
 from mmft_hf.training.arguments import MMFTTrainingArguments
 
@@ -109,28 +109,20 @@ class BenchmarkArguments:
         metadata={"help": "Comma-separated caption types of the synthetic dataset; 'long' gives five-sentence "
                   "captions over 77 tokens, for comparing mmft-sentence with mmft."},
     )  # fmt: skip
-    retention_dataset: str | None = field(
-        default=None,
-        metadata={"help": "Zero-shot retention: a labelled dataset (Hub id, directory, or 'synthetic': shapes of "
-                  "other classes) whose zero-shot accuracy every cell measures with its starting and its final "
-                  "model (results: retention_accuracy_before / _after; a second table)."},
-    )  # fmt: skip
-    retention_dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration name."})
-    retention_split: str = field(default="test", metadata={"help": "The retention dataset's evaluated split."})
-    retention_class_names: str | None = field(
-        default=None,
-        metadata={"help": "File with the retention dataset's class names, one per line (default: its ClassLabel)."},
-    )
 
 
-def parse_arguments(argv: list[str]) -> tuple[BenchmarkArguments, MMFTTrainingArguments]:
-    parser = command_parser((BenchmarkArguments, MMFTTrainingArguments), __doc__)
+# the flags, by --help section; `--retention_*` are declared once for finetune and benchmark
+ARGUMENT_DATACLASSES = (BenchmarkArguments, RetentionArguments, MMFTTrainingArguments)
+
+
+def parse_arguments(argv: list[str]) -> tuple[BenchmarkArguments, RetentionArguments, MMFTTrainingArguments]:
+    parser = command_parser(ARGUMENT_DATACLASSES, __doc__)
     if "--output_dir" not in argv and not any(a.startswith("--output_dir=") for a in argv):
         argv = [*argv, "--output_dir", "benchmark_results"]
-    bench, training = parser.parse_args_into_dataclasses(argv)
+    bench, retention, training = parser.parse_args_into_dataclasses(argv)
     if bench.model_name_or_path is None:
-        bench, training = parser.parse_args_into_dataclasses(DEMO_ARGUMENTS + argv)
-    return bench, training
+        bench, retention, training = parser.parse_args_into_dataclasses(DEMO_ARGUMENTS + argv)
+    return bench, retention, training
 
 
 def parse_datasets(text: str) -> dict[str, str | None]:
@@ -221,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Runs the command with `argv` (default: `sys.argv[1:]`); returns the planned, run and skipped cells. Under a
     launcher the process group is destroyed at the end, whether the run succeeded or not. A `ValueError` names the
     command's flags (`--learning_rate`), not Python keywords."""
-    with process_group_teardown(), errors_in_flags(flag_names((BenchmarkArguments, MMFTTrainingArguments))):
+    with process_group_teardown(), errors_in_flags(flag_names(ARGUMENT_DATACLASSES)):
         return run(sys.argv[1:] if argv is None else argv)
 
 
@@ -234,7 +226,7 @@ def parse_list(text: str, flag: str, convert=str) -> list:
 
 
 def run(argv: list[str]) -> dict:
-    bench, training_args = parse_arguments(argv)
+    bench, retention_args, training_args = parse_arguments(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     log_launch(training_args, logger)
     entries = parse_datasets(bench.dataset)
@@ -263,7 +255,7 @@ def run(argv: list[str]) -> dict:
         )
         for name, (raw, split_names) in loaded.items()
     }
-    retention = retention_set_from_flags(bench, training_args, bench.cache_dir)
+    retention = retention_set_from_flags(retention_args, training_args, bench.cache_dir)
     retention_facts = retention_settings(retention) if retention is not None else None
     for cell in cells:
         method = parse_method(cell["method"])

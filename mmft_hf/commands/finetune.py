@@ -32,7 +32,7 @@ from mmft_hf import MMFTTrainer, MMFTTrainingArguments
 from mmft_hf.commands.flags import command_parser, errors_in_flags, flag_names
 from mmft_hf.commands.launch import log_launch, process_group_teardown
 from mmft_hf.evaluation import load_benchmark_splits
-from mmft_hf.evaluation.retention import RetentionSet, retention_set_from_flags
+from mmft_hf.evaluation.retention import RetentionArguments, RetentionSet, retention_set_from_flags
 from mmft_hf.evaluation.wise_ft_curve import WISE_FT_PLOT_FILENAME, WiseFTSweep, best_alpha, plot_wise_ft_curve
 from mmft_hf.synthetic import DEMO_TRAINING_ARGUMENTS, build_demo_clip, make_synthetic_dataset
 from mmft_hf.training.arguments import resolve_resume_checkpoint
@@ -92,18 +92,6 @@ class DataArguments:
     num_shots: int | None = field(default=None, metadata={"help": "Images per class kept for training (k-shot)."})
     demo_num_classes: int = field(default=8, metadata={"help": "Classes of the synthetic demo dataset."})
     demo_train_per_class: int = field(default=64, metadata={"help": "Training images per class in the demo."})
-    retention_dataset: str | None = field(
-        default=None,
-        metadata={"help": "Zero-shot retention: a labelled dataset (Hub id, directory, or 'synthetic': shapes of "
-                  "classes the demo does not train on) whose zero-shot accuracy is measured before and after "
-                  "fine-tuning (and per WiSE-FT alpha)."},
-    )  # fmt: skip
-    retention_dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration name."})
-    retention_split: str = field(default="test", metadata={"help": "The retention dataset's evaluated split."})
-    retention_class_names: str | None = field(
-        default=None,
-        metadata={"help": "File with the retention dataset's class names, one per line (default: its ClassLabel)."},
-    )
 
     def __post_init__(self):
         if self.num_shots is not None and self.num_shots < 1:
@@ -111,6 +99,10 @@ class DataArguments:
                 f"--num_shots {self.num_shots}: give at least 1 image per class, or omit --num_shots to train on every "
                 "image. (Zero-shot classification trains nothing: `mmft-hf benchmark --methods zeroshot`.)"
             )
+
+
+# the flags, by --help section; `--retention_*` are declared once for finetune and benchmark
+ARGUMENT_DATACLASSES = (ModelArguments, DataArguments, RetentionArguments, MMFTTrainingArguments)
 
 
 def load_splits(data_args: DataArguments, training_args: MMFTTrainingArguments, cache_dir: str | None):
@@ -173,29 +165,33 @@ def wise_ft_and_retention(
     return results
 
 
-def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, MMFTTrainingArguments, bool]:
+def parse_arguments(
+    argv: list[str],
+) -> tuple[ModelArguments, DataArguments, RetentionArguments, MMFTTrainingArguments, bool]:
     """Parses the flags (or one JSON file of them); the demo's defaults apply when neither a model nor a dataset
     is given. A dataset without a model is an error: the demo's small random CLIP is not for real data.
 
     Returns:
-        `(model_args, data_args, training_args, demo)`.
+        `(model_args, data_args, retention_args, training_args, demo)`.
     """
-    parser = command_parser((ModelArguments, DataArguments, MMFTTrainingArguments), __doc__)
+    parser = command_parser(ARGUMENT_DATACLASSES, __doc__)
     from_json = len(argv) == 1 and argv[0].endswith(".json")
     if from_json:
-        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(argv[0]))
+        model_args, data_args, retention_args, training_args = parser.parse_json_file(os.path.abspath(argv[0]))
     else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+        model_args, data_args, retention_args, training_args = parser.parse_args_into_dataclasses(argv)
     demo = model_args.model_name_or_path is None and data_args.dataset_name is None
     if demo and not from_json:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(DEMO_ARGUMENTS + argv)
+        model_args, data_args, retention_args, training_args = parser.parse_args_into_dataclasses(
+            DEMO_ARGUMENTS + argv
+        )
     if data_args.dataset_name is not None and model_args.model_name_or_path is None:
         raise ValueError(
             f"--model_name_or_path is missing: name the model to fine-tune on --dataset_name "
             f"{data_args.dataset_name}, e.g. --model_name_or_path {SUGGESTED_MODEL}. (The offline demo's small random "
             "CLIP runs only when neither --model_name_or_path nor --dataset_name is given.)"
         )
-    return model_args, data_args, training_args, demo
+    return model_args, data_args, retention_args, training_args, demo
 
 
 def summary_line(results: dict, num_classes: int, output_dir: str) -> str:
@@ -240,13 +236,12 @@ def main(argv: list[str] | None = None) -> dict:
     """Runs the command with `argv` (default: `sys.argv[1:]`); returns the before/after metrics. Under a launcher
     the process group is destroyed at the end, whether the run succeeded or not. A `ValueError` names the
     command's flags (`--supcon_weight`), not Python keywords."""
-    flags = flag_names((ModelArguments, DataArguments, MMFTTrainingArguments))
-    with process_group_teardown(), errors_in_flags(flags):
+    with process_group_teardown(), errors_in_flags(flag_names(ARGUMENT_DATACLASSES)):
         return run(sys.argv[1:] if argv is None else argv)
 
 
 def run(argv: list[str]) -> dict:
-    model_args, data_args, training_args, demo = parse_arguments(argv)
+    model_args, data_args, retention_args, training_args, demo = parse_arguments(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     log_launch(training_args, logger)
     finished = finished_run(training_args)
@@ -266,10 +261,10 @@ def run(argv: list[str]) -> dict:
     model, processor = load_model(model_args, splits["train"])
     alphas = parse_alphas(model_args.wise_ft_alpha) if model_args.wise_ft_alpha is not None else None
     start_model = copy.deepcopy(model) if alphas else None  # the trainer may wrap `model` with LoRA in place
-    retention = retention_set_from_flags(data_args, training_args, model_args.cache_dir)
+    retention = retention_set_from_flags(retention_args, training_args, model_args.cache_dir)
     results = {}
     if retention is not None:
-        results.update(retention_dataset=retention.name, retention_split=data_args.retention_split)
+        results.update(retention_dataset=retention.name, retention_split=retention_args.retention_split)
         results["retention_accuracy_before"] = retention.accuracy(
             model.to(training_args.device), processor, training_args.per_device_eval_batch_size
         )

@@ -6,13 +6,16 @@ from mmft_hf.evaluation.retention import RetentionSet, load_retention_set
 retention = load_retention_set("synthetic")                 # or a Hub id / folder with image and label columns
 before = retention.accuracy(model, processor)                # zero-shot, "a photo of a {class name}"
 ```
+
+`mmft-hf finetune` and `mmft-hf benchmark` take the same `--retention_*` flags, declared once here
+(`RetentionArguments`, the "retention" section of their `--help`) and loaded by `retention_set_from_flags`.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import datasets
 import torch
@@ -111,12 +114,35 @@ class RetentionSet:
         )  # fmt: skip
 
 
-def retention_set_from_flags(flags, training_args, cache_dir: str | None = None) -> RetentionSet | None:
+@dataclass
+class RetentionArguments:
+    """The `--retention_*` flags, one declaration for every command that measures zero-shot retention (an
+    `HfArgumentParser` dataclass; `--help` lists its flags under "retention")."""
+
+    _argument_group_name = "retention"  # a heading in --help (`HfArgumentParser`)
+
+    retention_dataset: str | None = field(
+        default=None,
+        metadata={"help": "Zero-shot retention: a labelled dataset (Hub id, directory, or 'synthetic': shapes of "
+                  "classes the demo does not train on) whose zero-shot accuracy is measured with the starting and "
+                  "the final model (and per WiSE-FT alpha): retention_accuracy_before / _after in all_results.json "
+                  "and the card (finetune), in every cell's results and a second table (benchmark)."},
+    )  # fmt: skip
+    retention_dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration name."})
+    retention_split: str = field(default="test", metadata={"help": "The retention dataset's evaluated split."})
+    retention_class_names: str | None = field(
+        default=None,
+        metadata={"help": "File with the retention dataset's class names, one per line (default: its ClassLabel)."},
+    )
+
+
+def retention_set_from_flags(
+    flags: RetentionArguments, training_args, cache_dir: str | None = None
+) -> RetentionSet | None:
     """The `--retention_dataset` split of a command (`finetune`, `benchmark`), or `None` without one.
 
     Args:
-        flags: the command's arguments, with `retention_dataset`, `retention_split`, `retention_dataset_config_name`
-            and `retention_class_names`.
+        flags (`RetentionArguments`): the command's retention flags.
         training_args (`MMFTTrainingArguments`): its `image_column` and `label_column` apply to the retention set.
         cache_dir (`str`, *optional*): where downloaded datasets are kept.
     """

@@ -63,9 +63,9 @@ def test_offline_demo_trains_evaluates_and_saves_then_a_rerun_ends_at_once(tmp_p
 
 def test_demo_defaults_yield_to_explicit_flags():
     finetune = load_finetune_module()
-    _, _, args, demo = finetune.parse_arguments(["--output_dir", "x", "--learning_rate", "0.5"])
+    _, _, _, args, demo = finetune.parse_arguments(["--output_dir", "x", "--learning_rate", "0.5"])
     assert demo and args.learning_rate == 0.5 and args.num_train_epochs == 30
-    _, _, args, demo = finetune.parse_arguments(
+    _, _, _, args, demo = finetune.parse_arguments(
         ["--output_dir", "x", "--dataset_name", "d", "--model_name_or_path", "m"]
     )
     assert not demo and args.learning_rate == 1e-5 and args.num_train_epochs == 50  # the paper's defaults
@@ -120,13 +120,13 @@ def test_splits_follow_the_benchmark_protocol_and_the_label_column(tmp_path, syn
         dataset.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
     base = ["--output_dir", str(tmp_path / "out"), "--dataset_name", str(root), "--label_column", "category"]
     base += ["--model_name_or_path", "unused"]  # parsed, not loaded
-    _, data_args, training_args, _ = finetune.parse_arguments([*base, "--num_shots", "2", "--seed", "3"])
+    _, data_args, _, training_args, _ = finetune.parse_arguments([*base, "--num_shots", "2", "--seed", "3"])
     splits, protocol = finetune.load_splits(data_args, training_args, None)
     assert protocol == "seeded 90/10 train/validation split" and list(splits) == ["train", "validation", "test"]
     assert sorted(splits["train"]["category"]) == [0, 0, 1, 1, 2, 2, 3, 3]
     assert len(splits["validation"]) == 3 and len(splits["test"]) == 16  # about 10 % of the 32 training rows
     for flag, name in (("--validation_split", "dev"), ("--test_split", "heldout")):
-        _, data_args, training_args, _ = finetune.parse_arguments([*base, flag, name])
+        _, data_args, _, training_args, _ = finetune.parse_arguments([*base, flag, name])
         with pytest.raises(ValueError, match=f"split '{name}' is not in the dataset"):
             finetune.load_splits(data_args, training_args, None)
 
@@ -198,7 +198,7 @@ def test_a_retrain_that_stops_early_is_not_reported_as_finished(tmp_path, monkey
     argv = ["--output_dir", str(out), "--num_train_epochs", "1", "--demo_num_classes", "2",
             "--demo_train_per_class", "4", "--per_device_train_batch_size", "8", "--disable_tqdm", "true"]  # fmt: skip
     finetune_command.main(argv)
-    args = finetune_command.parse_arguments(argv)[2]
+    args = finetune_command.parse_arguments(argv)[3]
     assert finetune_command.finished_run(args) is not None  # the finished run is detected
 
     def stopped(self, *args, **kwargs):
@@ -218,5 +218,5 @@ def test_resume_flag_is_read_as_resolve_resume_checkpoint_reads_it(tmp_path, res
     out.mkdir()
     (out / "config.json").write_text(json.dumps({"id2label": {"0": "a", "1": "b"}}))
     (out / "all_results.json").write_text(json.dumps({"after": {"test_accuracy": 0.5}}))
-    args = finetune_command.parse_arguments(["--output_dir", str(out), "--resume_from_checkpoint", resume])[2]
+    args = finetune_command.parse_arguments(["--output_dir", str(out), "--resume_from_checkpoint", resume])[3]
     assert (finetune_command.finished_run(args) is not None) == finished
