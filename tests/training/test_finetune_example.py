@@ -3,6 +3,7 @@ optimiser step must equal a one-process step on the same global batch."""
 
 import json
 import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -152,43 +153,95 @@ def write_solid_color_dataset(root: Path) -> Path:
     return root
 
 
-def run_finetune(nproc: int, batch_size: int, data_dir: Path, model_dir: str, out: Path):
-    """Runs examples/finetune.py under torchrun (through `report_process_group.py`); returns the finished process."""
+def run_finetune(nproc: int, batch_size: int, data_dir: Path, model_dir: str, out: Path, *flags: str):
+    """Runs examples/finetune.py under torchrun (through `report_process_group.py`), one SGD step, with more `flags`;
+    returns the finished process."""
     return run_torchrun(
         nproc, REPORT_PROCESS_GROUP, FINETUNE,
         "--model_name_or_path", model_dir, "--dataset_name", str(data_dir),
         "--output_dir", str(out), "--use_cpu", "true", "--max_steps", "1",
         "--per_device_train_batch_size", str(batch_size), "--optim", "sgd", "--learning_rate", "0.5",
         "--weight_decay", "0", "--eval_strategy", "no", "--save_strategy", "no",
-        "--load_best_model_at_end", "false", "--disable_tqdm", "true", "--seed", "0",
+        "--load_best_model_at_end", "false", "--disable_tqdm", "true", "--seed", "0", *flags,
     )  # fmt: skip
 
 
-def test_two_processes_train_like_one_process_on_the_global_batch(tmp_path, tiny_clip_dir):
-    data_dir = write_solid_color_dataset(tmp_path / "data")
+@pytest.fixture(scope="module")
+def global_batch_run(tmp_path_factory, tiny_clip_dir) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """The solid-colour dataset, and one process trained on it with the global batch of 8 (what two processes of 4
+    each must reproduce): `(data_dir, output_dir, finished process)`."""
+    root = tmp_path_factory.mktemp("global-batch")
+    data_dir = write_solid_color_dataset(root / "data")
+    return data_dir, root / "one", run_finetune(1, 8, data_dir, tiny_clip_dir, root / "one")
+
+
+def assert_clean_exit(finished: subprocess.CompletedProcess, nproc: int = 2) -> None:
+    """Every rank exited 0 (run_torchrun checks) with its process group destroyed and freed by the command."""
+    for rank in range(nproc):
+        assert f"rank {rank}: process group alive after the command: False" in finished.stdout
+        assert f"rank {rank}: gloo threads after the command: none" in finished.stdout
+
+
+def test_two_processes_train_like_one_process_on_the_global_batch(tmp_path, tiny_clip_dir, global_batch_run):
+    data_dir, one_dir, one_process = global_batch_run
     two_processes = run_finetune(2, 4, data_dir, tiny_clip_dir, tmp_path / "two")
-    one_process = run_finetune(1, 8, data_dir, tiny_clip_dir, tmp_path / "one")
     # the launch is logged once, by the main process: world size and the global contrastive batch
     launches = [line for line in two_processes.stderr.splitlines() if "Launch: " in line]
     assert len(launches) == 1 and launches[0].endswith(
         "Launch: world size 2; contrastive batch 8 = per-device batch 4 x 2 devices."
     ), launches
     assert "Launch: world size 1; contrastive batch 8 = per-device batch 8 x 1 device." in one_process.stderr
-    # a clean end: every rank exits 0 (run_torchrun checks) with its process group destroyed and freed by the command
-    for rank in (0, 1):
-        assert f"rank {rank}: process group alive after the command: False" in two_processes.stdout
-        assert f"rank {rank}: gloo threads after the command: none" in two_processes.stdout
+    assert_clean_exit(two_processes)
     # the card names the local model and dataset by their folders, not by paths of this machine
     card = (tmp_path / "two" / "README.md").read_text()
-    assert str(tmp_path) not in card and tiny_clip_dir not in card
+    assert str(data_dir.parent) not in card and tiny_clip_dir not in card
     assert f"base_model: {Path(tiny_clip_dir).name}\n" in card and "- data\n" in card
     two = load_file(str(tmp_path / "two" / "model.safetensors"))
-    one = load_file(str(tmp_path / "one" / "model.safetensors"))
+    one = load_file(str(one_dir / "model.safetensors"))
     start = load_file(os.path.join(tiny_clip_dir, "model.safetensors"))
     moved = max((one[name] - start[name]).abs().max().item() for name in one)
     assert moved > 1e-3  # the step changed the weights
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_two_processes_save_the_wise_ft_interpolation_chosen_on_validation(tmp_path, tiny_clip_dir, global_batch_run):
+    """`--wise_ft_alpha 0,0.5,1` under torchrun: every rank evaluates every alpha, rank 0 alone writes; the saved
+    weights are (1 - alpha) * start + alpha * fine-tuned, fine-tuned being the one-process run on the global batch."""
+    data_dir, one_dir, _ = global_batch_run
+    out = tmp_path / "two"
+    # evaluation batches of 2: each rank classifies half of the 8 validation rows (with batches of 8, rank 0 would
+    # classify all of them and rank 1 only padding, so rank 1's weights would never show)
+    flags = ["--wise_ft_alpha", "0,0.5,1", "--do_eval", "true", "--per_device_eval_batch_size", "2"]
+    finished = run_finetune(2, 4, data_dir, tiny_clip_dir, out, *flags)
+    assert_clean_exit(finished)
+    assert finished.stdout.count("validation accuracy after fine-tuning") == 1  # one summary: rank 0's
+    results = json.loads((out / "all_results.json").read_text())
+    curve = results["wise_ft_curve"]
+    assert [point["alpha"] for point in curve] == [0.0, 0.5, 1.0]
+    alpha = results["wise_ft_alpha"]
+    best = max(curve, key=lambda point: point["validation_accuracy"])  # the first of equals
+    assert alpha == best["alpha"]
+    # both ends of the curve, on every rank's share of the rows: the starting model (as evaluated before training)
+    # and the fine-tuned one (as the one-process run on the global batch evaluated it)
+    assert curve[0]["validation_accuracy"] == results["before"]["validation_before_accuracy"]
+    one_process = json.loads((one_dir / "all_results.json").read_text())
+    assert curve[-1]["validation_accuracy"] == one_process["after"]["validation_accuracy"]
+    assert 0 < alpha < 1, f"{curve}: an interior alpha is no longer the best; the weight check below needs a mix"
+    # the whole validation split was classified (gathered from both ranks), and the saved model is the chosen
+    # point: its accuracy after saving is the curve's
+    assert results["after"]["validation_samples"] == 8
+    assert results["after"]["validation_accuracy"] == pytest.approx(best["validation_accuracy"])
+    assert (out / "wise_ft_curve.png").is_file() and f"**α = {alpha}**" in (out / "README.md").read_text()
+    saved = load_file(str(out / "model.safetensors"))
+    finetuned = load_file(str(one_dir / "model.safetensors"))
+    start = load_file(os.path.join(tiny_clip_dir, "model.safetensors"))
+    assert saved.keys() == finetuned.keys()
+    for name in saved:
+        expected = (
+            (1 - alpha) * start[name] + alpha * finetuned[name] if saved[name].is_floating_point() else start[name]
+        )
+        torch.testing.assert_close(saved[name], expected, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_a_retrain_that_stops_early_is_not_reported_as_finished(tmp_path, monkeypatch):
