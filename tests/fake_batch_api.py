@@ -31,7 +31,7 @@ import time
 
 from PIL import Image
 
-from tests.fake_chat_server import FakeChatHandler, FakeChatServer
+from tests.fake_chat_server import FakeChatHandler, FakeChatServer, within_token_limit
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 _IDS = itertools.count(1)
@@ -77,13 +77,13 @@ def fake_usage(body: dict, text: str) -> dict:
 
 
 def completion(body: dict, json_replies: bool = True, drop_types: tuple = ()) -> dict:
-    text = fake_reply(body, json_replies, drop_types)
+    text, finish_reason = within_token_limit(fake_reply(body, json_replies, drop_types), body)
     return {
         "id": f"chatcmpl-{next(_IDS)}",
         "object": "chat.completion",
         "created": 0,
         "model": body.get("model", "fake"),
-        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+        "choices": [{"index": 0, "finish_reason": finish_reason, "message": {"role": "assistant", "content": text}}],
         "usage": fake_usage(body, text),
     }
 

@@ -2,7 +2,9 @@
 
 `start_fake_api(delay, plan, default)` starts it on a free port in a daemon thread. `plan` is a list of
 `(status, headers)` (or `(status, headers, body_override)`) consumed one per request; once it is empty, every
-request gets `default` (by default `(200, {})`: success, echoing the prompt text back as the caption). Stop it with
+request gets `default` (by default `(200, {})`: success, echoing the prompt text back as the caption). Like a real
+server, an answer longer than the request's `max_tokens` (one token per word here) is cut to that many words and
+ends with `finish_reason: "length"` (see `within_token_limit`). Stop it with
 `server.shutdown(); server.server_close()` (closing also releases hung requests).
 
 Steps for the failure modes (use them in `plan` or as `default`): `(500, {})` for a server failing every request,
@@ -46,7 +48,7 @@ class FakeChatHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         time.sleep(float(headers.pop("X-Delay", server.delay)))
-        text = self.reply(body)
+        text, finish_reason = within_token_limit(self.reply(body), body)
         if override is not None:
             data = override if isinstance(override, bytes) else json.dumps(override).encode()
         elif status != 200:
@@ -59,7 +61,7 @@ class FakeChatHandler(BaseHTTPRequestHandler):
                     "created": 0,
                     "model": body.get("model", "fake"),
                     "choices": [
-                        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
+                        {"index": 0, "finish_reason": finish_reason, "message": {"role": "assistant", "content": text}}
                     ],
                     "usage": self.usage(body, text),
                 }
@@ -83,6 +85,15 @@ class FakeChatHandler(BaseHTTPRequestHandler):
     def usage(self, body: dict, text: str) -> dict:
         """The answer's token usage (fixed here; tests/fake_batch_api.py counts it from the request)."""
         return {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+
+
+def within_token_limit(text: str, body: dict) -> tuple[str, str]:
+    """The answer as a server with the request's `max_tokens` sends it, and its `finish_reason`: one token per word
+    here, so a longer answer is cut to `max_tokens` words and ends with `"length"`."""
+    words, limit = text.split(" "), body.get("max_tokens")
+    if isinstance(limit, int) and len(words) > limit:
+        return " ".join(words[:limit]), "length"
+    return text, "stop"
 
 
 class FakeChatServer(ThreadingHTTPServer):

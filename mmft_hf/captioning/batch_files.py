@@ -23,7 +23,7 @@ def parse_output_line(line: str) -> tuple[str, CaptionResult]:
     Returns:
         `tuple[str, CaptionResult]`: the `custom_id` and the result: the answer's text, usage, `finish_reason` and
         `refusal` for HTTP 200 (the quality gate judges them), else `text=None` and the error. A line with an
-        `error` object and no response was never run by the provider: `sent=False` (not billed).
+        `error` object and no response was never run by the provider: `processed=False` (not billed).
 
     Raises:
         `ValueError`: the line is not JSON, has no string `custom_id`, or has neither a response nor an error.
@@ -42,7 +42,7 @@ def parse_output_line(line: str) -> tuple[str, CaptionResult]:
     if error and not isinstance(response, dict):
         if isinstance(error, dict):
             error = f"{error.get('code') or 'error'}: {error.get('message') or ''}".strip()
-        return custom_id, CaptionResult(text=None, error=f"batch error {error}", sent=False)
+        return custom_id, CaptionResult(text=None, error=f"batch error {error}", processed=False)
     if not isinstance(response, dict) or not isinstance(response.get("body"), dict):
         raise ValueError("neither a 'response' with a 'body' nor an 'error'")
     status, body = response.get("status_code"), response["body"]

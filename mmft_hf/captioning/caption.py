@@ -29,6 +29,7 @@ from .engine import (
     CaptioningInterrupted,
     CaptioningSummary,
     CaptionRows,
+    log_failures,
 )
 from .ledger import SubmissionLedger
 from .prompts import (
@@ -314,7 +315,9 @@ def caption_rows_per_captioner(
     for captioner in captioners:
         identity = identity_json(captioner.cache_identity())
         keys = _caption_keys(image_hashes, prompts, slots, identity)
-        result.append(CaptionRows(keys, prompts, image_hashes, slots, identity, load, first_row))
+        result.append(
+            CaptionRows(keys, prompts, image_hashes, slots, identity, load, first_row, settings.image_column)
+        )
     return result
 
 
@@ -495,8 +498,7 @@ def caption_dataset(
     summary.rows_without_captions = sum(not row for row in columns)
     summary.rows_incomplete = sum(0 < len(row) < per_row for row in columns)
     summary.elapsed_s = time.monotonic() - started
-    if summary.failures:
-        logger.warning("%d caption(s) missing:\n%s", len(summary.failures), "\n".join(map(str, summary.failures[:20])))
+    log_failures(summary.failures, "missing")
     logger.debug("%s", summary)  # callers print it (the CLI does), or read result.caption_summary
     if (missing and not allow_missing) or (strict and summary.failures):
         hint = "" if strict else ", or pass allow_missing=True (--allow_missing) to keep the rows without them"

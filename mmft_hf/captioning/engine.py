@@ -11,9 +11,10 @@ mixing their captions. The engine owns everything but the transport:
 - **images**: loaded once per row and chunk, resized on retry passes, unreadable ones reported and never retried;
   rows with identical image bytes and prompts share one request.
 - **the quality gate** (`quality.py`): empty, refused, cut or runaway answers are never stored; they are counted by
-  reason and asked again in the next pass (up to `max_passes`), or reported and left missing (import).
+  reason and asked again in the next pass (up to `max_passes`), or reported and left missing (import). An answer cut
+  by the token limit is asked again with a raised limit (`quality.raised_token_limit`) when the backend has one.
 - **usage and the summary**: what the provider processed and billed (requests or batch lines, tokens), counted once,
-  by the run that read the answer.
+  by the run that read the answer; attempts that got no answer (connection errors, timeouts) are counted apart.
 
 Backends only answer: a `Captioner` (synchronous: OpenAI-compatible, local transformers VLM) or a `BatchCaptioner`
 (the OpenAI Batch API) from `captioners/base.py`. Imported result files go through `store_answer` like batch lines.
@@ -33,10 +34,10 @@ from tqdm.auto import tqdm
 from ..images import IMAGE_DECODE_ERRORS
 from .batch_files import parse_output_line
 from .cache import CaptionCache, caption_key
-from .captioners.base import BatchCaptioner, CaptionRequest, CaptionResult
+from .captioners.base import BatchCaptioner, CaptionRequest, CaptionResult, TokenLimitedCaptioner
 from .joint import build_joint_prompt, joint_response_format, parse_joint_reply
 from .ledger import SubmissionLedger
-from .quality import max_words_asked, rejection_reason
+from .quality import MAX_TOKEN_LIMIT_FACTOR, is_cut, max_words_asked, raised_token_limit, rejection_reason
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ BATCH_KIND = "openai-batch"
 EXPORT_KIND = "export"
 JOINT = "joint"
 REJECTED = "rejected: "  # how a backend that applies the quality gate itself reports a rejected answer
+FAILURES_LOGGED = 20  # missing captions listed in the log; the rest are counted
+RAISE_MAX_TOKENS = "raise --max_tokens (max_tokens= in Python) if captions are often cut"
 
 
 @dataclass
@@ -85,11 +88,17 @@ class CaptioningSummary:
         cache_hits (`int`): captions found in the cache before any request.
         from_other_runs (`int`): captions another run sharing the cache was making (it had claimed them), read from
             the cache once stored instead of being paid for twice.
-        requests (`int`): requests the provider processed for this run (synchronous requests, batch lines run),
-            over all passes; requests never sent (unreadable images) and batch lines never run are not counted.
-        retries (`int`): extra attempts the backend reported (`CaptionResult.retries`).
+        requests (`int`): requests the provider processed for this run (synchronous requests that got an answer,
+            batch lines run), over all passes; requests never sent (unreadable images), requests none of whose
+            attempts got an answer (see `unanswered`) and batch lines never run are not counted.
+        retries (`int`): extra attempts of those requests that the provider answered (HTTP 5xx or 429 retried,
+            answers the backend asked again): `requests + retries` synchronous requests were answered.
+        unanswered (`int`): attempts that got no answer at all (connection refused or reset, timed out before any
+            response): never processed, not billed, counted in neither `requests` nor `retries`.
         passes (`int`): passes over missing captions.
         rejected (`dict[str, int]`): answers the quality gate refused, by reason (`"refusal"`, `"too long"`, ...).
+        cut (`int`): of those, answers cut by the token limit (`finish_reason="length"`); each was asked again with
+            a raised limit (doubled per re-ask, at most 4 × `max_tokens`).
         failures (`list[CaptionFailure]`): captions still missing.
         rows_incomplete (`int`): rows with some, but not all, captions.
         rows_without_captions (`int`): rows with no caption at all (their list is empty).
@@ -105,8 +114,10 @@ class CaptioningSummary:
     from_other_runs: int = 0
     requests: int = 0
     retries: int = 0
+    unanswered: int = 0
     passes: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
+    cut: int = 0
     failures: list[CaptionFailure] = field(default_factory=list)
     rows_incomplete: int = 0
     rows_without_captions: int = 0
@@ -118,11 +129,13 @@ class CaptioningSummary:
         return asdict(self)
 
     def account(self, result: CaptionResult) -> None:
-        """Counts one answer the provider processed (and bills): its request, retries and tokens."""
-        if not result.sent:
+        """Counts one result: its request, answered retries and tokens if the provider processed it (and bills
+        it), and its attempts that got no answer."""
+        self.unanswered += int(result.unanswered or 0)
+        if not result.processed:
             return
         self.requests += 1
-        self.retries += int(result.retries or 0)
+        self.retries += max(0, int(result.retries or 0) - int(result.unanswered or 0))
         for name, value in (result.usage or {}).items():
             if isinstance(value, (int, float)):
                 self.usage[name] = self.usage.get(name, 0) + value
@@ -132,10 +145,17 @@ class CaptioningSummary:
             f"Captioned {self.num_rows} rows: {self.captions_done}/{self.captions_expected} captions "
             f"({self.cache_hits} from cache, "
             + (f"{self.from_other_runs} from another run, " if self.from_other_runs else "")
-            + f"{self.requests} requests in {self.passes} pass(es), "
-            f"{self.retries} backend retries, {len(self.failures)} failed) in {self.elapsed_s:.1f} s"
+            + f"{self.requests} requests in {self.passes} pass(es), {self.retries} backend retries, "
+            + (f"{self.unanswered} attempt(s) got no answer, " if self.unanswered else "")
+            + f"{len(self.failures)} failed) in {self.elapsed_s:.1f} s"
             + (f"; tokens {self.usage}" if self.usage else "")
             + (f"; answers rejected by the quality gate (asked again): {self.rejected}" if self.rejected else "")
+            + (
+                f"; {self.cut} answer(s) cut by the token limit (asked again with it raised, up to "
+                f"{MAX_TOKEN_LIMIT_FACTOR} × max_tokens): {RAISE_MAX_TOKENS}"
+                if self.cut
+                else ""
+            )
             + f"; cache {self.cache_path}."
         )
         if self.failures:
@@ -161,10 +181,17 @@ class CaptioningError(RuntimeError):
         common = sorted(reasons.items(), key=lambda item: -item[1])[:3]
         shown = "; ".join(f"{count} × {reason}" for reason, count in common)
         more = f"; {len(reasons) - 3} other reason(s)" if len(reasons) > 3 else ""
+        cut = sum(count for reason, count in reasons.items() if is_cut(reason))
+        cut = (
+            f" {cut} of them were cut by the token limit (re-asked with it raised, up to {MAX_TOKEN_LIMIT_FACTOR} × "
+            "max_tokens): raise --max_tokens (max_tokens= in Python)."
+            if cut
+            else ""
+        )
         super().__init__(
             f"{len(failures)} caption(s) still missing after all passes ({shown}{more}; first: {failures[0]}); "
-            f"nothing was written. Every finished caption is cached in {summary.cache_path}: rerun to request only "
-            f"the missing ones{hint}."
+            f"nothing was written.{cut} Every finished caption is cached in {summary.cache_path}: rerun to request "
+            f"only the missing ones{hint}."
         )
 
 
@@ -189,6 +216,7 @@ class CaptionRows:
         load_image (`Callable[[int, bool], PIL.Image.Image]`): loads a row's image, resized for a retry when the flag
             is set; raises one of `IMAGE_DECODE_ERRORS` for an unreadable image.
         first_row (`int`, defaults to 0): the number of row 0 in messages (a shard's start).
+        image_column (`str`, defaults to `"image"`): the image column, named in messages about missing images.
     """
 
     keys: list
@@ -198,6 +226,7 @@ class CaptionRows:
     identity: str
     load_image: Callable
     first_row: int = 0
+    image_column: str = "image"
 
 
 @dataclass
@@ -359,6 +388,14 @@ def reason_kind(reason: str) -> str:
     return reason.split(":", 1)[0].split(" (", 1)[0]
 
 
+def log_failures(failures: list[CaptionFailure], what: str) -> None:
+    """Logs missing captions as a warning: how many (`what` says why, e.g. `"missing"`), the first ones one a line."""
+    if failures:
+        more = f"\n... and {len(failures) - FAILURES_LOGGED} more" if len(failures) > FAILURES_LOGGED else ""
+        shown = "\n".join(map(str, failures[:FAILURES_LOGGED]))
+        logger.warning("%d caption(s) %s:\n%s%s", len(failures), what, shown, more)
+
+
 class CaptionEngine:
     """Runs the passes of one captioner over `CaptionRows` (see the module docstring); several captioners run one
     engine each, in turn, sharing the cache, ledger, claim owner and summary.
@@ -405,8 +442,10 @@ class CaptionEngine:
         self.unreadable: dict[int, str] = {}
         for row, digest in enumerate(rows.image_hashes):
             if digest is None:
-                self.unreadable[row] = "the image is missing (None)"
-                self.reasons.update({(row, s): self.unreadable[row] for s in range(len(rows.slots))})
+                self._unreadable(row, f"the image in column {rows.image_column!r} is missing (None)")
+        # the token limit of a request whose answer was cut, raised for its next pass (a `TokenLimitedCaptioner`'s)
+        self.max_tokens = captioner.max_tokens if isinstance(captioner, TokenLimitedCaptioner) else None
+        self.token_limits: dict[str, int] = {}
         self.bar = None
 
     # ------------------------------------------------------------------ bookkeeping
@@ -433,13 +472,18 @@ class CaptionEngine:
     def _missing_keys(self, unit: RequestUnit) -> list[str]:
         return [key for key in unit.keys if any(self.texts[r][s] is None for r, s in self.positions.get(key, ()))]
 
-    def _handle(self, record: dict, result: CaptionResult) -> None:
-        """Stores one answer (from any backend), fills the rows it serves and counts it."""
+    def _handle(self, custom_id: str, record: dict, result: CaptionResult) -> None:
+        """Stores one answer (from any backend) to the unit `custom_id`, fills the rows it serves and counts it; an
+        answer cut by the token limit gets its unit a raised limit for the next pass."""
         answer = store_answer(self.cache, self.ledger, record, result)
         self.summary.account(result)
         for reason in [*result.rejected, *answer.rejected]:  # answers the backend asked again, then this one
             kind = reason_kind(reason)
             self.summary.rejected[kind] = self.summary.rejected.get(kind, 0) + 1
+            self.summary.cut += is_cut(reason)
+        if self.max_tokens is not None and any(is_cut(reason) for reason in answer.rejected):
+            limit = result.max_tokens or self.token_limits.get(custom_id, self.max_tokens)
+            self.token_limits[custom_id] = raised_token_limit(limit, self.max_tokens)
         for key, caption in answer.captions.items():
             self._fill(key, caption)
         missing = [entry["key"] for entry in record["entries"] if entry["key"] not in answer.captions]
@@ -447,16 +491,27 @@ class CaptionEngine:
             self._fail(missing, answer.problem)
             self.cache.release(self.claim_owner, missing)  # free for another run (or the next pass) to try
 
+    def _unreadable(self, row: int, problem: str) -> None:
+        """Reports every caption of a row whose image is missing or cannot be read (never requested, nor retried)."""
+        self.unreadable[row] = f"{problem}; fix the image or drop the row (the other rows are unaffected)"
+        self.reasons.update({(row, s): self.unreadable[row] for s in range(len(self.rows.slots))})
+
     def _image(self, row: int, retry: bool, images: dict):
         """The row's image (loaded once per chunk), or `None` when it cannot be read (reported, never retried)."""
         if row not in images and row not in self.unreadable:
             try:
                 images[row] = self.rows.load_image(row, retry)
             except IMAGE_DECODE_ERRORS as error:
-                self.unreadable[row] = f"the image cannot be read ({type(error).__name__}: {error})"
-                self.reasons.update({(row, s): self.unreadable[row] for s in range(len(self.rows.slots))})
+                column = self.rows.image_column
+                self._unreadable(
+                    row, f"the image in column {column!r} cannot be read ({type(error).__name__}: {error})"
+                )
                 self.cache.release(self.claim_owner, [key for key in self.rows.keys[row] if key])
         return images.get(row)
+
+    def _request(self, unit: RequestUnit, image) -> CaptionRequest:
+        """The request of `unit` with its image, at the raised token limit if an earlier answer to it was cut."""
+        return CaptionRequest(image, unit.prompt, unit.response_format, self.token_limits.get(unit.custom_id))
 
     # ------------------------------------------------------------------ passes
     def run(self, max_passes: int, one_request_per_image: bool = False) -> None:
@@ -549,7 +604,7 @@ class CaptionEngine:
         for unit in units:
             image = self._image(unit.row, retry, images)
             if image is not None:
-                requests.append(CaptionRequest(image, unit.prompt, unit.response_format))
+                requests.append(self._request(unit, image))
                 sent.append(unit)
         answered = set()
         # No try/except: an authentication error (or any exception) from the backend propagates at once; every
@@ -558,7 +613,7 @@ class CaptionEngine:
             if not 0 <= index < len(sent) or index in answered:
                 raise RuntimeError(f"The captioner yielded an invalid or repeated index {index!r}.")
             answered.add(index)
-            self._handle(sent[index].record, result)
+            self._handle(sent[index].custom_id, sent[index].record, result)
         for index in set(range(len(sent))) - answered:
             self._fail(sent[index].keys, "the captioner returned no result for this request")
             self.cache.release(self.claim_owner, sent[index].keys)
@@ -589,9 +644,7 @@ class CaptionEngine:
                 image = self._image(unit.row, retry, images)
                 if image is None:
                     continue
-                data = (
-                    batch.request_line(unit.custom_id, CaptionRequest(image, unit.prompt, unit.response_format)) + "\n"
-                ).encode("utf-8")
+                data = (batch.request_line(unit.custom_id, self._request(unit, image)) + "\n").encode("utf-8")
                 if len(data) > batch.max_batch_file_bytes:
                     self._fail(unit.keys, f"the request is {len(data)} bytes, over max_batch_file_bytes="
                                f"{batch.max_batch_file_bytes}; lower max_image_side")  # fmt: skip
@@ -649,11 +702,13 @@ class CaptionEngine:
                         )
                         continue
                     answered.add(custom_id)
-                    self._handle(records[custom_id], result)
+                    self._handle(custom_id, records[custom_id], result)
                 reason = f"batch {status.batch_id} ended {status.status!r} without a result for this request"
                 reason += f": {status.note}" if status.note else ""
                 for custom_id in sorted(set(records) - answered):
-                    self._handle(records[custom_id], CaptionResult(text=None, error=reason, sent=False))
+                    self._handle(
+                        custom_id, records[custom_id], CaptionResult(text=None, error=reason, processed=False)
+                    )
                 self.ledger.close_submission(submission["id"], status.status)
             if self.bar is not None:
                 self.bar.set_postfix(
@@ -662,6 +717,29 @@ class CaptionEngine:
                 )  # fmt: skip
             if waiting:  # quick looks at first (a batch that ends at once), then every `poll_interval_s`
                 time.sleep(min(poller.poll_interval_s, max(0.05, 0.25 * (time.monotonic() - started))))
+
+    # ------------------------------------------------------------------ offline engines
+    def write_requests(self, path: str, one_request_per_image: bool = False) -> dict[str, dict]:
+        """Writes the request line of every missing caption to `path` (Batch API JSONL, for an offline engine), as a
+        first pass would send them; rows whose image is missing or cannot be read are reported (`failures`).
+
+        Args:
+            path (`str`): the file to write (replaced).
+            one_request_per_image (`bool`, defaults to `False`): one joint request per image and copy.
+
+        Returns:
+            `dict[str, dict]`: the record of each request written, by `custom_id`.
+        """
+        records, images = {}, {}
+        with open(path, "w", encoding="utf-8") as handle:
+            for unit in build_units(self.rows, self.texts, one_request_per_image, self.unreadable):
+                if unit.row not in images:
+                    images.clear()  # units come row by row: keep one decoded image at a time
+                image = self._image(unit.row, False, images)
+                if image is not None:
+                    handle.write(self.batch.request_line(unit.custom_id, self._request(unit, image)) + "\n")
+                    records[unit.custom_id] = unit.record
+        return records
 
     # ------------------------------------------------------------------ the end
     def failures(self) -> tuple[list[CaptionFailure], list[CaptionFailure]]:

@@ -23,13 +23,20 @@ from dataclasses import dataclass, field
 
 import datasets
 
-from ..images import IMAGE_DECODE_ERRORS
 from .batch_files import parse_output_line
-from .cache import CaptionCache, default_cache_dir
+from .cache import CaptionCache, default_cache_dir, new_claim_owner
 from .caption import caption_rows, caption_settings, check_settings, shard_bounds
-from .captioners.base import CaptionRequest, CaptionResult
+from .captioners.base import CaptionResult
 from .captioners.openai_batch import as_batch_captioner
-from .engine import EXPORT_KIND, build_units, reason_kind, store_answer
+from .engine import (
+    EXPORT_KIND,
+    CaptionEngine,
+    CaptionFailure,
+    CaptioningSummary,
+    log_failures,
+    reason_kind,
+    store_answer,
+)
 from .ledger import SubmissionLedger
 from .prompts import CAPTION_TYPES, DEFAULT_WORDS, PROMPT_TEMPLATE
 
@@ -52,14 +59,15 @@ class ExportSummary:
         requests (`int`): request lines written.
         captions (`int`): captions those requests fill (more than `requests` with `one_request_per_image`).
         cache_hits (`int`): captions already in the cache, not exported.
-        failures (`list[str]`): requests not written (e.g. an unreadable image), with the reason.
+        failures (`list[CaptionFailure]`): captions not exported because their row's image is missing or cannot be
+            read: row, caption type, slot and what to do, exactly as `caption_dataset` reports them.
     """
 
     path: str
     requests: int = 0
     captions: int = 0
     cache_hits: int = 0
-    failures: list[str] = field(default_factory=list)
+    failures: list[CaptionFailure] = field(default_factory=list)
 
     def __str__(self) -> str:
         text = (
@@ -67,7 +75,7 @@ class ExportSummary:
             "caption(s) already cached)."
         )
         if self.failures:
-            text += f" {len(self.failures)} not written:" + _listed(self.failures, str)
+            text += f" {len(self.failures)} caption(s) not written:" + _listed(self.failures, str)
         return text
 
 
@@ -155,7 +163,9 @@ def export_caption_requests(
     The rows, keys and prompts are exactly those `caption_dataset` would request with the same arguments (so the
     same arguments must be given to it afterwards); `custom_id` is the cache key, `body` what `captioner` would send.
     Every request is recorded in the cache, so that `import_caption_results` can validate and store the answers.
-    Exporting again writes the captions still missing.
+    Exporting again writes the captions still missing. Rows whose image is missing (`None`) or cannot be read are
+    reported in the summary's `failures` and in the log (row, caption type, what to do), as `caption_dataset`
+    reports them; the other rows are written.
 
     Args:
         dataset (`datasets.Dataset`): the split to caption.
@@ -167,7 +177,7 @@ def export_caption_requests(
             num_shards, shard_index, one_request_per_image: as for `caption_dataset`.
 
     Returns:
-        `ExportSummary`: the file, and how many requests and captions it holds.
+        `ExportSummary`: the file, how many requests and captions it holds, and the captions it could not hold.
     """
     if isinstance(captioner, (list, tuple)):
         raise TypeError(
@@ -188,30 +198,22 @@ def export_caption_requests(
     start, _ = shard_bounds(len(dataset), num_shards, shard_index)
     part = dataset.shard(num_shards, shard_index, contiguous=True) if num_shards > 1 else dataset
     rows = caption_rows(part, captioner, settings, names, first_row=start)
-    summary = ExportSummary(os.path.abspath(path))
-    with CaptionCache(cache_dir if cache_dir is not None else default_cache_dir()) as cache:
-        cached = cache.get_many(key for row_keys in rows.keys for key in row_keys if key)
-        texts = [[cached.get(key) if key else None for key in row_keys] for row_keys in rows.keys]
-        summary.cache_hits = sum(text is not None for row in texts for text in row)
-        partial, records, image_row, image = summary.path + ".partial", {}, None, None
-        os.makedirs(os.path.dirname(summary.path), exist_ok=True)
-        with open(partial, "w", encoding="utf-8") as handle:
-            for unit in build_units(rows, texts, one_request_per_image):
-                if unit.row != image_row:
-                    image_row = unit.row
-                    try:
-                        image = rows.load_image(unit.row, False)
-                    except IMAGE_DECODE_ERRORS as error:  # unreadable image: reported, the rest is written
-                        image = f"the image cannot be read ({type(error).__name__}: {error})"
-                if isinstance(image, str):
-                    summary.failures.append(f"row {start + unit.row}: {image}")
-                    continue
-                request = CaptionRequest(image, unit.prompt, unit.response_format)
-                handle.write(writer.request_line(unit.custom_id, request) + "\n")
-                records[unit.custom_id] = unit.record
-        with SubmissionLedger(cache) as ledger:  # recorded before the file appears under its name
-            ledger.record(f"{EXPORT_KIND}:{uuid.uuid4().hex}", EXPORT_KIND, records, {"path": summary.path})
-    os.replace(partial, summary.path)
+    summary, partial = ExportSummary(os.path.abspath(path)), os.path.abspath(path) + ".partial"
+    os.makedirs(os.path.dirname(summary.path), exist_ok=True)
+    with (
+        CaptionCache(cache_dir if cache_dir is not None else default_cache_dir()) as cache,
+        SubmissionLedger(cache) as ledger,
+    ):
+        # the engine's view of the rows: its cache hits, and its report of rows without a readable image
+        engine = CaptionEngine(
+            writer, rows, cache, ledger, CaptioningSummary(), claim_owner=new_claim_owner(), show_progress=False
+        )
+        records = engine.write_requests(partial, one_request_per_image)
+        ledger.record(f"{EXPORT_KIND}:{uuid.uuid4().hex}", EXPORT_KIND, records, {"path": summary.path})
+    os.replace(partial, summary.path)  # recorded in the ledger before the file appears under its name
+    _, summary.failures = engine.failures()
+    log_failures(summary.failures, f"not exported to {summary.path}")
+    summary.cache_hits = engine.summary.cache_hits
     summary.requests = len(records)
     summary.captions = sum(len(record["entries"]) for record in records.values())
     return summary
@@ -254,7 +256,7 @@ def import_caption_results(path: str, cache_dir: str | None = None) -> ImportRep
                     report.unknown.append((number, custom_id))
                     continue
                 answer = store_answer(cache, ledger, record, result)
-                if result.sent:
+                if result.processed:
                     for name, value in result.usage.items():
                         report.usage[name] = report.usage.get(name, 0) + value
                 for reason in answer.rejected:

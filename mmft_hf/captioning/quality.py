@@ -4,6 +4,10 @@ An answer is never stored as a caption when it is empty, refused (OpenAI's `refu
 such as "I'm sorry, but I can't help with that."), cut short or filtered (`finish_reason` other than a natural
 stop), or absurdly longer than the prompt asked for. `rejection_reason` says which; callers re-ask (synchronous and
 batch runs) or report and leave the caption missing (imported results), and count the reasons in their summary.
+
+An answer cut by the token limit (`finish_reason="length"`) would likely be cut, and paid for, again at the same
+limit: it is re-asked with the limit doubled per re-ask, up to `MAX_TOKEN_LIMIT_FACTOR` times the configured one
+(`raised_token_limit`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ MAX_CHARACTERS = 20_000
 # "stop"; some servers pass through their native names. `None` (a server that omits the field, or a results file
 # written without it) is accepted: it says nothing against the answer, and the length checks still apply.
 NATURAL_STOPS = frozenset({"stop", "eos", "eos_token", "end_turn", "stop_sequence"})
+# In the reason of an answer cut by the token limit (also in "empty (finish_reason=length)").
+CUT = "finish_reason=length"
+# A cut answer is re-asked with its token limit doubled, at most this many times the configured limit: far enough for
+# an answer of the length asked to fit, bounded so that a model that rambles on is not paid ever more.
+MAX_TOKEN_LIMIT_FACTOR = 4
 
 # "in 50 words", "in about 150 words", "(20 words)", "at most 30 words": the number right before "word(s)", with
 # at most two short words between (e.g. "50 to 60 words" counts 60, the larger).
@@ -122,6 +131,24 @@ def rejection_reason(
     if is_plain_text_refusal(text):
         return f"refusal: {_clip(text)}"
     return None
+
+
+def is_cut(reason: str) -> bool:
+    """Whether a rejection reason (see `rejection_reason`) is an answer cut by the token limit."""
+    return CUT in reason
+
+
+def raised_token_limit(limit: int, max_tokens: int) -> int:
+    """The token limit to re-ask an answer cut at `limit` with: doubled, at most `MAX_TOKEN_LIMIT_FACTOR × max_tokens`.
+
+    Args:
+        limit (`int`): the limit the cut answer was generated under.
+        max_tokens (`int`): the captioner's configured limit.
+
+    Returns:
+        `int`: the new limit (never lower than `limit`).
+    """
+    return max(limit, min(2 * limit, MAX_TOKEN_LIMIT_FACTOR * max_tokens))
 
 
 def _clip(text: str, limit: int = 60) -> str:

@@ -299,7 +299,7 @@ def test_unreadable_image_is_reported_and_duplicate_rows_share_one_request(batch
     exported = export_caption_requests(
         ds, tmp_path / "r.jsonl", batch_captioner(server), domain="textures", cache_dir=tmp_path / "x"
     )
-    assert exported.requests == 3 and len(exported.failures) == 3 and "row 1" in exported.failures[0]
+    assert exported.requests == 3 and len(exported.failures) == 3 and "row 1" in str(exported.failures[0])
 
 
 def test_cancel_open_batches_keeps_what_finished(batch_api, labelled, tmp_path):
@@ -376,3 +376,22 @@ def test_an_open_batch_of_another_endpoint_stops_a_run_that_cannot_poll_it(batch
     with pytest.raises(OpenBatchError, match=f"36 caption.s. this run needs are in 1 open batch.*{server.base_url}"):
         caption_dataset(labelled, sync, domain="textures", cache_dir=tmp_path, show_progress=False)
     assert other.requests == [] and server.requests == []  # nothing paid twice
+
+
+def test_cut_batch_lines_are_asked_again_in_the_next_batch_with_a_raised_limit(batch_api, labelled, tmp_path):
+    # the batch server cuts answers at max_tokens words (the echoed prompt is 22): the next pass's batch asks the cut
+    # lines with the limit doubled, so they are not cut, and paid, again
+    server = batch_api()
+    rows = labelled.select(range(2))
+    result = caption_dataset(
+        rows, batch_captioner(server, max_tokens=12), domain="textures", cache_dir=tmp_path, show_progress=False
+    )
+    limits = [
+        {json.loads(line)["body"]["max_tokens"] for line in server.contents[file_id].decode().splitlines()}
+        for file_id in server.uploads
+    ]
+    assert limits == [{12}, {24}] and server.requests == []
+    assert [result[row]["captions"] for row in (0, 1)] == [expected_captions(rows, row) for row in (0, 1)]
+    summary = result.caption_summary
+    assert summary.requests == 12 and summary.cut == 6 and summary.passes == 2
+    assert "6 answer(s) cut by the token limit" in str(summary)

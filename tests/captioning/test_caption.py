@@ -294,7 +294,7 @@ def test_missing_image_is_reported_not_dropped(tmp_path):
     result = caption_dataset(ds, fake, domain="things", cache_dir=tmp_path, show_progress=False)
     assert len(fake.requests) == 6 and len(result) == 3
     assert result[1]["captions"] == [] and [f.row for f in result.caption_summary.failures] == [1, 1, 1]
-    assert result.caption_summary.failures[0].reason == "the image is missing (None)"
+    assert result.caption_summary.failures[0].reason.startswith("the image in column 'image' is missing (None); fix")
 
 
 def test_shard_bounds_match_datasets():
@@ -736,3 +736,81 @@ def test_ctrl_c_before_any_request_says_nothing_was_requested(labelled, tmp_path
     monkeypatch.setattr(CaptionCache, "get_many", interrupted)
     with pytest.raises(CaptioningInterrupted, match=r"^Interrupted\. Nothing was requested; the caption cache is "):
         caption_dataset(labelled, FakeCaptioner(), domain="textures", cache_dir=tmp_path, show_progress=False)
+
+
+def test_the_summary_counts_only_requests_the_server_answered(labelled, tmp_path):
+    # a request that timed out before any HTTP response was never processed (nor billed): it is no request in the
+    # summary, which reports it apart; asked again (in the next pass, or by the captioner's retry) it is counted once
+    from mmft_hf.captioning.captioners.openai_compatible import OpenAICompatibleCaptioner
+    from tests.fake_chat_server import HANG
+
+    for max_retries, cache in ((0, "next-pass"), (1, "retried")):
+        server = start_fake_api(plan=[(200, {}), HANG])  # the second request hangs; the rest are answered
+        try:
+            captioner = OpenAICompatibleCaptioner(
+                model="m", base_url=server.base_url, api_key_env=None, max_concurrency=1, max_retries=max_retries,
+                timeout=0.5,
+            )  # fmt: skip
+            result = caption_dataset(
+                labelled.select(range(2)), captioner, domain="textures", cache_dir=tmp_path / cache,
+                show_progress=False,
+            )  # fmt: skip
+        finally:
+            server.shutdown()
+            server.server_close()
+        summary = result.caption_summary
+        assert len(server.requests) == 7 and summary.captions_done == 6 and summary.failures == []
+        assert (summary.requests, summary.retries) == (6, 0)  # the answered requests, and no answered retry
+        assert summary.unanswered == 1
+        assert summary.passes == (2 if max_retries == 0 else 1)
+        assert "6 requests" in str(summary) and "1 attempt(s) got no answer" in str(summary)
+
+
+def test_a_cut_answer_is_asked_again_with_a_raised_token_limit(labelled, tmp_path):
+    # the loopback server cuts an answer at `max_tokens` words (finish_reason "length"), as a real one does; the
+    # prompt it echoes is 22 words. At the same limit a cut answer would be cut, and paid, again: it is asked again
+    # with the limit doubled, by the captioner's own re-ask and by the engine's next pass alike
+    from mmft_hf.captioning.captioners.openai_compatible import OpenAICompatibleCaptioner
+
+    rows = labelled.select(range(2))
+    for answer_retries, passes in ((2, 1), (0, 2)):
+        server = start_fake_api()
+        try:
+            captioner = OpenAICompatibleCaptioner(
+                model="m", base_url=server.base_url, api_key_env=None, max_concurrency=1, max_tokens=12,
+                max_answer_retries=answer_retries,
+            )  # fmt: skip
+            result = caption_dataset(
+                rows, captioner, domain="textures", cache_dir=tmp_path / str(passes), show_progress=False
+            )
+        finally:
+            server.shutdown()
+            server.server_close()
+        assert sorted(body["max_tokens"] for *_, body in server.requests) == [12] * 6 + [24] * 6
+        assert [result[row]["captions"] for row in (0, 1)] == [
+            [build_prompt(rows.features["label"].names[rows[row]["label"]], "textures", t) for t in TYPES]
+            for row in (0, 1)
+        ]  # whole captions, none cut
+        summary = result.caption_summary
+        assert summary.passes == passes and summary.cut == 6 and summary.rejected == {"finish_reason=length": 6}
+        assert "6 answer(s) cut by the token limit" in str(summary) and "--max_tokens" in str(summary)
+
+
+def test_a_raised_token_limit_stops_at_four_times_max_tokens(labelled, tmp_path):
+    # an answer that needs more than 4 x max_tokens is cut at every limit: the limit grows 4 -> 8 -> 16 and no
+    # further, and the run stops saying to raise --max_tokens
+    from mmft_hf.captioning.captioners.openai_compatible import OpenAICompatibleCaptioner
+
+    server = start_fake_api()
+    try:
+        captioner = OpenAICompatibleCaptioner(model="m", base_url=server.base_url, api_key_env=None, max_tokens=4)
+        with pytest.raises(CaptioningError, match=r"cut by the token limit.*--max_tokens") as info:
+            caption_dataset(
+                labelled.select(range(1)), captioner, domain="textures", caption_types=("visual",),
+                cache_dir=tmp_path, max_passes=2, show_progress=False,
+            )  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [body["max_tokens"] for *_, body in server.requests] == [4, 8, 16, 16, 16, 16]
+    assert info.value.summary.cut == 6

@@ -129,7 +129,7 @@ def test_output_lines_of_every_shape():
                "content": None, "refusal": "no"}}]}  # fmt: skip
     result = parse_output_line(json.dumps({"custom_id": "k", "response": {"status_code": 200, "body": refused}}))[1]
     assert (result.text, result.refusal, result.finish_reason) == ("", "no", "stop")  # judged by the engine's gate
-    assert expired[1].sent is False and ok[1].sent is True  # a line never run is not billed
+    assert expired[1].processed is False and ok[1].processed is True  # a line never run is not billed
     for line, message in (
         ("{", "not valid JSON"),
         ('{"response": {}}', "no string 'custom_id'"),
@@ -137,3 +137,29 @@ def test_output_lines_of_every_shape():
     ):
         with pytest.raises(ValueError, match=message):
             parse_output_line(line)
+
+
+def test_export_reports_a_row_without_an_image_as_caption_dataset_does(server, tmp_path, caplog):
+    # a row whose image is None is not skipped silently: the export lists it (row, column, fix) in its summary and
+    # log, exactly as caption_dataset reports it, and still writes every request of the good rows
+    import logging
+
+    import datasets
+    from PIL import Image
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    ds = datasets.Dataset.from_dict(
+        {"image": [Image.new("RGB", (8, 8), "red"), None, Image.new("RGB", (9, 9), "blue")], "label": [0, 1, 1]},
+        features=features,
+    )
+    captioner = OpenAICompatibleCaptioner("fake-vlm", base_url=server.base_url, api_key_env=None)
+    with caplog.at_level(logging.WARNING, logger="mmft_hf"):
+        exported = export_caption_requests(ds, tmp_path / "r.jsonl", captioner, domain="things", cache_dir=tmp_path)
+    assert exported.requests == 6 and len(open(tmp_path / "r.jsonl").readlines()) == 6  # the good rows
+    assert [(failure.row, failure.caption_type) for failure in exported.failures] == [(1, t) for t in TYPES]
+    reason = exported.failures[0].reason
+    assert "column 'image'" in reason and "None" in reason and "drop the row" in reason
+    assert "3 caption(s) not written" in str(exported) and "row 1, caption type 'visual'" in str(exported)
+    assert "row 1, caption type 'visual'" in caplog.text
+    result = caption_dataset(ds, captioner, domain="things", cache_dir=tmp_path / "c", show_progress=False)
+    assert result.caption_summary.failures == exported.failures  # one report, whichever path

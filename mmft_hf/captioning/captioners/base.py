@@ -52,11 +52,15 @@ class CaptionRequest:
         prompt (`str`): the full prompt text.
         response_format (`dict`, *optional*): an OpenAI-style `response_format` (e.g. a JSON schema) for backends
             that support it; others ignore it (one-request-per-image captioning parses the reply either way).
+        max_tokens (`int`, *optional*): the answer's token limit for this request, overriding the captioner's own
+            (`TokenLimitedCaptioner.max_tokens`): the engine raises it for an answer cut by the limit. `None` keeps
+            the captioner's.
     """
 
     image: Image.Image
     prompt: str
     response_format: dict | None = None
+    max_tokens: int | None = None
 
 
 @dataclass
@@ -71,12 +75,18 @@ class CaptionResult:
         finish_reason (`str`, *optional*): the answer's `finish_reason` (`"stop"`, `"length"`, ...), `None` when the
             backend does not say; read by the quality gate (`captioning/quality.py`).
         refusal (`str`, *optional*): the model's refusal message (OpenAI's `message.refusal`), if any.
-        sent (`bool`, defaults to `True`): whether the provider processed the request (and bills it); `False` for a
-            request that never left this machine (an unreadable image) or a batch line the provider never ran (an
-            expired batch's `batch_expired` lines). Summaries count only sent requests.
+        processed (`bool`, defaults to `True`): whether the provider processed the request (and bills it, as its
+            `usage` says): at least one attempt got an answer. `False` for a request that never left this machine
+            (an unreadable image), a synchronous request none of whose attempts got an HTTP response (connection
+            refused or reset, timed out) or a batch line the provider never ran (an expired batch's `batch_expired`
+            lines). Summaries count only processed requests.
+        unanswered (`int`, defaults to 0): attempts of this request that got no answer at all (connection errors,
+            timeouts), among its `retries + 1` attempts; never processed, never billed.
         rejected (`list[str]`, defaults to `[]`): the quality gate's reasons for the answers to this request that the
             backend itself rejected and asked again (each one billed); counted in the summary's `rejected` with the
             final answer's own reason, if any (an `error` starting `"rejected: "`).
+        max_tokens (`int`, *optional*): the token limit the (last) answer was generated under, when the backend
+            has one; an answer cut by it is asked again with a raised limit (`quality.raised_token_limit`).
     """
 
     text: str | None
@@ -85,8 +95,10 @@ class CaptionResult:
     usage: dict = field(default_factory=dict)
     finish_reason: str | None = None
     refusal: str | None = None
-    sent: bool = True
+    processed: bool = True
+    unanswered: int = 0
     rejected: list[str] = field(default_factory=list)
+    max_tokens: int | None = None
 
 
 @runtime_checkable
@@ -106,6 +118,21 @@ class Captioner(Protocol):
         Yielding as soon as a caption is ready lets the caller persist it at once, so an interrupted run loses
         nothing that finished.
         """
+
+
+@runtime_checkable
+class TokenLimitedCaptioner(Captioner, Protocol):
+    """A captioner whose answers stop at a token limit that one request may raise (`CaptionRequest.max_tokens`).
+
+    An answer cut by the limit (`finish_reason="length"`) is asked again with the limit doubled, up to
+    `quality.MAX_TOKEN_LIMIT_FACTOR` times `max_tokens` (`quality.raised_token_limit`), instead of being cut, and
+    paid for, again. The raised limit is a per-request setting: the cache identity keeps the configured one.
+
+    Attributes:
+        max_tokens (`int`): the configured token limit of an answer.
+    """
+
+    max_tokens: int
 
 
 @dataclass

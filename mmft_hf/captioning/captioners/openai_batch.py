@@ -122,7 +122,7 @@ class OpenAIBatchCaptioner(OpenAICompatibleCaptioner):
 
     def request_line(self, custom_id: str, request: CaptionRequest) -> str:
         url = image_to_data_url(prepare_image(request.image, self.max_image_side), self.image_format)
-        body = self.request_body(request.prompt, url, request.response_format)
+        body = self.request_body(request.prompt, url, request.response_format, request.max_tokens)
         line = {"custom_id": custom_id, "method": "POST", "url": CHAT_COMPLETIONS_URL, "body": body}
         return json.dumps(line, ensure_ascii=False)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..quality import max_words_asked, rejection_reason
+from ..quality import is_cut, max_words_asked, raised_token_limit, rejection_reason
 from .base import (
     CaptionerAuthenticationError,
     CaptionerConnectionError,
@@ -74,7 +74,11 @@ class OpenAICompatibleCaptioner:
     - An answer the quality gate rejects (empty after removing `<think>` blocks, a `refusal` or a plain-text
       refusal, `finish_reason` other than `"stop"`, far longer than the prompt's "in N words") is asked again up to
       `max_answer_retries` times, then fails the request with `error="rejected: <reason>"`. It is never returned as
-      a caption.
+      a caption. An answer cut by the token limit (`finish_reason="length"`) is asked again with the limit doubled,
+      up to 4 × `max_tokens` (`quality.raised_token_limit`); a request's own `max_tokens` (set by the engine for
+      an answer cut in an earlier pass) replaces `max_tokens` as the starting limit.
+    - A result says what the provider processed: `processed=False` when no attempt got an HTTP response
+      (connection errors, timeouts; `unanswered` counts those attempts), so summaries count only what was answered.
 
     Args:
         model (`str`): the model name the server expects, e.g. `"gemini-2.5-flash-lite"` or `"gpt-4o-mini"`.
@@ -85,7 +89,7 @@ class OpenAICompatibleCaptioner:
             key, read once, here. `None` sends the placeholder key `"EMPTY"`, for local servers without keys.
         max_concurrency (`int`, defaults to 16): requests in flight at once.
         temperature (`float`, defaults to 0.2): sampling temperature (the MMFT reference uses 0.2).
-        max_tokens (`int`, defaults to 256): the answer's token limit.
+        max_tokens (`int`, defaults to 256): the answer's token limit (raised, per request, for an answer it cut).
         timeout (`float`, defaults to 60.0): seconds allowed per HTTP attempt (opening the connection: at most
             10 s of it).
         max_retries (`int`, defaults to 5): retries per request for transient errors (so up to 6 attempts).
@@ -316,7 +320,9 @@ class OpenAICompatibleCaptioner:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
 
-    def request_body(self, prompt: str, image_url: str, response_format: dict | None = None) -> dict:
+    def request_body(
+        self, prompt: str, image_url: str, response_format: dict | None = None, max_tokens: int | None = None
+    ) -> dict:
         """The chat-completions request body for one image and prompt: what this captioner sends, and (as the
         `body` of each JSONL line) what the Batch API captioner and `export_caption_requests` write.
 
@@ -324,6 +330,7 @@ class OpenAICompatibleCaptioner:
             prompt (`str`): the full prompt text.
             image_url (`str`): the image as a `data:` URL (see `image_to_data_url`) or an `https://` URL.
             response_format (`dict`, *optional*): an OpenAI `response_format`, e.g. a JSON schema.
+            max_tokens (`int`, *optional*): this request's token limit; `None` sends the captioner's `max_tokens`.
 
         Returns:
             `dict`: `model`, `messages` (one user message: the image, then the prompt), `temperature`,
@@ -334,7 +341,7 @@ class OpenAICompatibleCaptioner:
             "model": self.model,
             "messages": [{"role": "user", "content": content}],
             "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
+            "max_tokens": max_tokens or self.max_tokens,
         }
         if response_format is not None:
             body["response_format"] = response_format
@@ -346,36 +353,46 @@ class OpenAICompatibleCaptioner:
     async def _caption_one(self, client, request: CaptionRequest, data_url_of, max_retries: int) -> CaptionResult:
         try:
             url = await data_url_of(request.image)
-        except (OSError, ValueError) as err:  # unreadable or truncated image file: this request only
-            return CaptionResult(text=None, error=f"could not prepare the image: {type(err).__name__}: {err}")
-        body = self.request_body(request.prompt, url, request.response_format)
+        except (OSError, ValueError) as err:  # unreadable or truncated image file: this request only, never sent
+            error = f"could not prepare the image: {type(err).__name__}: {err}"
+            return CaptionResult(text=None, error=error, processed=False)
+        limit = request.max_tokens or self.max_tokens
+        body = self.request_body(request.prompt, url, request.response_format, limit)
         max_words = max_words_asked(request.prompt)
-        retries, usage, rejected = 0, Counter(), []
+        retries, unanswered, usage, rejected = 0, 0, Counter(), []
         result = CaptionResult(text=None, error="no attempt made")
         for attempt in range(self.max_answer_retries + 1):
             if attempt:  # an answer retry is one more request
                 retries += 1
                 rejected.append(result.error.removeprefix("rejected: "))  # the answer asked again
-            raw, failure, transport_retries = await self._send(client, body, max_retries)
-            retries += transport_retries
+                if is_cut(rejected[-1]):  # at the same limit it would be cut (and paid) again
+                    limit = body["max_tokens"] = raised_token_limit(limit, self.max_tokens)
+            raw, failure, transport_retries, no_answer = await self._send(client, body, max_retries)
+            retries, unanswered = retries + transport_retries, unanswered + no_answer
             if failure is not None:
-                return CaptionResult(text=None, error=failure, retries=retries, usage=dict(usage), rejected=rejected)
+                return CaptionResult(
+                    text=None, error=failure, retries=retries, usage=dict(usage), rejected=rejected,
+                    processed=retries + 1 > unanswered, unanswered=unanswered, max_tokens=limit,
+                )  # fmt: skip
             result = _read_answer(raw, max_words)
             usage.update(result.usage)
             if result.text is not None or result.error.startswith("malformed"):  # a broken server will not heal
                 break
             logger.debug("Asking again (%d of %d): %s", attempt + 1, self.max_answer_retries, result.error)
         result.retries, result.usage, result.rejected = retries, dict(usage), rejected
+        result.unanswered, result.max_tokens = unanswered, limit
         return result
 
-    async def _send(self, client, body: dict, max_retries: int) -> tuple[Any, str | None, int]:
-        """Sends one request, retrying transient failures; returns `(raw response, None, retries)` or
-        `(None, why it failed, retries)`, and raises when the run should stop (see the class docstring)."""
+    async def _send(self, client, body: dict, max_retries: int) -> tuple[Any, str | None, int, int]:
+        """Sends one request, retrying transient failures; returns `(raw response, None, retries, unanswered)` or
+        `(None, why it failed, retries, unanswered)`, where `unanswered` counts the attempts that got no HTTP
+        response (connection errors, timeouts), and raises when the run should stop (see the class docstring)."""
         import openai
 
         # model and messages are the SDK's required arguments; every other field travels as extra_body, so the JSON
         # sent is exactly `body`, the same body the Batch API captioner writes into its request files.
         fields = {name: value for name, value in body.items() if name not in ("model", "messages")}
+        unanswered = 0
         for attempt in range(max_retries + 1):
             last = attempt == max_retries
             try:
@@ -404,34 +421,36 @@ class OpenAICompatibleCaptioner:
                 error = f"HTTP {err.status_code}: {_server_message(err)}"
                 if err.status_code not in _RETRIED_STATUSES and err.status_code < 500:  # 400, 422: this request
                     self._answered()
-                    return None, error, attempt
+                    return None, error, attempt, unanswered
                 wait = _retry_after(err.response.headers)
                 if wait is not None and wait > MAX_RETRY_AFTER:  # rate limited for longer than a request waits
                     error += f" (Retry-After {wait:.0f} s, beyond the {MAX_RETRY_AFTER:.0f} s a request waits)"
                     last = True
                 if last:
                     self._server_failure(client, error, attempt)
-                    return None, error, attempt
+                    return None, error, attempt, unanswered
                 await asyncio.sleep(wait if wait is not None and wait > 0 else _backoff(attempt))
                 continue
             except openai.APITimeoutError:  # before APIConnectionError, its base class
                 error = f"timed out: no answer within {self.timeout:g} s"
+                unanswered += 1
                 # every attempt counts: a hung server is stopped after a few timeouts, not after every retry of them
                 self._no_answer(client, error, attempt, last_attempt=last)
                 if last:
-                    return None, error, attempt
+                    return None, error, attempt, unanswered
                 await asyncio.sleep(_backoff(attempt))
                 continue
             except openai.APIConnectionError as err:
                 cause = err.__cause__ or err
                 error = f"connection error: {type(cause).__name__}: {cause}"
+                unanswered += 1
                 if last:
                     self._connection_failure(client, error, attempt)
-                    return None, error, attempt
+                    return None, error, attempt, unanswered
                 await asyncio.sleep(_backoff(attempt))
                 continue
             self._answered()
-            return raw, None, attempt
+            return raw, None, attempt, unanswered
         raise AssertionError("unreachable")  # the last attempt returns or raises
 
     def _api_root(self, client) -> str:

@@ -21,7 +21,8 @@ class TransformersCaptioner:
     The model and processor are loaded once, here (`AutoModelForImageTextToText`, `AutoProcessor`). Thinking is
     turned off (`enable_thinking=False`) for chat templates that have the switch, and any `<think>...</think>` block
     is removed from the answers. Each answer comes with its `finish_reason` (`"length"` when `max_new_tokens` cut
-    it); the engine's quality gate never stores an empty, cut or refused answer as a caption.
+    it); the engine's quality gate never stores an empty, cut or refused answer as a caption, and asks a cut one again
+    with a raised limit (`CaptionRequest.max_tokens`: requests with different limits are generated apart).
 
     Sampling is reproducible: batch `b` of each `caption` call runs under seed `seed + b`, on a forked RNG so the
     caller's global torch RNG state is left alone. Sampled captions still depend on how requests are grouped into
@@ -110,6 +111,11 @@ class TransformersCaptioner:
             f"dtype={str(self.model.dtype)!r})"
         )
 
+    @property
+    def max_tokens(self) -> int:
+        """`max_new_tokens`, under the name of the `TokenLimitedCaptioner` protocol (a request may raise it)."""
+        return self.max_new_tokens
+
     def cache_identity(self) -> dict:
         """Model, weights version, dtype and every generation setting that changes the captions.
 
@@ -153,18 +159,22 @@ class TransformersCaptioner:
                     images[index] = prepare_image(requests[index].image, self.max_image_side)
                     ready.append(index)
                 except (OSError, ValueError) as err:  # an unreadable file fails its own request only
-                    yield index, CaptionResult(text=None, error=f"could not prepare the image: {err}")
-            if ready:
+                    yield index, CaptionResult(text=None, error=f"could not prepare the image: {err}", processed=False)
+            limits = {index: requests[index].max_tokens or self.max_new_tokens for index in ready}
+            for limit in sorted(set(limits.values())):  # one generate call per token limit
+                group = [index for index in ready if limits[index] == limit]
                 texts, usages, finish_reasons = self._generate(
-                    [images[i] for i in ready], [requests[i].prompt for i in ready], self.seed + batch_number
+                    [images[i] for i in group], [requests[i].prompt for i in group], self.seed + batch_number, limit
                 )
-                for index, text, usage, finish in zip(ready, texts, usages, finish_reasons, strict=True):
+                for index, text, usage, finish in zip(group, texts, usages, finish_reasons, strict=True):
                     # the answer as generated, with its finish_reason: the engine's quality gate judges it
-                    yield index, CaptionResult(text=text, usage=usage, finish_reason=finish)
+                    yield index, CaptionResult(text=text, usage=usage, finish_reason=finish, max_tokens=limit)
 
-    def _generate(self, images: list, prompts: list[str], seed: int) -> tuple[list[str], list[dict], list[str]]:
-        """Generates one answer per (image, prompt); returns the texts, their token usage and their finish reason
-        (`"stop"` when the model ended its answer, `"length"` when `max_new_tokens` cut it)."""
+    def _generate(
+        self, images: list, prompts: list[str], seed: int, max_new_tokens: int
+    ) -> tuple[list[str], list[dict], list[str]]:
+        """Generates one answer per (image, prompt) within `max_new_tokens`; returns the texts, their token usage and
+        their finish reason (`"stop"` when the model ended its answer, `"length"` when the limit cut it)."""
         conversations = [
             [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
             for image, prompt in zip(images, prompts, strict=True)
@@ -186,7 +196,7 @@ class TransformersCaptioner:
         with torch.random.fork_rng(devices=devices), torch.inference_mode():
             torch.manual_seed(seed)
             output = self.model.generate(
-                **batch, max_new_tokens=self.max_new_tokens, pad_token_id=self._pad_token_id, **sampling
+                **batch, max_new_tokens=max_new_tokens, pad_token_id=self._pad_token_id, **sampling
             )
         prompt_length = batch["input_ids"].shape[1]
         new_tokens = output[:, prompt_length:]
@@ -200,6 +210,6 @@ class TransformersCaptioner:
         eos = self.model.generation_config.eos_token_id
         eos = {eos} if isinstance(eos, int) else set(eos or ())
         finish_reasons = [
-            "stop" if eos & set(row) or len(row) < self.max_new_tokens else "length" for row in new_tokens.tolist()
+            "stop" if eos & set(row) or len(row) < max_new_tokens else "length" for row in new_tokens.tolist()
         ]
         return texts, usages, finish_reasons
