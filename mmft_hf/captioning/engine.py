@@ -97,8 +97,9 @@ class CaptioningSummary:
             response): never processed, not billed, counted in neither `requests` nor `retries`.
         passes (`int`): passes over missing captions.
         rejected (`dict[str, int]`): answers the quality gate refused, by reason (`"refusal"`, `"too long"`, ...).
-        cut (`int`): of those, answers cut by the token limit (`finish_reason="length"`); each was asked again with
-            a raised limit (doubled per re-ask, at most 4 × `max_tokens`).
+        cut (`int`): of those, answers cut by the token limit (`finish_reason="length"`); with a backend that has a
+            token limit (`TokenLimitedCaptioner`) each was asked again with it raised (doubled per re-ask, at most
+            4 × `max_tokens`).
         failures (`list[CaptionFailure]`): captions still missing.
         rows_incomplete (`int`): rows with some, but not all, captions.
         rows_without_captions (`int`): rows with no caption at all (their list is empty).
@@ -182,12 +183,7 @@ class CaptioningError(RuntimeError):
         shown = "; ".join(f"{count} × {reason}" for reason, count in common)
         more = f"; {len(reasons) - 3} other reason(s)" if len(reasons) > 3 else ""
         cut = sum(count for reason, count in reasons.items() if is_cut(reason))
-        cut = (
-            f" {cut} of them were cut by the token limit (re-asked with it raised, up to {MAX_TOKEN_LIMIT_FACTOR} × "
-            "max_tokens): raise --max_tokens (max_tokens= in Python)."
-            if cut
-            else ""
-        )
+        cut = f" {cut} of them were cut by the token limit: raise --max_tokens (max_tokens= in Python)." if cut else ""
         super().__init__(
             f"{len(failures)} caption(s) still missing after all passes ({shown}{more}; first: {failures[0]}); "
             f"nothing was written.{cut} Every finished caption is cached in {summary.cache_path}: rerun to request "
@@ -389,7 +385,7 @@ def reason_kind(reason: str) -> str:
 
 
 def log_failures(failures: list[CaptionFailure], what: str) -> None:
-    """Logs missing captions as a warning: how many (`what` says why, e.g. `"missing"`), the first ones one a line."""
+    """Logs missing captions as a warning: how many (`what` says why, e.g. `"missing"`), the first ones one per line."""
     if failures:
         more = f"\n... and {len(failures) - FAILURES_LOGGED} more" if len(failures) > FAILURES_LOGGED else ""
         shown = "\n".join(map(str, failures[:FAILURES_LOGGED]))

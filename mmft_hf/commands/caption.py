@@ -131,7 +131,13 @@ class CaptioningArguments:
     max_concurrency: int = field(default=16, metadata={"help": "API requests in flight."})
     batch_size: int = field(default=8, metadata={"help": "Images per generate() call (transformers backend)."})
     temperature: float = field(default=0.2, metadata={"help": "Sampling temperature (both backends)."})
-    max_tokens: int = field(default=256, metadata={"help": "Caption token limit (both backends)."})
+    max_tokens: int = field(
+        default=256,
+        metadata={
+            "help": "Caption token limit (both backends). An answer it cuts is asked again with it doubled (up to 4x); "
+            "raise it if the summary reports many cut answers."
+        },
+    )
     # OpenAI-compatible API options (openai: and openai-batch: captioners); unset = the captioner's default
     timeout: float | None = field(default=None, metadata={"help": "Seconds per HTTP attempt (default 60)."})
     max_retries: int | None = field(

@@ -514,3 +514,38 @@ def test_caption_command_stops_on_a_failing_server_and_writes_nothing(
     assert not (tmp_path / "out").exists()
     # 36 captions: the first request alone (2 attempts), then at most 4 in flight of 2 attempts before the 3rd failure
     assert wait_until_quiet(server, quiet=0.3) <= 2 + 2 * (2 + 4)
+
+
+def test_a_result_says_whether_any_attempt_was_answered(api):
+    # attempts without any HTTP response (timeouts here, connection errors alike) are counted apart: a request none
+    # of whose attempts got an answer was never processed, and no summary counts (or bills) it
+    server = api(plan=[(200, {}), (200, {"X-Delay": "0.6"}), (200, {"X-Delay": "0.6"}), (200, {"X-Delay": "0.6"})])
+    captioner = make_captioner(server, timeout=0.2, max_retries=1, max_concurrency=1)
+    captioner.max_consecutive_connection_errors = 5  # three timeouts in a row here: not a server that went away
+    results = dict(captioner.caption(make_requests(2)))
+    assert (results[0].processed, results[0].unanswered) == (True, 0)
+    assert (results[1].processed, results[1].unanswered, results[1].retries) == (False, 2, 1)
+    ((_, late),) = list(captioner.caption(make_requests(1)))  # times out once, then answered
+    assert late.text and (late.processed, late.unanswered, late.retries) == (True, 1, 1)
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buffer, format="PNG")
+    broken = CaptionRequest(Image.open(io.BytesIO(buffer.getvalue()[:60])), "broken")
+    ((_, unsent),) = list(captioner.caption([broken]))
+    assert unsent.error.startswith("could not prepare the image") and unsent.processed is False
+    assert len(server.requests) == 5  # the broken image was never sent
+
+
+def test_a_cut_answer_is_asked_again_with_the_limit_doubled_up_to_four_times(api):
+    # the loopback server cuts its echo of the prompt at max_tokens words (finish_reason "length"), as a real one does
+    server = api()
+    captioner = make_captioner(server, max_tokens=3, max_answer_retries=3)
+    ten_words = "one two three four five six seven eight nine ten"
+    ((_, result),) = list(captioner.caption([CaptionRequest(Image.new("RGB", (40, 30)), ten_words)]))
+    assert result.text == ten_words and result.max_tokens == 12 and result.retries == 2
+    assert result.rejected == ["finish_reason=length"] * 2  # cut at 3 and 6 words, whole at 12
+    # a request's own limit (the engine's, for an answer cut in an earlier pass) is where it starts; 4 x 3 is the cap
+    twenty_words = f"{ten_words} {ten_words}"
+    request = CaptionRequest(Image.new("RGB", (40, 30)), twenty_words, max_tokens=6)
+    ((_, capped),) = list(captioner.caption([request]))
+    assert capped.text is None and capped.error == "rejected: finish_reason=length" and capped.max_tokens == 12
+    assert [body["max_tokens"] for *_, body in server.requests] == [3, 6, 12] + [6, 12, 12, 12]

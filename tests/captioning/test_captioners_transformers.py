@@ -177,3 +177,23 @@ def test_answers_cut_by_max_new_tokens_never_become_captions(tiny_vlm_dir, tmp_p
     assert summary.rejected.get("finish_reason=length", 0) >= 1 and stored <= 4 - 1
     assert all("finish_reason=length" in failure.reason for failure in summary.failures)
     assert summary.requests == 4 + len(summary.failures)  # a rejected answer is asked again in the next pass
+
+
+def test_a_request_may_raise_the_token_limit(tiny_vlm_dir):
+    # the engine raises the limit of a request whose answer was cut (CaptionRequest.max_tokens); requests with
+    # different limits in one batch are generated apart, each as a captioner configured with that limit would
+    captioner = TransformersCaptioner(tiny_vlm_dir, batch_size=4, max_new_tokens=2, do_sample=False, device="cpu")
+    assert captioner.max_tokens == 2
+    requests = make_requests(4)
+    requests[1].max_tokens = requests[3].max_tokens = 8
+    results = run(captioner, requests)
+    assert [results[i].max_tokens for i in range(4)] == [2, 8, 2, 8]
+    assert all(results[i].usage["completion_tokens"] <= 2 for i in (0, 2))
+    assert max(results[i].usage["completion_tokens"] for i in (1, 3)) > 2  # past the configured limit
+    wider = TransformersCaptioner(tiny_vlm_dir, batch_size=4, max_new_tokens=8, do_sample=False, device="cpu")
+    reference = run(wider, [requests[1], requests[3]])
+    assert [results[1].text, results[3].text] == [reference[0].text, reference[1].text]
+    assert [results[1].finish_reason, results[3].finish_reason] == [
+        reference[0].finish_reason,
+        reference[1].finish_reason,
+    ]
