@@ -600,13 +600,16 @@ class MMFTTrainer(Trainer):
         prototypes = self._prototypes_for_saving()
         if not self.args.should_save:
             return
-        metadata = {
+        save_class_prototypes(prototypes, self.class_names, output_dir, metadata=self._prototype_metadata())
+        self._save_extra_parameters(output_dir)
+
+    def _prototype_metadata(self) -> dict:
+        """What the saved prototypes were built from (read back by the pipeline to embed texts the same way)."""
+        return {
             "source": self.args.prototype_source,
             "class_template": self.args.class_template,
             "caption_sampling": self.args.caption_sampling,
         }
-        save_class_prototypes(prototypes, self.class_names, output_dir, metadata=metadata)
-        self._save_extra_parameters(output_dir)
 
     def _save_extra_parameters(self, output_dir: str) -> None:
         """Beside a LoRA adapter: the trained `logit_scale` (and `logit_bias`), which peft does not save."""
@@ -656,22 +659,18 @@ class MMFTTrainer(Trainer):
         else:
             prototypes = self._prototypes_for_saving()
             if self.args.should_save:
-                unwrapped.save_pretrained(os.path.join(output_dir, "adapter"))
-                self._save_extra_parameters(os.path.join(output_dir, "adapter"))
-                metadata = {
-                    "source": self.args.prototype_source,
-                    "class_template": self.args.class_template,
-                    "caption_sampling": self.args.caption_sampling,
-                }
-                save_for_hub(
-                    unwrapped,
-                    self.processing_class,
-                    prototypes,
-                    self.class_names,
-                    output_dir,
-                    remote_code=False,
-                    prototype_metadata=metadata,
-                )
+                with _without_weight_writing_bars():
+                    unwrapped.save_pretrained(os.path.join(output_dir, "adapter"))
+                    self._save_extra_parameters(os.path.join(output_dir, "adapter"))
+                    save_for_hub(
+                        unwrapped,
+                        self.processing_class,
+                        prototypes,
+                        self.class_names,
+                        output_dir,
+                        remote_code=False,
+                        prototype_metadata=self._prototype_metadata(),
+                    )
                 torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
             if self.args.push_to_hub and not _internal_call:
                 self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)

@@ -177,7 +177,7 @@ def test_best_epoch_is_selected_and_saved_with_prototypes(tiny_clip, synthetic_d
     assert os.path.isfile(os.path.join(out, "README.md"))
 
 
-def test_lora_trains_adapters_and_logit_scale_then_saves_a_merged_model(tiny_clip, synthetic_dataset, tmp_path):
+def test_lora_trains_adapters_and_logit_scale_then_saves_a_merged_model(tiny_clip, synthetic_dataset, tmp_path, capfd):
     trainer = make_trainer(
         tiny_clip,
         synthetic_dataset,
@@ -201,7 +201,9 @@ def test_lora_trains_adapters_and_logit_scale_then_saves_a_merged_model(tiny_cli
     extras = load_file(str(checkpoint / "mmft_extra_parameters.safetensors"))
     torch.testing.assert_close(extras["logit_scale"], base.logit_scale.detach().reshape(-1))
 
+    capfd.readouterr()
     trainer.save_model()
+    assert "Writing model shards" not in "".join(capfd.readouterr())  # the final save is as quiet as checkpoints
     out = str(tmp_path / "out")
     merged = CLIPModel.from_pretrained(out)
     batch = trainer.data_collator([synthetic_dataset["validation"][i] for i in range(4)])
