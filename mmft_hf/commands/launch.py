@@ -3,7 +3,7 @@
 `torchrun` / `accelerate launch` start one process per device; `TrainingArguments` joins them into a process group
 the first time it is asked for its device. A process that exits with that group alive can abort (SIGABRT): gloo's
 worker threads release finished work, whose tensors need the GIL, while the interpreter is shutting down. So every
-command runs inside `process_group_teardown()`, which ends the group and its threads before the process exits.
+command runs inside `process_group_teardown()`, which ends the group and joins its threads before the process exits.
 """
 
 from __future__ import annotations
@@ -47,12 +47,17 @@ def process_group_teardown() -> Iterator[None]:
     """Destroys the default process group, if one was created, when the block ends (normally or not), and frees it.
 
     `destroy_process_group` drops only torch's own references: the group lives on, with its gloo worker threads, in
-    the reference cycles of the finished `Trainer` (its `DistributedDataParallel` reducer holds the group). Collecting
-    them frees the group now, which joins those threads while the interpreter can still serve them.
+    the reference cycles of a finished `Trainer` (its `DistributedDataParallel` reducer holds the group). Collecting
+    them ends that, but the group must not be freed by the collection itself: the reducer frees it holding the GIL,
+    and gloo's destructor waits for a worker that may need the GIL to free the tensors of finished work (a deadlock).
+    So a reference is kept through the collection and dropped last: the Python handle of a process group frees it
+    with the GIL released, and gloo's threads are joined while the interpreter can still serve them.
     """
     try:
         yield
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.group.WORLD
             torch.distributed.destroy_process_group()
             gc.collect()
+            del world  # the last reference: the group's destructor runs here, without the GIL

@@ -13,6 +13,7 @@ from mmft_hf.training.losses import mmft_loss
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tests" / "scripts" / "distributed_loss_check.py"
+TEARDOWN_SCRIPT = REPO / "tests" / "scripts" / "teardown_check.py"
 SUPCON_WEIGHT = 0.5  # large enough that both terms shape the gradients
 
 
@@ -95,3 +96,12 @@ def test_torchrun_timeout_kills_the_run_and_shows_its_output(tmp_path):
     script.write_text("import time\nprint('worker started', flush=True)\ntime.sleep(300)\n")
     with pytest.raises(pytest.fail.Exception, match=r"(?s)timed out after 10 s\..*worker started"):
         run_torchrun(1, script, cwd=tmp_path, timeout=10)
+
+
+def test_teardown_frees_a_group_whose_gloo_worker_still_holds_work(tmp_path):
+    """The commands' `process_group_teardown` on two real processes, when the group outlives `destroy_process_group`
+    in a DDP reference cycle and its gloo worker still owns an unfinished all_gather (see the script). Leaving the
+    group to the interpreter's exit aborted a rank (SIGABRT, "terminate called without an active exception");
+    freeing it inside the garbage collection, holding the GIL, deadlocked. Both ranks must exit 0, threads joined."""
+    finished = run_torchrun(2, TEARDOWN_SCRIPT, cwd=tmp_path, timeout=60)
+    assert finished.stdout.count("gloo threads after the teardown: none") == 2, finished.stdout
