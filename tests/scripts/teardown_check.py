@@ -31,7 +31,6 @@ def start_unfinished_all_gather() -> None:
 
 with process_group_teardown():
     start_unfinished_all_gather()
-rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else None
 threads = sorted(
     name for task in Path("/proc/self/task").iterdir() if "gloo" in (name := (task / "comm").read_text().strip())
 )
